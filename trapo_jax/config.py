@@ -1,0 +1,232 @@
+"""The config schema: every key an experiment may set, with its type and the official default.
+
+Experiment files (`experiments/configs/*.py`) start from `base_config()` and change values; `validate()` rejects a
+key the schema does not have, a value of the wrong type, and values that cannot work together, naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ALGOS = ("trapo", "grpo", "luffy", "sft", "sft_then_rl")
+PREFIX_LOSSES = ("trsft", "sft", "luffy", "none")
+AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean")
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+  """A config key has a value that cannot work; the message starts with the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algo = "trapo"
+  c.seed = 0
+
+  # The policy. `hf_dir` loads a Hugging Face checkpoint; empty means a random model of the sizes below.
+  c.model = ml_collections.ConfigDict(dict(
+      hf_dir="",
+      tokenizer_dir="",  # defaults to hf_dir
+      model_type="qwen2",  # qwen2 | llama (only used without hf_dir)
+      vocab_size=256,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      rope_theta=10000.0,
+      rms_norm_eps=1e-6,
+      tie_embeddings=True,
+      qkv_bias=True,
+      max_position_embeddings=4096,
+      dtype="float32",  # compute dtype
+      param_dtype="float32",
+      remat="none",  # none | full | dots: activation rematerialisation of each layer
+      scan_layers=True,  # lax.scan over layers: one compiled layer, fast compiles for deep models
+  ))
+
+  # Device mesh (data, fsdp, tensor). -1 takes the devices left over; the product must equal the device count.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic",  # synthetic | demos
+      path="",  # demos: a local parquet/jsonl file or directory in the OpenR1 layout (spec §2/§3)
+      data_dir="",  # where TFDS writes prepared data; empty = <workdir>/tfds
+      max_prompt_len=1024,
+      max_response_len=8192,
+      template="train",  # train | eval | eval_official
+      shuffle_seed=0,
+  ))
+
+  # Rollouts and the micro-group schedule (spec §2).
+  c.rollout = ml_collections.ConfigDict(dict(
+      n=8,  # samples per prompt
+      stages=(4, 2, 1, 1),
+      thresholds=(2, 4, 7),  # level rises after stage s if the cumulative reward < thresholds[s]
+      prefix_ratios=(0.25, 0.5, 1.0),  # prefix ratio at levels 1, 2, 3
+      cut_window=0.3,
+      fixed_prefix_ratio=-1.0,  # ablation: >= 0 gives every guided sample this ratio instead of adaptive levels
+      temperature=1.0,
+      top_p=1.0,
+      top_k=-1,
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      prefix_loss="trsft",  # trsft | sft | luffy | none: the loss on expert-prefix tokens
+      alpha=0.1,  # TrSFT trust region
+      luffy_gamma=0.1,
+      clip_eps=-1.0,  # PPO clip; < 0 = no clip (official)
+      entropy_coef=0.001,
+      aggregation="seq_sum_over_max_len",
+      seq_scale=8.0,  # official normaliser sums a GPU's 8 sequences: sum / (L_max * 8) over 64 sequences
+      use_std=False,  # GRPO std normalisation of advantages (official: off)
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=500,
+      batch_prompts=8,
+      micro_batch_tokens=32768,  # token budget of one gradient-accumulation micro-batch
+      logprob_chunk=1024,  # chunk over T for token log-probs/entropy
+      sft_steps=0,  # sft_then_rl: steps of SFT before RL
+      ckpt_every=100,
+      keep_checkpoints=3,
+      log_every=1,
+      max_bad_steps=5,  # consecutive non-finite updates before the run stops
+      dump_token_probs=False,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      benchmarks=("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench"),
+      samples=ml_collections.ConfigDict(dict(
+          aime24=32, aime25=32, amc=32, math500=1, minerva=1, olympiadbench=1, synthetic=1)),
+      max_problems=-1,  # < 0 = all
+      temperature=0.6,
+      top_p=1.0,
+      max_new_tokens=8192,
+      batch_size=64,
+      grader_timeout_s=10.0,
+      grader_workers=2,
+      template="eval_official",  # the official evaluation prompt, typo included (spec §3); "eval" fixes it
+      every=0,  # also evaluate during training every N steps (0 = never)
+      at_start=False,  # evaluate the initial policy before training
+      at_end=True,  # evaluate after training
+  ))
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=1, process_id=0,
+  ))
+  return c
+
+
+def _check_same_schema(cfg, schema, prefix: str) -> None:
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      raise ConfigError(f"{path}: unknown key")
+    value, ref = cfg[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: expected a group of keys, got {type(value).__name__}")
+      _check_same_schema(value, ref, path + ".")
+      continue
+    if isinstance(ref, bool) or isinstance(value, bool):
+      ok = isinstance(value, bool) and isinstance(ref, bool)
+    elif isinstance(ref, float):
+      ok = isinstance(value, (int, float))
+    elif isinstance(ref, (tuple, list)):
+      ok = isinstance(value, (tuple, list))
+    else:
+      ok = isinstance(value, type(ref))
+    if not ok:
+      raise ConfigError(f"{path}: expected {type(ref).__name__}, got {type(value).__name__} ({value!r})")
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with a -1 entry resolved to the devices left over."""
+  shape = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  _require(shape.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {tuple(shape)}")
+  for name, s in zip(("data", "fsdp", "tensor"), shape):
+    _require(s == -1 or s >= 1, f"mesh.{name}", f"must be >= 1 or -1, got {s}")
+  known = 1
+  for s in shape:
+    known *= s if s > 0 else 1
+  if -1 in shape:
+    _require(num_devices % known == 0, "mesh",
+             f"{tuple(shape)} cannot fill {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  _require(shape[0] * shape[1] * shape[2] == num_devices, "mesh",
+           f"shape {tuple(shape)} needs {shape[0] * shape[1] * shape[2]} devices, {num_devices} present")
+  return tuple(shape)
+
+
+def validate(cfg, num_devices: int | None = None) -> None:
+  """Raises ConfigError naming the first offending key."""
+  _check_same_schema(cfg, base_config(), "")
+  _require(cfg.algo in ALGOS, "algo", f"must be one of {ALGOS}, got {cfg.algo!r}")
+  m = cfg.model
+  _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+  _require(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
+  _require(m.remat in REMAT, "model.remat", f"must be one of {REMAT}")
+  _require(m.model_type in ("qwen2", "llama"), "model.model_type", "must be qwen2 or llama")
+  if not m.hf_dir:
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"must divide num_heads={m.num_heads}")
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+      _require(m[k] >= 1, f"model.{k}", "must be >= 1")
+  if num_devices is not None:
+    mesh_shape(cfg, num_devices)
+  d = cfg.data
+  _require(d.source in ("synthetic", "demos"), "data.source", "must be synthetic or demos")
+  _require(d.source != "demos" or bool(d.path), "data.path", "data.source='demos' needs a path")
+  _require(d.template in ("train", "eval", "eval_official"), "data.template",
+           "must be train, eval or eval_official")
+  _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
+  _require(d.max_response_len >= 2, "data.max_response_len", "must be >= 2")
+  r = cfg.rollout
+  _require(len(r.stages) >= 1 and all(s >= 1 for s in r.stages), "rollout.stages", "must be positive sizes")
+  if cfg.algo == "trapo":
+    _require(sum(r.stages) == r.n, "rollout.stages", f"sizes {tuple(r.stages)} must sum to rollout.n={r.n}")
+    _require(len(r.thresholds) == len(r.stages) - 1, "rollout.thresholds",
+             f"needs one threshold per stage boundary ({len(r.stages) - 1})")
+    _require(len(r.prefix_ratios) == len(r.stages) - 1, "rollout.prefix_ratios",
+             f"needs one ratio per level ({len(r.stages) - 1})")
+  _require(all(0.0 <= x <= 1.0 for x in r.prefix_ratios), "rollout.prefix_ratios", "must lie in [0, 1]")
+  _require(r.fixed_prefix_ratio <= 1.0, "rollout.fixed_prefix_ratio", "must be <= 1")
+  _require(r.temperature > 0, "rollout.temperature", "must be > 0")
+  _require(0 < r.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
+  _require(r.n >= 1, "rollout.n", "must be >= 1")
+  lc = cfg.loss
+  _require(lc.prefix_loss in PREFIX_LOSSES, "loss.prefix_loss", f"must be one of {PREFIX_LOSSES}")
+  _require(lc.aggregation in AGGREGATIONS, "loss.aggregation", f"must be one of {AGGREGATIONS}")
+  _require(lc.alpha > 0, "loss.alpha", "must be > 0")
+  _require(lc.luffy_gamma > 0, "loss.luffy_gamma", "must be > 0")
+  o = cfg.optim
+  _require(o.lr > 0, "optim.lr", "must be > 0")
+  _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+  _require(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+  t = cfg.train
+  _require(t.steps >= 0, "train.steps", "must be >= 0")
+  _require(t.batch_prompts >= 1, "train.batch_prompts", "must be >= 1")
+  _require(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
+  _require(t.logprob_chunk >= 1, "train.logprob_chunk", "must be >= 1")
+  _require(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+  _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+  _require(t.sft_steps >= 0, "train.sft_steps", "must be >= 0")
+  _require(cfg.algo != "sft_then_rl" or t.sft_steps > 0, "train.sft_steps", "sft_then_rl needs sft_steps > 0")
+  e = cfg.eval
+  for name in e.benchmarks:
+    _require(name in e.samples, "eval.benchmarks", f"no sample count for {name!r} in eval.samples")
+  _require(e.temperature >= 0, "eval.temperature", "must be >= 0")
+  _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+  _require(e.template in ("train", "eval", "eval_official"), "eval.template", "must be train, eval or eval_official")

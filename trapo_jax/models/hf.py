@@ -1,0 +1,262 @@
+"""Hugging Face checkpoints <-> trapo_jax parameters (Qwen2 and Llama).
+
+Reads and writes `config.json` + `*.safetensors` (single file or sharded with `model.safetensors.index.json`),
+so that `transformers.AutoModelForCausalLM.from_pretrained` loads what `save_hf` writes. Nothing loads partially:
+a missing tensor, an unexpected one or a wrong shape is an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trapo_jax.models.transformer import ModelConfig
+
+SUPPORTED = ("qwen2", "llama")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
+
+
+class CheckpointError(ValueError):
+  """A Hugging Face directory cannot be loaded exactly; the message names the file or tensor."""
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: file not found")
+  with open(path) as f:
+    return json.load(f)
+
+
+def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
+  """ModelConfig from `<hf_dir>/config.json`; `overrides` sets compute options (dtype, remat, ...)."""
+  path = os.path.join(hf_dir, "config.json")
+  raw = _read_json(path)
+  model_type = raw.get("model_type")
+  if model_type not in SUPPORTED:
+    raise CheckpointError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+  import transformers  # normalises fields across transformers versions (rope_theta vs rope_parameters, ...)
+  hf = transformers.AutoConfig.for_model(**raw)
+  rope = getattr(hf, "rope_parameters", None) or {}
+  rope_type = rope.get("rope_type", "default")
+  if rope_type != "default":
+    raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (only default RoPE)")
+  theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+  if model_type == "qwen2" and getattr(hf, "use_sliding_window", False):
+    raise CheckpointError(f"{path}: use_sliding_window=true is not supported")
+  if model_type == "llama" and (getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False)):
+    raise CheckpointError(f"{path}: llama attention_bias/mlp_bias are not supported")
+  if hf.hidden_act != "silu":
+    raise CheckpointError(f"{path}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
+  head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+  kwargs = dict(
+      vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+      num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+      num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim, rope_theta=float(theta),
+      rms_norm_eps=hf.rms_norm_eps, qkv_bias=model_type == "qwen2", tie_embeddings=bool(hf.tie_word_embeddings),
+      max_position_embeddings=hf.max_position_embeddings, model_type=model_type)
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+def _layout(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool, tuple[int, ...]]]:
+  """(HF tensor name, path in the stacked param tree, layer or None, transposed?, HF shape) for every weight."""
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  yield "model.embed_tokens.weight", ("embed", "embedding"), None, False, (cfg.vocab_size, d)
+  yield "model.norm.weight", ("norm", "scale"), None, False, (d,)
+  if not cfg.tie_embeddings:
+    yield "lm_head.weight", ("lm_head", "kernel"), None, True, (cfg.vocab_size, d)
+  for i in range(cfg.num_layers):
+    pre = f"model.layers.{i}."
+    yield pre + "input_layernorm.weight", ("layers", "input_layernorm", "scale"), i, False, (d,)
+    yield pre + "post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), i, False, (d,)
+    for name, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+      yield pre + f"self_attn.{name}.weight", ("layers", "self_attn", name, "kernel"), i, True, (out, d)
+      if cfg.qkv_bias:
+        yield pre + f"self_attn.{name}.bias", ("layers", "self_attn", name, "bias"), i, False, (out,)
+    yield pre + "self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"), i, True, (d, q)
+    yield pre + "mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), i, True, (f, d)
+    yield pre + "mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), i, True, (f, d)
+    yield pre + "mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), i, True, (d, f)
+
+
+def _weight_files(hf_dir: str) -> dict[str, str]:
+  """Tensor name -> safetensors file."""
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index}: no weight_map")
+    return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+  files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+  if not files:
+    raise CheckpointError(f"{hf_dir}: no *.safetensors file (only safetensors checkpoints are read)")
+  from safetensors import safe_open
+  names = {}
+  for fname in files:
+    with safe_open(os.path.join(hf_dir, fname), framework="flax") as f:
+      for k in f.keys():
+        names[k] = os.path.join(hf_dir, fname)
+  return names
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _cpu_device():
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
+def load_hf(hf_dir: str, **overrides) -> tuple[ModelConfig, dict]:
+  """A local HF directory -> (ModelConfig, host params {"params": ...}) in `param_dtype`, layers stacked or not
+  as `scan_layers` says. Place them on a mesh with `sharding.put_global`."""
+  from safetensors import safe_open
+  cfg = config_from_hf(hf_dir, **overrides)
+  files = _weight_files(hf_dir)
+  layout = list(_layout(cfg))
+  expected = {name for name, *_ in layout}
+  unexpected = sorted(k for k in files if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
+  if unexpected:
+    raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) for {cfg.model_type}")
+  missing = [name for name in sorted(expected) if name not in files]
+  if missing:
+    raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+  dtype = jnp.dtype(cfg.param_dtype)
+  stacked: dict[tuple[str, ...], np.ndarray] = {}
+  params: dict = {}
+  handles = {}
+  cpu = _cpu_device()
+  try:
+    for name, path, layer, transpose, shape in layout:
+      fname = files[name]
+      if fname not in handles:
+        handles[fname] = safe_open(fname, framework="flax").__enter__()
+      with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+        t = handles[fname].get_tensor(name)
+        got = tuple(t.shape)
+        if got != shape:
+          raise CheckpointError(f"{fname}: tensor {name} has shape {got}, expected {shape}")
+        t = np.asarray((t.T if transpose else t).astype(dtype))
+      if layer is None:
+        _set(params, path, t)
+      else:
+        buf = stacked.get(path)
+        if buf is None:
+          buf = stacked[path] = np.empty((cfg.num_layers,) + t.shape, t.dtype)
+        buf[layer] = t
+  finally:
+    for h in handles.values():
+      h.__exit__(None, None, None)
+  for path, buf in stacked.items():
+    _set(params, path, buf)
+  params = {"params": params}
+  return cfg, (params if cfg.scan_layers else unstack_layers(params, cfg.num_layers))
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """{"layers": stacked} -> {"layers_0": ..., "layers_1": ...} (the loop layout)."""
+  p = dict(params["params"])
+  stacked = p.pop("layers")
+  for i in range(num_layers):
+    p[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return {"params": p}
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  p = dict(params["params"])
+  if "layers" in p:
+    return params
+  layers = [p.pop(f"layers_{i}") for i in range(num_layers)]
+  p["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+  return {"params": p}
+
+
+def hf_config_dict(cfg: ModelConfig, **extra) -> dict:
+  import transformers
+  common = dict(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=cfg.max_position_embeddings, hidden_act="silu",
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+      dtype=cfg.param_dtype, **extra)
+  if cfg.model_type == "qwen2":
+    hf = transformers.Qwen2Config(**common)
+  else:
+    hf = transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+  if cfg.model_type == "llama" and cfg.qkv_bias:
+    raise CheckpointError("llama with qkv_bias has no Hugging Face equivalent; use model_type=qwen2")
+  if cfg.model_type == "qwen2" and not cfg.qkv_bias:
+    raise CheckpointError("qwen2 always has q/k/v bias in Hugging Face; use model_type=llama for none")
+  return hf.to_dict()
+
+
+def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 5 * 2**30,
+            tokenizer=None, **config_extra) -> None:
+  """Write params as a Hugging Face directory (config.json, safetensors shards + index when large)."""
+  from safetensors.flax import save_file
+  os.makedirs(path, exist_ok=True)
+  params = jax.device_get(params)
+  params = stack_layers(params if "params" in params else {"params": params}, cfg.num_layers)["params"]
+  tensors: dict[str, np.ndarray] = {}
+  for name, tree_path, layer, transpose, _ in _layout(cfg):
+    t = np.asarray(_get(params, tree_path))
+    if layer is not None:
+      t = t[layer]
+    tensors[name] = np.ascontiguousarray(t.T if transpose else t)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, t in tensors.items():
+    if size and size + t.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = t
+    size += t.nbytes
+  cpu = _cpu_device()
+
+  def write(shard, fname):
+    with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+      save_file({k: jnp.asarray(v) for k, v in shard.items()}, os.path.join(path, fname), metadata={"format": "pt"})
+
+  if len(shards) == 1:
+    write(shards[0], "model.safetensors")
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      write(shard, fname)
+      weight_map.update({k: fname for k in shard})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, f,
+                indent=2)
+  hf_cfg = hf_config_dict(cfg, **config_extra)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+
+
+def load_tokenizer(path: str):
+  """A tokenizer from a local directory (no network)."""
+  import transformers
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: tokenizer directory not found")
+  return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)

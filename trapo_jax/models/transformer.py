@@ -1,0 +1,259 @@
+"""A decoder-only transformer covering the Qwen2 and Llama families from one `ModelConfig`.
+
+RMSNorm, rotary embeddings (θ configurable), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
+untied embeddings. Layers are one `nn.scan` (one compiled layer, fast compiles for 28-layer models) or a Python loop.
+
+One call serves training, prefill and decode: keys live in slots, a query at slot s sees the valid keys at slots
+<= s. Without a cache the slots are the input positions; with a `KVCache` the input is written at slot `cache.end`.
+Every weight carries logical axis names; `trapo_jax.sharding` maps them to the device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = True  # Qwen2: bias on q/k/v; Llama: none
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  model_type: str = "qwen2"
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # none | full | dots
+  scan_layers: bool = True
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ModelConfig":
+    """From the `model` group of an experiment config (random-init sizes)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: model_cfg[k] for k in model_cfg.keys() if k in names}
+    return cls(**kwargs)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def num_params(self) -> int:
+    d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+    attn = d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.qkv_bias else 0)
+    layer = attn + 3 * d * f + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * layer + emb + d
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer. Slots [0, end) are written; `valid` marks the ones holding real tokens."""
+  k: jax.Array  # [layers, B, S, kv_heads, head_dim]
+  v: jax.Array  # [layers, B, S, kv_heads, head_dim]
+  valid: jax.Array  # [B, S] bool
+  end: jax.Array  # [] int32: the next slot to write, shared by all rows
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch, size), bool),
+               end=jnp.zeros((), jnp.int32))
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, use_bias: bool = False):
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    # The variance is taken in fp32 whatever the compute dtype, as in the reference implementation.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """positions [B, T] -> sin, cos [B, T, head_dim] (fp32), halves repeated as in `rotate_half` RoPE."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  freqs = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.sin(freqs), jnp.cos(freqs)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """x [B, T, H, Dh] rotated by sin/cos [B, T, Dh]."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def attention_mask(kv_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
+  """[B, S] valid keys and [T] query slots -> [B, 1, T, S] causal mask over slots."""
+  causal = jnp.arange(kv_valid.shape[1])[None, :] <= q_slots[:, None]
+  return (kv_valid[:, None, :] & causal[None])[:, None]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, sin, cos, mask, layer_cache, write_at):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", cfg.qkv_bias)(x)
+    k = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", cfg.qkv_bias)(x)
+    v = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", cfg.qkv_bias)(x)
+    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), sin, cos)
+    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), sin, cos)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if layer_cache is not None:
+      k_cache, v_cache = layer_cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
+      layer_cache = (k, v)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), layer_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
+    up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
+    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, sin, cos, mask, write_at):
+    cfg = self.cfg
+    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
+    h, layer_cache = Attention(cfg, name="self_attn")(norm(name="input_layernorm")(x), sin, cos, mask,
+                                                      layer_cache, write_at)
+    x = x + h
+    x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, layer_cache
+
+
+def _layer_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return DecoderLayer
+  policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(DecoderLayer, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=())
+
+
+class Decoder(nn.Module):
+  """tokens [B, T] -> final hidden states [B, T, D] (`forward_logits` or `losses.token_logprobs` on top)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                          param_dtype=jnp.dtype(cfg.param_dtype), name="embed",
+                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    layer = _layer_class(cfg)
+    if cfg.scan_layers:
+      self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    else:
+      self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """tokens, positions [B, T] int, mask [B, T] bool (real tokens) -> hidden [B, T, D], updated cache."""
+    cfg = self.cfg
+    t = tokens.shape[1]
+    x = self.embed(tokens)
+    sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    if cache is None:
+      write_at = jnp.zeros((), jnp.int32)
+      kv_valid, layer_caches = mask, None
+    else:
+      write_at = cache.end
+      kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, write_at))
+      layer_caches = (cache.k, cache.v)
+    attn_mask = attention_mask(kv_valid, write_at + jnp.arange(t))
+    if cfg.scan_layers:
+      x, layer_caches = self.layers(x, layer_caches, sin, cos, attn_mask, write_at)
+    else:
+      new = []
+      for i, layer in enumerate(self.layers):
+        lc = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+        x, lc = layer(x, lc, sin, cos, attn_mask, write_at)
+        new.append(lc)
+      if layer_caches is not None:
+        layer_caches = (jnp.stack([c[0] for c in new]), jnp.stack([c[1] for c in new]))
+    x = self.norm(x)
+    if self.is_initializing() and not cfg.tie_embeddings:
+      self.lm_head(x[:, :1])  # the head is applied outside (chunked log-probs); create its weights here
+    if cache is not None:
+      cache = KVCache(k=layer_caches[0], v=layer_caches[1], valid=kv_valid, end=write_at + t)
+    return x, cache
+
+
+def unembed(params: Params, cfg: ModelConfig) -> jax.Array:
+  """The output projection [D, V] of a parameter tree (the transposed embedding when tied)."""
+  p = params["params"] if "params" in params else params
+  return p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters, boxed with their logical axis names (nn.Partitioned); `nn.unbox` strips them."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Decoder(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), bool))
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Positions that skip padding: left padding does not shift a row's real tokens. [B, T] -> [B, T] int32."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """Full-sequence hidden states [B, T, D] for tokens [B, T] with padding mask [B, T]."""
+  hidden, _ = Decoder(cfg).apply(params, tokens, positions_from_mask(mask), mask.astype(bool))
+  return hidden
+
+
+def forward_logits(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  hidden = forward(params, cfg, tokens, mask)
+  return jnp.einsum("btd,dv->btv", hidden, unembed(params, cfg).astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
