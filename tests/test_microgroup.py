@@ -1,0 +1,183 @@
+"""The micro-group schedule (spec §2): cut points, levels, the four sample layouts from scripted rewards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from trapo_jax.sampling import microgroup
+from trapo_jax.train import rollout
+
+SPLIT = 99  # the "\n\n" token id of these tests
+
+
+@pytest.mark.parametrize("demo, ratio, expected", [
+    # thr = floor(12 * 0.25) = 3; first split after it at 5 < 12 * 0.55 = 6.6 -> cut after it.
+    ([1, 2, 3, SPLIT, 4, SPLIT, 5, 6, 7, 8, 9, 10], 0.25, 6),
+    # No split token after thr at all -> floor.
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 0.25, 3),
+    # A split exactly at thr does not count (j > thr); the next one (index 9) is outside the window (< 6.6).
+    ([1, 2, 3, SPLIT, 4, 5, 6, 7, 8, SPLIT, 9, 10], 0.25, 3),
+    # Window edge: 10 tokens, ratio 0.2 -> thr 2, limit 10 * 0.5 = 5.0; a split at 5 is not < 5.0 -> floor.
+    ([1, 2, 3, 4, 5, SPLIT, 6, 7, 8, 9], 0.2, 2),
+    # ... while ratio 0.25 -> limit 5.5 takes the split at 5.
+    ([1, 2, 3, 4, 5, SPLIT, 6, 7, 8, 9], 0.25, 6),
+    # Ratio 1.0: everything.
+    ([1, SPLIT, 2, 3, 4], 1.0, 5),
+    # A demo shorter than 4 tokens: 25% is floor(3 * 0.25) = 0 unless a split follows inside the window.
+    ([1, 2, 3], 0.25, 0),
+    ([7, SPLIT, 3], 0.25, 2),  # thr 0, split at 1 < 3 * 0.55 = 1.65 -> cut 2
+    ([], 0.5, 0),
+])
+def test_prefix_cut(demo, ratio, expected):
+  assert microgroup.prefix_cut(demo, ratio, [SPLIT]) == expected
+
+
+def test_next_level_thresholds():
+  # After stage 1 (4 samples): < 2 correct -> level 1.
+  assert [microgroup.next_level(1, s) for s in range(5)] == [1, 1, 0, 0, 0]
+  # After stage 2 (6 samples): < 4 -> level 2.
+  assert [microgroup.next_level(2, s) for s in range(7)] == [2, 2, 2, 2, 0, 0, 0]
+  # After stage 3 (7 samples): anything but 7/7 -> level 3 (full expert).
+  assert [microgroup.next_level(3, s) for s in range(8)] == [3] * 7 + [0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scripted rollouts: prompt rewards per stage decide the layout.
+
+L = 40
+DEMO0 = [10, 11, 12, SPLIT, 13, 14, 15, SPLIT, 16, 17, 18, SPLIT, 19, 20, 21, 2]  # 16 tokens, EOS = 2
+DEMO1 = [30, 31, SPLIT, 32, 33, 2]
+
+
+@dataclasses.dataclass
+class FakeBatch:
+  prompt_ids: np.ndarray
+  prompt_lens: np.ndarray
+  demo_ids: np.ndarray
+  demo_lens: np.ndarray
+  answers: list
+
+
+def _batch(g: int) -> FakeBatch:
+  demo = np.zeros((g, 2, 16), np.int32)
+  demo[:, 0, :16] = DEMO0
+  demo[:, 1, :6] = DEMO1
+  return FakeBatch(prompt_ids=np.full((g, 4), 5, np.int32), prompt_lens=np.full((g,), 4, np.int32),
+                   demo_ids=demo, demo_lens=np.tile([[16, 6]], (g, 1)).astype(np.int32), answers=list("abcd")[:g])
+
+
+def _fake_sampler(calls):
+  """Continuation = prefix followed by three tokens 50, 51, 2 (EOS); inactive rows are their prefix."""
+  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n):
+    calls.append(dict(prefix_lens=prefix_lens.copy(), active=active.copy(), n=n))
+    g = prompt_ids.shape[0]
+    tokens = np.zeros((g * n, L), np.int32)
+    prefix = np.zeros((g * n, L), bool)
+    resp = np.zeros((g * n, L), bool)
+    for i in range(g):
+      k = int(prefix_lens[i])
+      for j in range(n):
+        r = i * n + j
+        tokens[r, :k] = prefix_ids[i, :k]
+        cont = [] if not active[i] else [50, 51, 2]
+        tokens[r, k:k + len(cont)] = cont
+        prefix[r, :k] = True
+        resp[r, :k + len(cont)] = True
+    return tokens, prefix, resp
+  return sample_fn
+
+
+def _scripted_grader(script):
+  """script[prompt][stage] = rewards of that stage's samples."""
+  stage = [0]
+
+  def grade_fn(tokens, response_mask, answers):
+    g = len(script)
+    n = len(answers) // g
+    out = np.concatenate([np.asarray(script[i][stage[0]], np.float32) for i in range(g)])
+    assert out.shape == (g * n,)
+    stage[0] += 1
+    return out
+  return grade_fn
+
+
+LAYOUTS = {
+    # 4 pure (1 correct -> level 1), 2 x 25% (S=3 -> level 2), 1 x 50% (S=4 -> level 3), 1 expert.
+    "full_guidance": ([[0, 0, 0, 1], [1, 1], [1], [1]], [0, 1, 2, 3], [0, 0, 0, 0, .25, .25, .5, 1.]),
+    # 4 pure (S=2 -> level 0), 2 pure (S=2 -> level 2: the 0 -> 2 jump), 1 x 50%, 1 expert.
+    "jump_to_50": ([[1, 1, 0, 0], [0, 0], [1], [1]], [0, 0, 2, 3], [0, 0, 0, 0, 0, 0, .5, 1.]),
+    # 4 + 2 + 1 pure (one failure -> level 3), 1 expert.
+    "expert_only": ([[1, 1, 1, 1], [1, 0], [1], [1]], [0, 0, 0, 3], [0, 0, 0, 0, 0, 0, 0, 1.]),
+    # all 7 solved: an 8th pure rollout.
+    "pure": ([[1, 1, 1, 1], [1, 1], [1], [1]], [0, 0, 0, 0], [0.] * 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layouts_from_scripted_rewards(name):
+  script, levels, ratios = LAYOUTS[name]
+  calls = []
+  rb = rollout.collect(microgroup.Plan(), _batch(1), _fake_sampler(calls), _scripted_grader([script]), [SPLIT])
+  assert rb.levels.tolist() == [levels]
+  np.testing.assert_allclose(rb.ratio, ratios)
+  assert [c["n"] for c in calls] == [4, 2, 1, 1]
+  assert rb.tokens.shape == (8, L) and rb.group_ids.tolist() == [0] * 8
+  np.testing.assert_array_equal(rb.rewards, np.concatenate(script))
+  # Prefix lengths: 25% of 16 -> thr 4, split at 7 < 8.8 -> 8 tokens; 50% -> thr 8, split at 11 < 12.8 -> 12.
+  expected_k = {0.0: 0, 0.25: 8, 0.5: 12, 1.0: 6}
+  for row, ratio in enumerate(ratios):
+    k = expected_k[ratio]
+    assert rb.prefix_mask[row].sum() == k
+    assert rb.prefix_mask[row, :k].all()
+    demo = DEMO1 if ratio == 1.0 else DEMO0
+    np.testing.assert_array_equal(rb.tokens[row, :k], demo[:k])
+  # The full-expert sample is demo #1 + EOS alone, nothing generated; its whole response gets the prefix loss.
+  if ratios[-1] == 1.0:
+    assert not calls[3]["active"][0]
+    np.testing.assert_array_equal(rb.tokens[7, :7], DEMO1 + [0])
+    np.testing.assert_array_equal(rb.off_loss_mask[7], rb.response_mask[7])
+    assert rb.response_mask[7].sum() == 6
+  # Which prefixes are imitated: the 2nd of the two 25% samples, the 50% sample, the expert; nothing else.
+  imitated = [bool(rb.off_loss_mask[r].any()) for r in range(8)]
+  expected = [False] * 8
+  for r, ratio in enumerate(ratios):
+    expected[r] = ratio > 0 and not (ratio == 0.25 and r == 4)
+  assert imitated == expected
+  np.testing.assert_array_equal(rb.off_loss_mask & ~rb.prefix_mask, False)
+
+
+def test_prompts_keep_their_own_layout_in_one_batch():
+  scripts = [LAYOUTS["full_guidance"][0], LAYOUTS["pure"][0]]
+  rb = rollout.collect(microgroup.Plan(), _batch(2), _fake_sampler([]), _scripted_grader(scripts), [SPLIT])
+  assert rb.levels.tolist() == [LAYOUTS["full_guidance"][1], LAYOUTS["pure"][1]]
+  assert rb.group_ids.tolist() == [0] * 8 + [1] * 8
+  np.testing.assert_allclose(rb.ratio, LAYOUTS["full_guidance"][2] + LAYOUTS["pure"][2])
+
+
+def test_fixed_ratio_plan_guides_every_prompt_and_imitates_once():
+  plan = microgroup.Plan(mode="fixed", fixed_ratio=0.5)
+  rb = rollout.collect(plan, _batch(1), _fake_sampler([]), _scripted_grader([LAYOUTS["pure"][0]]), [SPLIT])
+  np.testing.assert_allclose(rb.ratio, [0, 0, 0, 0, .5, .5, .5, .5])
+  assert [bool(rb.off_loss_mask[r].any()) for r in range(8)] == [False] * 7 + [True]
+
+
+def test_luffy_and_grpo_plans():
+  luffy = microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0)
+  rb = rollout.collect(luffy, _batch(1), _fake_sampler([]), _scripted_grader([[[1] * 7, [1]]]), [SPLIT])
+  np.testing.assert_allclose(rb.ratio, [0] * 7 + [1])
+  np.testing.assert_array_equal(rb.off_loss_mask[7], rb.response_mask[7])
+  grpo = microgroup.Plan(stages=(8,), mode="none")
+  rb = rollout.collect(grpo, _batch(1), _fake_sampler([]), _scripted_grader([[[0] * 8]]), [SPLIT])
+  assert not rb.prefix_mask.any() and rb.levels.tolist() == [[0]]
+
+
+def test_demo_batch_for_sft():
+  rb = rollout.demo_batch(_batch(2), max_len=10)
+  assert rb.tokens.shape == (4, 10)
+  np.testing.assert_array_equal(rb.tokens[0], DEMO0[:10])  # truncated to the response width
+  np.testing.assert_array_equal(rb.tokens[1, :6], DEMO1)
+  np.testing.assert_array_equal(rb.prefix_mask, rb.response_mask)
+  np.testing.assert_array_equal(rb.off_loss_mask, rb.response_mask)

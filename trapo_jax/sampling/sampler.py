@@ -1,0 +1,206 @@
+"""In-graph sampling: jitted prefill + one `lax.while_loop` decode over a KV cache, with per-row forced prefixes.
+
+Each output row is prompt ⊕ forced expert prefix ⊕ sampled continuation. The prompt and the prefix of a row form its
+*context*; contexts are LEFT-padded into a bucket of width C so that every row's context ends at slot C-1 and all
+rows decode in lockstep at the same cache slot (one dynamic_update_slice per step, no per-row scatter).
+
+Why padded slots are never attended: the cache keeps `valid[b, s]`, false for left padding; the attention mask of
+every query is `valid & (slot <= query slot)`, so a real token never sees a pad key. Pad *queries* do attend to
+nothing but pads (outputs are garbage but finite) and their outputs are never read. Positions are counted over real
+tokens only (`cumsum(mask) - 1`), so left padding shifts no row's rotary phases and the trainer, which lays out the
+same tokens right-padded, computes the same log-probs.
+
+The response buffer [B, L] starts with the prefix and the continuation is written behind it; a row stops at an EOS
+id or when prefix + continuation reaches L (the official assembly truncates prefix + continuation to L). Tokens
+after a row's end are `pad_id` and masked out by `response_mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trapo_jax import sharding
+from trapo_jax.models import transformer as tfm
+
+
+def bucket(n: int, minimum: int = 16, cap: int | None = None) -> int:
+  """The next power of two >= n (at least `minimum`, at most `cap`): few distinct shapes, few compiles."""
+  b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+  return min(b, cap) if cap is not None else b
+
+
+@flax.struct.dataclass
+class Rollouts:
+  """Sampler output; rows are prompt-major (the n samples of prompt i are rows i*n .. i*n+n-1)."""
+  tokens: jax.Array  # [B*n, L] prefix + continuation, pad_id after the end
+  prefix_mask: jax.Array  # [B*n, L] bool: forced expert tokens
+  response_mask: jax.Array  # [B*n, L] bool: prefix + generated tokens up to and including EOS
+  logprobs: jax.Array  # [B*n, L] fp32 log-prob of each generated token under softmax(logits / T); 0 elsewhere
+  lengths: jax.Array  # [B*n] int32 response length (prefix included)
+  eos: jax.Array  # [B*n] bool: the row ended with an EOS token (else it hit L)
+
+
+@flax.struct.dataclass
+class _State:
+  step: jax.Array
+  cache: tfm.KVCache
+  logits: jax.Array  # [B, V] fp32: next-token logits of every row
+  next_pos: jax.Array  # [B] position of the token to be sampled
+  tokens: jax.Array  # [B, L]
+  logprobs: jax.Array  # [B, L]
+  lengths: jax.Array  # [B]
+  done: jax.Array  # [B]
+  eos: jax.Array  # [B]
+  rng: jax.Array
+
+
+def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """logits [B, V] fp32 -> tokens [B]; temperature 0 is greedy. top_k <= 0 and top_p >= 1 disable truncation."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _left_align(prompts, prompt_lens, prefixes, prefix_lens, width: int):
+  """Right-padded prompts [B, P] and prefixes [B, K] -> left-padded contexts [B, width] and their mask."""
+  total = prompt_lens + prefix_lens
+  j = jnp.arange(width)[None, :] - (width - total)[:, None]  # index into the row's concatenated context
+  in_prompt = (j >= 0) & (j < prompt_lens[:, None])
+  in_prefix = (j >= prompt_lens[:, None]) & (j < total[:, None])
+  from_prompt = jnp.take_along_axis(prompts, jnp.clip(j, 0, prompts.shape[1] - 1), axis=1)
+  from_prefix = jnp.take_along_axis(prefixes, jnp.clip(j - prompt_lens[:, None], 0, prefixes.shape[1] - 1), axis=1)
+  ctx = jnp.where(in_prompt, from_prompt, jnp.where(in_prefix, from_prefix, 0))
+  return ctx.astype(jnp.int32), in_prompt | in_prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = -1
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+
+class Sampler:
+  """Jitted prefill and decode for one model config (and optionally a mesh); compiled once per shape bucket."""
+
+  def __init__(self, cfg: tfm.ModelConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.rules = rules
+    self.traces: dict[str, int] = {"prefill": 0, "decode": 0}
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("width", "cache_size", "n", "sp"))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("budget", "sp"), donate_argnames=("state",))
+
+  # -- in-graph parts ---------------------------------------------------------------------------------------------
+  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, rng, *, width, cache_size, n, sp):
+    self.traces["prefill"] += 1  # runs at trace time only: counts compilations
+    cfg = self.cfg
+    resp_len = prefixes.shape[1]
+    # An inactive row's response is its prefix as given; it is not generated, so it stays out of the context.
+    ctx, mask = _left_align(prompts, prompt_lens, prefixes, jnp.where(active, prefix_lens, 0), width)
+    cache = tfm.KVCache.zeros(cfg, ctx.shape[0], cache_size)
+    hidden, cache = tfm.Decoder(cfg).apply(params, ctx, tfm.positions_from_mask(mask), mask, cache)
+    logits = jnp.einsum("bd,dv->bv", hidden[:, -1], tfm.unembed(params, cfg).astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    # The n samples of a prompt share its prefill: repeat cache and logits, prompt-major.
+    rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+    cache = tfm.KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid), end=cache.end)
+    prefix_lens = rep(jnp.minimum(prefix_lens, resp_len))
+    tokens = jnp.where(jnp.arange(resp_len)[None] < prefix_lens[:, None], rep(prefixes), sp.pad_id)
+    last = jnp.take_along_axis(tokens, jnp.maximum(prefix_lens - 1, 0)[:, None], axis=1)[:, 0]
+    ends_eos = (prefix_lens > 0) & jnp.isin(last, jnp.asarray(sp.eos_ids or (-1,), jnp.int32))
+    return _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=rep(logits),
+                  next_pos=rep(prompt_lens) + prefix_lens, tokens=tokens.astype(jnp.int32),
+                  logprobs=jnp.zeros(tokens.shape, jnp.float32), lengths=prefix_lens.astype(jnp.int32),
+                  done=ends_eos | (prefix_lens >= resp_len) | ~rep(active), eos=ends_eos, rng=rng)
+
+  def _decode_fn(self, params, state: _State, *, budget, sp):
+    self.traces["decode"] += 1
+    cfg = self.cfg
+    resp_len = state.tokens.shape[1]
+    rows = jnp.arange(state.tokens.shape[0])
+    eos_ids = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
+
+    def cond(s: _State):
+      return (s.step < budget) & ~jnp.all(s.done)
+
+    def body(s: _State):
+      rng, key = jax.random.split(s.rng)
+      tok = sample_logits(key, s.logits, sp.temperature, sp.top_k, sp.top_p)
+      logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits / (sp.temperature or 1.0)), tok[:, None], 1)[:, 0]
+      live = ~s.done
+      tok = jnp.where(live, tok, sp.pad_id)
+      at = jnp.where(live, s.lengths, resp_len)  # out of range for finished rows: dropped
+      tokens = s.tokens.at[rows, at].set(tok, mode="drop")
+      logprobs = s.logprobs.at[rows, at].set(logp, mode="drop")
+      lengths = s.lengths + live
+      hit_eos = live & jnp.isin(tok, eos_ids)
+      done = s.done | hit_eos | (lengths >= resp_len)
+      hidden, cache = tfm.Decoder(cfg).apply(params, tok[:, None], s.next_pos[:, None], jnp.ones_like(tok[:, None], bool),
+                                             s.cache)
+      logits = jnp.einsum("bd,dv->bv", hidden[:, 0], tfm.unembed(params, cfg).astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+      return _State(step=s.step + 1, cache=cache, logits=logits, next_pos=s.next_pos + 1, tokens=tokens,
+                    logprobs=logprobs, lengths=lengths, done=done, eos=s.eos | hit_eos, rng=rng)
+
+    s = jax.lax.while_loop(cond, body, state)
+    pos = jnp.arange(resp_len)[None]
+    out = Rollouts(tokens=s.tokens, prefix_mask=pos < state.lengths[:, None], response_mask=pos < s.lengths[:, None],
+                   logprobs=s.logprobs, lengths=s.lengths, eos=s.eos)
+    # Returning the final state lets the donated input buffers hold the loop state in place (no cache copy).
+    return out, s
+
+  # -- host API -----------------------------------------------------------------------------------------------------
+  def sample(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray | None = None,
+             prefix_lens: np.ndarray | None = None, *, max_len: int, rng: jax.Array, n: int = 1,
+             active: np.ndarray | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, eos_ids: Sequence[int] = (),
+             pad_id: int = 0) -> Rollouts:
+    """prompts [B, P] right-padded + lengths [B]; prefixes [B, K] right-padded + lengths [B] (None: no prefix).
+
+    Returns Rollouts with B*n rows of width `max_len` (= L: prefix + continuation). Greedy when temperature == 0.
+    Rows with active [B] False are not generated: their response is the prefix alone (the full expert sample).
+    """
+    prompts = np.asarray(prompts, np.int32)
+    prompt_lens = np.asarray(prompt_lens, np.int32)
+    b = prompts.shape[0]
+    if prefixes is None:
+      prefixes, prefix_lens = np.zeros((b, 1), np.int32), np.zeros((b,), np.int32)
+    prefix_lens = np.minimum(np.asarray(prefix_lens, np.int32), max_len)
+    active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
+    # The response buffer holds the prefix; widen or cut the prefix array to exactly L columns.
+    pre = np.full((b, max_len), pad_id, np.int32)
+    k = min(prefixes.shape[1], max_len)
+    pre[:, :k] = np.asarray(prefixes, np.int32)[:, :k]
+    ctx_lens = prompt_lens + np.where(active, prefix_lens, 0)
+    width = bucket(int(ctx_lens.max()))
+    budget = bucket(max_len - int(prefix_lens[active].min()), cap=max_len) if active.any() else 1
+    width, budget = sharding.agree_max(width, budget)
+    sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
+    inputs = (prompts, prompt_lens, pre, prefix_lens, active)
+    if self.mesh is not None:
+      inputs = sharding.put_batch(self.mesh, inputs)
+    with sharding.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext():
+      state = self._prefill(params, *inputs, rng, width=width, cache_size=width + budget, n=n, sp=sp)
+      out, _ = self._decode(params, state, budget=budget, sp=sp)
+    return out if self.mesh is None else sharding.to_host(self.mesh, out)
