@@ -1,0 +1,300 @@
+"""Loss kernels against float64 numpy references (values and gradients), a hand-computed TRAPO batch, sharding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trapo_jax import losses
+
+jax.config.update("jax_enable_x64", False)
+RNG = np.random.default_rng(0)
+
+
+def _logp(shape, low=-6.0, high=-0.01):
+  return RNG.uniform(low, high, shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- token_logprobs
+
+def _naive(hidden, unembed, targets, temperature):
+  logits = jnp.einsum("btd,dv->btv", hidden, unembed) / temperature
+  logp = jax.nn.log_softmax(logits, -1)
+  ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+  return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
+
+
+@pytest.mark.parametrize("t, chunk, temperature, v", [
+    (13, 4, 1.0, 37), (16, 16, 0.7, 37), (5, 8, 1.0, 37),
+    (64, 8, 1.0, 131),  # a prime vocabulary larger than one backward chunk: padded vocabulary chunks
+    (60, 8, 1.0, 512),  # several exact vocabulary chunks
+])
+def test_token_logprobs_equal_naive(t, chunk, temperature, v):
+  b, d = 3, 8
+  hidden = jnp.asarray(RNG.normal(size=(b, t, d)), jnp.float32)
+  unembed = jnp.asarray(RNG.normal(size=(d, v)) * 0.5, jnp.float32)
+  targets = jnp.asarray(RNG.integers(0, v, (b, t)))
+  mask = jnp.asarray(np.arange(t)[None] < np.array([[t], [t - 3], [1]]))  # padded tokens
+  logp, ent = losses.token_logprobs(hidden, unembed, targets, chunk_size=chunk, temperature=temperature)
+  ref_logp, ref_ent = _naive(hidden, unembed, targets, temperature)
+  np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
+  np.testing.assert_allclose(ent, ref_ent, atol=1e-5)
+  # float64 numpy reference of the same quantities.
+  logits = np.einsum("btd,dv->btv", np.float64(hidden), np.float64(unembed)) / temperature
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  np.testing.assert_allclose(logp, np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0] - lse,
+                             atol=1e-5)
+
+  def f(fn):
+    def loss(h, w):
+      lp, en = fn(h, w)
+      return jnp.sum(jnp.where(mask, lp * 1.3 + en * 0.7, 0.0))
+    return jax.grad(loss, argnums=(0, 1))(hidden, unembed)
+
+  g = f(lambda h, w: losses.token_logprobs(h, w, targets, chunk_size=chunk, temperature=temperature))
+  g_ref = f(lambda h, w: _naive(h, w, targets, temperature))
+  for a, r in zip(g, g_ref):
+    np.testing.assert_allclose(a, r, atol=1e-4)
+
+
+def test_token_logprobs_bf16_inputs_give_fp32():
+  hidden = jnp.asarray(RNG.normal(size=(2, 6, 8)), jnp.bfloat16)
+  unembed = jnp.asarray(RNG.normal(size=(8, 11)), jnp.bfloat16)
+  logp, ent = losses.token_logprobs(hidden, unembed, jnp.zeros((2, 6), jnp.int32), chunk_size=4)
+  assert logp.dtype == jnp.float32 and ent.dtype == jnp.float32
+  ref, _ = _naive(hidden.astype(jnp.float32), unembed.astype(jnp.float32), jnp.zeros((2, 6), jnp.int32), 1.0)
+  np.testing.assert_allclose(logp, ref, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- per-token losses
+
+def test_trsft_value_and_gradient():
+  alpha = 0.1
+  logp = np.log(np.array([[0.9, 0.5, 0.1, 0.09, 0.01, 0.3]], np.float32))
+  p = np.exp(np.float64(logp))
+  inside = p >= alpha
+  value = losses.trsft_loss(jnp.asarray(logp), alpha)
+  np.testing.assert_allclose(value, np.where(inside, -1.0, -p / alpha), rtol=1e-6)
+  grad = jax.grad(lambda x: losses.trsft_loss(x, alpha).sum())(jnp.asarray(logp))
+  # d/dlogp: inside the trust region -1 (the SFT gradient -d log p); outside -p/alpha (= -dp/alpha).
+  np.testing.assert_allclose(grad, np.where(inside, -1.0, -p / alpha), rtol=1e-5)
+  sft_grad = jax.grad(lambda x: losses.sft_loss(x).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(np.asarray(grad)[inside], np.asarray(sft_grad)[inside])
+
+
+def test_trsft_gradient_through_logits():
+  """With respect to the logits, outside the region TrSFT's gradient is the gradient of -p / alpha."""
+  logits = jnp.asarray(RNG.normal(size=(7,)) * 3, jnp.float32)
+  for target in range(7):
+    f = lambda z: losses.trsft_loss(jax.nn.log_softmax(z)[target], 0.1)
+    p = float(jax.nn.softmax(logits)[target])
+    g = jax.grad(f)(logits)
+    ref = (jax.grad(lambda z: -jax.nn.log_softmax(z)[target])(logits) if p >= 0.1
+           else jax.grad(lambda z: -jax.nn.softmax(z)[target] / 0.1)(logits))
+    np.testing.assert_allclose(g, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_policy_gradient_loss(clip_eps):
+  logp, old = _logp((4, 9)), _logp((4, 9))
+  old = np.where(RNG.random((4, 9)) < 0.5, logp + RNG.uniform(-0.5, 0.5, (4, 9)).astype(np.float32), old)
+  adv = RNG.normal(size=(4, 1)).astype(np.float32)
+  r = np.exp(np.float64(logp) - old)
+  a = np.float64(adv)
+  if clip_eps is None:
+    ref, dref = -a * r, -a * r
+  else:
+    unclipped, clipped = -a * r, -a * np.clip(r, 1 - clip_eps, 1 + clip_eps)
+    ref = np.maximum(unclipped, clipped)
+    # The gradient flows through the unclipped branch when it is the max, else zero (clipped ratio is constant).
+    in_range = (r > 1 - clip_eps) & (r < 1 + clip_eps)
+    dref = np.where((unclipped >= clipped) | in_range, -a * r, 0.0)
+  value = losses.policy_gradient_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), clip_eps=clip_eps)
+  np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda x: losses.policy_gradient_loss(x, jnp.asarray(old), jnp.asarray(adv),
+                                                        clip_eps=clip_eps).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(grad, dref, rtol=1e-5, atol=1e-6)
+
+
+def test_luffy_offpolicy_loss():
+  logp, adv, gamma = _logp((3, 5)), RNG.normal(size=(3, 1)).astype(np.float32), 0.1
+  p, a = np.exp(np.float64(logp)), np.float64(adv)
+  np.testing.assert_allclose(losses.luffy_offpolicy_loss(jnp.asarray(logp), jnp.asarray(adv), gamma),
+                             -a * p / (p + gamma), rtol=1e-5)
+  # d/dlogp [-A p/(p+g)] = -A * g p / (p+g)^2 (no stop-gradient in the denominator).
+  grad = jax.grad(lambda x: losses.luffy_offpolicy_loss(x, jnp.asarray(adv), gamma).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(grad, -a * gamma * p / (p + gamma) ** 2, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- advantages, aggregation
+
+def _advantages_ref(rewards, groups, use_std, eps=1e-6):
+  out = np.zeros(len(rewards))
+  for g in set(groups.tolist()):
+    idx = groups == g
+    r = np.float64(rewards[idx])
+    if len(r) == 1:
+      continue
+    c = r - r.mean()
+    out[idx] = c / (r.std(ddof=1) + eps) if use_std else c
+  return out
+
+
+@pytest.mark.parametrize("use_std", [False, True])
+def test_group_advantages(use_std):
+  groups = np.array([3, 0, 3, 5, 0, 3, 0, 7, 3, 0])  # arbitrary ids and order; group 5 and 7 have one member
+  rewards = RNG.integers(0, 2, len(groups)).astype(np.float32)
+  rewards[[0, 2, 5, 8]] = [1, 0, 1, 1]
+  got = losses.group_advantages(jnp.asarray(rewards), jnp.asarray(groups), use_std=use_std)
+  np.testing.assert_allclose(got, _advantages_ref(rewards, groups, use_std), rtol=1e-5, atol=1e-6)
+  assert float(got[3]) == 0.0 and float(got[7]) == 0.0
+  assert jax.jit(lambda r, g: losses.group_advantages(r, g, use_std=use_std))(rewards, groups).shape == (10,)
+
+
+def test_aggregate_modes():
+  x = RNG.normal(size=(3, 6)).astype(np.float32)
+  m = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], bool)
+  xm = np.where(m, np.float64(x), 0.0)
+  np.testing.assert_allclose(losses.aggregate(x, m, "seq_sum_over_max_len", 10), xm.sum() / (10 * 3), rtol=1e-6)
+  np.testing.assert_allclose(losses.aggregate(x, m, "token_mean", 10), xm.sum() / m.sum(), rtol=1e-6)
+  np.testing.assert_allclose(losses.aggregate(x, m, "seq_mean_token_mean", 10),
+                             np.mean([xm[0].sum() / 3, xm[1].sum() / 6]), rtol=1e-6)
+  with pytest.raises(ValueError, match="'sum'"):
+    losses.aggregate(x, m, "sum", 10)
+
+
+# ---------------------------------------------------------------------------------------------- trapo_loss
+
+L = 8
+# One prompt, 8 samples: 4 pure, 2 with a 25% prefix (2 tokens; only the second imitated), 1 with a 50% prefix
+# (4 tokens), 1 full expert (6 tokens). Response lengths per sample:
+LENS = [8, 5, 8, 8, 8, 6, 7, 6]
+PREFIX = [0, 0, 0, 0, 2, 2, 4, 6]
+IMITATED = [False] * 5 + [True, True, True]
+REWARDS = [1, 0, 0, 0, 0, 1, 1, 1]  # mean 0.5 -> advantages +-0.5
+
+
+def _hand_batch():
+  pos = np.arange(L)[None]
+  lens, pre = np.array(LENS)[:, None], np.array(PREFIX)[:, None]
+  response = pos < lens
+  prefix = pos < pre
+  off = prefix & np.array(IMITATED)[:, None]
+  # Fixed probabilities: expert tokens p = 0.5 on the 25% sample, 0.05 on the 50% sample, 0.2 on the expert; own
+  # tokens p = 0.25 everywhere.
+  p = np.full((8, L), 0.25)
+  p[4:6, :2] = 0.5
+  p[6, :4] = 0.05
+  p[7, :6] = 0.2
+  entropy = np.full((8, L), 2.0)
+  entropy[0] = 1.0
+  return (np.log(p).astype(np.float32), entropy.astype(np.float32), prefix, off, response,
+          np.array(REWARDS, np.float32) - 0.5)
+
+
+def test_trapo_loss_by_hand():
+  logp, entropy, prefix, off, response, adv = _hand_batch()
+  cfg = losses.LossConfig(max_len=L, seq_scale=8.0)
+  loss, m = losses.trapo_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(entropy), jnp.asarray(adv),
+                              jnp.asarray(prefix), jnp.asarray(off), jnp.asarray(response), cfg)
+  # PG part: -A on every own token (ratio 1). Own tokens per sample: 8, 5, 8, 8, 6, 4, 3, 0.
+  own = [8, 5, 8, 8, 8 - 2, 6 - 2, 7 - 4, 0]
+  pg_sum = sum(-a * n for a, n in zip(adv, own))  # = -(0.5*8) + 0.5*(5+8+8+6) - 0.5*(4+3) = -4 + 13.5 - 3.5 = 6
+  assert pg_sum == pytest.approx(6.0)
+  # TrSFT part: sample 5 (p=0.5 >= 0.1): 2 tokens of -1; sample 6 (p=0.05 < 0.1): 4 tokens of -0.05/0.1 = -0.5;
+  # sample 7 (p=0.2): 6 tokens of -1. Sample 4's prefix gets nothing.
+  prefix_sum = -2.0 - 4 * 0.5 - 6.0
+  # Normaliser: sum / (L_max * B) * seq_scale = sum / (8 * 8) * 8 = sum / 8.
+  assert float(m["pg_loss"]) == pytest.approx(pg_sum / 8, rel=1e-6)
+  assert float(m["prefix_loss"]) == pytest.approx(prefix_sum / 8, rel=1e-6)
+  # Entropy: token mean over all 56 response tokens (8 of sample 0 at 1.0, 48 at 2.0).
+  mean_h = (8 * 1.0 + 48 * 2.0) / 56
+  assert float(m["entropy"]) == pytest.approx(mean_h, rel=1e-6)
+  assert float(loss) == pytest.approx((pg_sum + prefix_sum) / 8 - 0.001 * mean_h, rel=1e-6)
+  # Expert-token probability over the 12 imitated tokens: (2*0.5 + 4*0.05 + 6*0.2) / 12; below alpha: 4 of 12.
+  assert float(m["expert_prob"]) == pytest.approx((1.0 + 0.2 + 1.2) / 12, rel=1e-5)
+  assert float(m["expert_frac_below_alpha"]) == pytest.approx(4 / 12)
+  assert float(m["num_prefix_tokens"]) == 12 and float(m["num_own_tokens"]) == sum(own)
+  # Gradient w.r.t. logp: -A/8 on own tokens, TrSFT/8 on imitated tokens, 0 on sample 4's prefix and on padding
+  # (the entropy is an input here, so it contributes no gradient).
+  g = np.asarray(jax.grad(lambda x: losses.trapo_loss(x, jax.lax.stop_gradient(x), jnp.asarray(entropy),
+                                                      jnp.asarray(adv), jnp.asarray(prefix), jnp.asarray(off),
+                                                      jnp.asarray(response), cfg)[0])(jnp.asarray(logp)))
+  expected = np.zeros((8, L))
+  for i in range(8):
+    for t in range(LENS[i]):
+      if t >= PREFIX[i]:
+        expected[i, t] = -adv[i] / 8
+      elif IMITATED[i]:
+        p = np.exp(np.float64(logp[i, t]))
+        expected[i, t] = (-1.0 if p >= 0.1 else -p / 0.1) / 8
+  np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_trapo_loss_variants():
+  logp, entropy, prefix, off, response, adv = _hand_batch()
+  args = [jnp.asarray(x) for x in (logp, logp, entropy, adv, prefix, off, response)]
+  base = dict(max_len=L, seq_scale=8.0, entropy_coef=0.0)
+  # Plain SFT on the prefix (ablation): -log p on imitated tokens.
+  _, m = losses.trapo_loss(*args, losses.LossConfig(prefix_loss="sft", **base))
+  ref = -(2 * np.log(0.5) + 4 * np.log(0.05) + 6 * np.log(0.2)) / 8
+  assert float(m["prefix_loss"]) == pytest.approx(ref, rel=1e-5)
+  # LUFFY shaping: -A p/(p+0.1) on imitated tokens (advantages +0.5 for samples 5, 6, 7).
+  _, m = losses.trapo_loss(*args, losses.LossConfig(prefix_loss="luffy", **base))
+  ref = -0.5 * (2 * 0.5 / 0.6 + 4 * 0.05 / 0.15 + 6 * 0.2 / 0.3) / 8
+  assert float(m["prefix_loss"]) == pytest.approx(ref, rel=1e-5)
+  # GRPO: no prefixes at all -> PG on every response token; prefix part zero.
+  no = jnp.zeros_like(args[4])
+  loss, m = losses.trapo_loss(*args[:4], no, no, args[6], losses.LossConfig(prefix_loss="none", **base))
+  assert float(m["prefix_loss"]) == 0.0
+  assert float(loss) == pytest.approx(sum(-a * n for a, n in zip(adv, LENS)) / 8, rel=1e-6)
+  # Token-mean aggregation (SFT configuration): the mean over the 56 response tokens, no seq_scale.
+  loss, _ = losses.trapo_loss(*args[:4], args[6], args[6], args[6],
+                              losses.LossConfig(prefix_loss="sft", aggregation="token_mean", max_len=L,
+                                                entropy_coef=0.0))
+  assert float(loss) == pytest.approx(-np.float64(logp)[response].mean(), rel=1e-5)
+  # PPO clip changes nothing when the ratio is 1.
+  l1, _ = losses.trapo_loss(*args, losses.LossConfig(clip_eps=0.2, **base))
+  l0, _ = losses.trapo_loss(*args, losses.LossConfig(**base))
+  assert float(l1) == pytest.approx(float(l0))
+
+
+def test_loss_config_from_experiment_config():
+  from trapo_jax import config as config_lib
+  c = config_lib.base_config()
+  lc = losses.LossConfig.from_config(c.loss, 8192)
+  assert lc == losses.LossConfig()  # the schema's defaults are the official ones
+  c.loss.clip_eps = 0.2
+  assert losses.LossConfig.from_config(c.loss, 16).clip_eps == 0.2
+
+
+def test_sharded_equals_unsharded():
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  b, t, d, v = 8, 12, 16, 64
+  hidden = jnp.asarray(RNG.normal(size=(b, t, d)), jnp.float32)
+  unembed = jnp.asarray(RNG.normal(size=(d, v)) * 0.3, jnp.float32)
+  targets = jnp.asarray(RNG.integers(0, v, (b, t)))
+  prefix = jnp.asarray(np.arange(t)[None] < RNG.integers(0, 6, (b, 1)))
+  response = jnp.asarray(np.arange(t)[None] < RNG.integers(6, t + 1, (b, 1)))
+  off = prefix & jnp.asarray(RNG.random((b, 1)) < 0.5)
+  adv = jnp.asarray(RNG.normal(size=(b,)), jnp.float32)
+  cfg = losses.LossConfig(max_len=t)
+
+  def f(h, w):
+    logp, ent = losses.token_logprobs(h, w, targets, chunk_size=5)
+    return losses.trapo_loss(logp, jax.lax.stop_gradient(logp), ent, adv, prefix, off, response, cfg)[0]
+
+  step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+  ref_val, ref_grad = step(hidden, unembed)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  sh = jax.device_put(hidden, rows)
+  sw = jax.device_put(unembed, NamedSharding(mesh, P(None, "tensor")))
+  with mesh:
+    val, grad = step(sh, sw)
+  assert len(sh.sharding.device_set) == 8
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+  for a, r in zip(grad, ref_grad):
+    np.testing.assert_allclose(a, r, atol=1e-5)

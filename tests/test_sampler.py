@@ -1,0 +1,200 @@
+"""The in-graph sampler: greedy exactness, HF generate parity, forced prefixes, sampling law, log-probs, sharding."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trapo_jax import sharding
+from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling.sampler import Sampler, bucket, sample_logits
+
+CFG = tfm.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, rope_theta=1000.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return nn.unbox(tfm.init_params(CFG, jax.random.key(3)))
+
+
+# Rows with different prompt and prefix lengths (right-padded inputs).
+PROMPTS = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9], [10, 0, 0, 0, 0, 0], [11, 12, 0, 0, 0, 0]])
+PROMPT_LENS = np.array([3, 6, 1, 2])
+PREFIXES = np.array([[20, 21, 22], [0, 0, 0], [23, 0, 0], [24, 25, 0]])
+PREFIX_LENS = np.array([3, 0, 1, 2])
+
+
+_full_forward = jax.jit(lambda p, t, m: tfm.forward_logits(p, CFG, t, m))
+
+
+def _greedy_reference(params, prompt, prefix, width):
+  """Step-by-step argmax of the full forward pass (no cache), right-padded to one width so it compiles once."""
+  seq, resp = list(prompt) + list(prefix), list(prefix)
+  while len(resp) < width:
+    tokens = np.zeros((1, 32), np.int32)
+    tokens[0, :len(seq)] = seq
+    logits = _full_forward(params, jnp.asarray(tokens), jnp.asarray(np.arange(32)[None] < len(seq)))
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    resp.append(seq[-1])
+  return resp
+
+
+def test_greedy_equals_stepwise_argmax_with_forced_prefixes(params):
+  out = Sampler(CFG).sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=10, rng=jax.random.key(0),
+                            temperature=0.0)
+  for i in range(4):
+    ref = _greedy_reference(params, PROMPTS[i, :PROMPT_LENS[i]], PREFIXES[i, :PREFIX_LENS[i]], 10)
+    assert np.asarray(out.tokens[i]).tolist() == ref
+    # The prefix is there verbatim and the mask marks exactly its tokens.
+    assert np.asarray(out.prefix_mask[i]).tolist() == [j < PREFIX_LENS[i] for j in range(10)]
+  np.testing.assert_array_equal(out.lengths, 10)
+  assert not np.asarray(out.eos).any()
+
+
+def test_greedy_equals_transformers_generate(params, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from trapo_jax.models import hf
+  hf.save_hf(str(tmp_path), CFG, params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  width = PROMPTS.shape[1]
+  left = np.zeros_like(PROMPTS)
+  attn = np.zeros_like(PROMPTS)
+  for i, n in enumerate(PROMPT_LENS):
+    left[i, width - n:] = PROMPTS[i, :n]
+    attn[i, width - n:] = 1
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(left), attention_mask=torch.tensor(attn), max_new_tokens=12,
+                         do_sample=False, pad_token_id=0, eos_token_id=None)[:, width:].numpy()
+  out = Sampler(CFG).sample(params, PROMPTS, PROMPT_LENS, max_len=12, rng=jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_eos_ends_rows_and_later_tokens_are_padding(params):
+  sampler = Sampler(CFG)
+  free = sampler.sample(params, PROMPTS, PROMPT_LENS, max_len=10, rng=jax.random.key(0), temperature=0.0)
+  # Make the token each row emits at step 2 its EOS: the row must stop right there.
+  eos = int(free.tokens[0, 2])
+  out = sampler.sample(params, PROMPTS, PROMPT_LENS, max_len=10, rng=jax.random.key(0), temperature=0.0,
+                       eos_ids=(eos,), pad_id=47)
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
+  for i in range(4):
+    row = np.asarray(free.tokens[i]).tolist()
+    stop = row.index(eos) + 1 if eos in row else 10
+    assert tokens[i, :stop].tolist() == row[:stop]
+    assert (tokens[i, stop:] == 47).all()
+    assert mask[i].tolist() == [j < stop for j in range(10)]
+    assert int(out.lengths[i]) == stop and bool(out.eos[i]) == (eos in row)
+  assert np.asarray(out.logprobs)[~mask].max(initial=0) == 0
+
+
+def test_prefix_ending_in_eos_and_inactive_rows_generate_nothing(params):
+  prefixes = np.array([[20, 21, 5], [22, 23, 24], [0, 0, 0], [25, 0, 0]])
+  out = Sampler(CFG).sample(params, PROMPTS, PROMPT_LENS, prefixes, np.array([3, 3, 0, 1]),
+                            active=np.array([True, False, True, True]), max_len=8, rng=jax.random.key(1),
+                            eos_ids=(5,), temperature=1.0)
+  assert np.asarray(out.lengths)[:2].tolist() == [3, 3]  # EOS-terminated prefix; an inactive row (full expert)
+  assert bool(out.eos[0]) and not bool(out.eos[1])
+  assert np.asarray(out.tokens[1, :3]).tolist() == [22, 23, 24]
+  assert np.asarray(out.response_mask[1]).sum() == 3
+
+
+def test_n_samples_share_prefill_and_are_prompt_major(params):
+  sampler = Sampler(CFG)
+  out = sampler.sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=8, rng=jax.random.key(0),
+                       n=3, temperature=1.0)
+  assert out.tokens.shape == (12, 8)
+  for i in range(4):
+    for j in range(3):
+      assert np.asarray(out.tokens[3 * i + j, :PREFIX_LENS[i]]).tolist() == PREFIXES[i, :PREFIX_LENS[i]].tolist()
+  assert len({tuple(np.asarray(out.tokens[r])) for r in range(12)}) > 4  # samples differ
+  again = sampler.sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=8, rng=jax.random.key(0),
+                         n=3, temperature=1.0)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(again.tokens))  # deterministic per rng
+
+
+def test_similar_lengths_never_recompile(params):
+  sampler = Sampler(CFG)
+  rng = np.random.default_rng(0)
+  for call in range(6):
+    lens = rng.integers(3, 7, size=4)  # contexts of 3..6(+prefix) tokens: all in the 16-bucket
+    sampler.sample(params, PROMPTS, lens, PREFIXES, np.minimum(PREFIX_LENS, 2), max_len=10,
+                   rng=jax.random.key(call), temperature=1.0)
+  assert sampler.traces == {"prefill": 1, "decode": 1}
+  # A much longer context is a new bucket: exactly one more compile of each.
+  long = np.ones((4, 20), np.int32)
+  sampler.sample(params, long, np.full((4,), 20), max_len=10, rng=jax.random.key(9), temperature=1.0)
+  assert sampler.traces == {"prefill": 2, "decode": 2}
+  assert bucket(5) == 16 and bucket(17) == 32 and bucket(100, cap=64) == 64
+
+
+def test_first_token_distribution_matches_softmax(params):
+  """Chi-square goodness of fit of 4000 first tokens against softmax(logits / T)."""
+  cfg = CFG.replace(vocab_size=8)
+  p = nn.unbox(tfm.init_params(cfg, jax.random.key(5)))
+  # Spread the logits so every token has visible mass.
+  p["params"]["embed"]["embedding"] = p["params"]["embed"]["embedding"] * 20.0
+  prompt = np.array([[1, 2, 3]])
+  temperature = 0.7
+  logits = tfm.forward_logits(p, cfg, jnp.asarray(prompt), jnp.ones((1, 3), bool))[0, -1]
+  probs = np.asarray(jax.nn.softmax(logits / temperature), np.float64)
+  assert probs.min() > 0.005 and probs.max() < 0.9
+  n = 4000
+  out = Sampler(cfg).sample(p, prompt, np.array([3]), max_len=1, rng=jax.random.key(11), n=n, temperature=temperature)
+  counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=8)
+  chi2 = float((((counts - n * probs) ** 2) / (n * probs)).sum())
+  assert chi2 < 24.32, (chi2, counts, n * probs)  # chi-square critical value, 7 degrees of freedom, p = 0.001
+  # Log-probs returned for the sampled tokens are those of softmax(logits / T).
+  np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.log(probs)[np.asarray(out.tokens[:, 0])], atol=1e-5)
+
+
+def test_top_k_and_top_p_never_emit_excluded_tokens():
+  logits = jnp.log(jnp.asarray([[0.05, 0.3, 0.02, 0.25, 0.08, 0.2, 0.1]]))
+  logits = jnp.tile(logits, (3000, 1))
+  top_k = np.asarray(sample_logits(jax.random.key(0), logits, 1.0, 3, 1.0))
+  assert set(top_k.tolist()) == {1, 3, 5}
+  # top_p 0.6: sorted masses 0.3, 0.25, 0.2 -> {1, 3} has 0.55 < 0.6, so 5 is needed too; 6 (0.1) is out.
+  top_p = np.asarray(sample_logits(jax.random.key(1), logits, 1.0, -1, 0.6))
+  assert set(top_p.tolist()) == {1, 3, 5}
+  top_p = np.asarray(sample_logits(jax.random.key(2), logits, 1.0, -1, 0.5))
+  assert set(top_p.tolist()) == {1, 3}
+  greedy = np.asarray(sample_logits(jax.random.key(3), logits, 0.0, -1, 1.0))
+  assert (greedy == 1).all()
+
+
+def test_logprobs_equal_trainer_recomputation(params):
+  from trapo_jax.train import step as step_lib
+  out = Sampler(CFG).sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=10, rng=jax.random.key(4),
+                            n=2, temperature=1.0)
+  rows = np.repeat(np.arange(4), 2)
+  resp_lens = np.asarray(out.lengths)
+  t = PROMPTS.shape[1] + 10
+  seq = np.zeros((8, t), np.int32)
+  mask = np.zeros((8, t), bool)
+  for r in range(8):
+    lp = PROMPT_LENS[rows[r]]
+    seq[r, :lp] = PROMPTS[rows[r], :lp]
+    seq[r, lp:lp + resp_lens[r]] = np.asarray(out.tokens[r, :resp_lens[r]])
+    mask[r, :lp + resp_lens[r]] = True
+  mb = dict(seq_tokens=jnp.asarray(seq), seq_mask=jnp.asarray(mask), resp_start=jnp.asarray(PROMPT_LENS[rows]),
+            resp_tokens=out.tokens)
+  logp, _ = step_lib.response_logprobs(params, CFG, mb, chunk_size=4)
+  own = np.asarray(out.response_mask & ~out.prefix_mask)
+  np.testing.assert_allclose(np.asarray(logp)[own], np.asarray(out.logprobs)[own], atol=1e-4)
+
+
+def test_sharded_greedy_equals_single_device(params):
+  mesh = sharding.make_mesh(shape=(2, 2, 2))
+  boxed = jax.eval_shape(lambda: tfm.init_params(CFG, jax.random.key(3)))
+  placed = sharding.put_global(params, sharding.logical_shardings(boxed, mesh))
+  prompts = np.concatenate([PROMPTS, PROMPTS[::-1]])
+  args = (prompts, np.concatenate([PROMPT_LENS, PROMPT_LENS[::-1]]), np.concatenate([PREFIXES, PREFIXES[::-1]]),
+          np.concatenate([PREFIX_LENS, PREFIX_LENS[::-1]]))
+  single = Sampler(CFG).sample(params, *args, max_len=10, rng=jax.random.key(0), temperature=0.0)
+  sharded = Sampler(CFG, mesh=mesh).sample(placed, *args, max_len=10, rng=jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+  np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
