@@ -1,0 +1,209 @@
+"""Examples from the TFDS builders, and fixed-shape prompt batches (prompt + 2 demonstrations) for the trainer.
+
+Shapes are padded to power-of-two buckets so that a run compiles a handful of programs, not one per batch.
+The order of epoch e is a permutation drawn from `np.random.default_rng((seed, e))`, so `state()`/`restore()`
+resume a run on exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+
+from trapo_jax.data import demos as demos_lib
+from trapo_jax.data.templates import format_prompt
+
+_READ_CHUNK = 1024
+_MIN_BUCKET = 16
+_MAX_LISTED_UIDS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  uid: int
+  problem: str
+  answer: str
+  demos: tuple[str, ...] = ()  # empty for benchmark rows
+  level: int = 0  # difficulty, where the dataset has one (synthetic task)
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _example(record: dict) -> Example:
+  return Example(uid=int(record["uid"]), problem=_text(record["problem"]), answer=_text(record["answer"]),
+                 demos=tuple(_text(d) for d in record.get("demos", ())), level=int(record.get("level", 0)))
+
+
+def read_split(builder, split: str) -> list[Example]:
+  """Every example of `split` of a TFDS builder (prepared first if needed), in uid order."""
+  builder.download_and_prepare()
+  if split not in builder.info.splits:
+    raise ValueError(f"split {split!r} is not in {builder.name}/{builder.builder_config.name} "
+                     f"(splits: {', '.join(builder.info.splits)})")
+  source = builder.as_data_source(split)
+  records = []
+  for start in range(0, len(source), _READ_CHUNK):
+    records.extend(source.__getitems__(range(start, min(start + _READ_CHUNK, len(source)))))
+  # TFDS stores records in hashed-key order; uid order is the source order.
+  return sorted((_example(r) for r in records), key=lambda e: e.uid)
+
+
+def load_examples(data_cfg, split: str, *, data_dir: str) -> list[Example]:
+  """The examples of `split` of the dataset `data_cfg` names (`source`: demos | synthetic), prepared under data_dir."""
+  if data_cfg.source == "demos":
+    if not data_cfg.path:
+      raise ValueError("data.path: empty; the demos source needs a parquet/jsonl file or directory")
+    builder = demos_lib.demos_builder(data_cfg.path, data_dir=data_dir)
+  elif data_cfg.source == "synthetic":
+    from trapo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    builder = synthetic.Synthetic(data_dir=data_dir)
+  else:
+    raise ValueError(f"data.source: {data_cfg.source!r} is unknown (known: demos, synthetic)")
+  return read_split(builder, split)
+
+
+def load_benchmark_examples(name: str, *, data_dir: str) -> list[Example]:
+  """The problems of benchmark `name` (aime24, math500, ...) in file order, prepared under data_dir."""
+  from trapo_jax.data import benchmarks_tfds  # pylint: disable=g-import-not-at-top
+  builder = benchmarks_tfds.benchmarks_builder(name, data_dir=data_dir)
+  return read_split(builder, benchmarks_tfds.SPLIT)
+
+
+def bucket(length: int, cap: int) -> int:
+  """The padded width for a longest row of `length`: the next power of two ≥ length (at least 16), at most `cap`."""
+  return min(max(_MIN_BUCKET, 1 << max(length - 1, 0).bit_length()), cap)
+
+
+def _listed(uids: list[int]) -> str:
+  more = len(uids) - _MAX_LISTED_UIDS
+  return str(uids[:_MAX_LISTED_UIDS]) + (f" (+{more} more)" if more > 0 else "")
+
+
+@dataclasses.dataclass
+class PromptBatch:
+  """G prompts with their two demonstrations, right-padded with the pad id."""
+  uids: np.ndarray  # [G] int64
+  prompt_ids: np.ndarray  # [G, P] int32
+  prompt_lens: np.ndarray  # [G] int32
+  demo_ids: np.ndarray  # [G, 2, Ld] int32: demo #0 (partial prefixes), demo #1 (full expert sample), EOS appended
+  demo_lens: np.ndarray  # [G, 2] int32, EOS included; 0 where an example has no such demo
+  answers: list[str]
+  problems: list[str]
+
+
+class PromptLoader:
+  """Batches of `batch_size` prompts: infinite shuffled epochs for training, or one pass for evaluation.
+
+  Training (`drop_remainder=True`): each epoch is a fresh permutation and its last incomplete batch is dropped.
+  Evaluation (`require_demos=False, drop_remainder=False`): one pass; in source order when `seed` is None; the last
+  batch may be smaller.
+  """
+
+  def __init__(self, examples: Sequence[Example], tokenizer, *, batch_size: int, max_prompt_len: int,
+               max_response_len: int, template: str, seed: int | None, require_demos: bool = True,
+               drop_remainder: bool = True):
+    if batch_size < 1 or max_prompt_len < 1 or max_response_len < 1:
+      raise ValueError(f"batch_size ({batch_size}), max_prompt_len ({max_prompt_len}) and max_response_len "
+                       f"({max_response_len}) must be positive")
+    self.eos_id = tokenizer.eos_token_id
+    if self.eos_id is None:
+      raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: "
+                       "has no eos_token_id")
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+    if require_demos:
+      for e in examples:
+        if len(e.demos) < 2:
+          raise ValueError(f"example uid {e.uid}: has {len(e.demos)} demonstrations, needs 2")
+    self._tokenizer = tokenizer
+    self.batch_size = batch_size
+    self.max_prompt_len = max_prompt_len
+    self.max_response_len = max_response_len
+    self.seed = seed
+    self.drop_remainder = drop_remainder
+
+    texts = [format_prompt(e.problem, template) for e in examples]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    keep = [i for i, row in enumerate(ids) if len(row) <= max_prompt_len]
+    if len(keep) < len(ids):
+      dropped = sorted(set(range(len(ids))) - set(keep))
+      logging.info("filtered %d of %d prompts longer than %d tokens, uids %s", len(dropped), len(ids), max_prompt_len,
+                   _listed([examples[i].uid for i in dropped]))
+    self.examples: tuple[Example, ...] = tuple(examples[i] for i in keep)
+    self._prompts = [np.asarray(ids[i], np.int32) for i in keep]
+    if drop_remainder and len(self.examples) < batch_size:
+      raise ValueError(f"batch_size {batch_size}: only {len(self.examples)} examples fit max_prompt_len "
+                       f"{max_prompt_len}; a training loader needs at least one full batch")
+    self._epoch = 0
+    self._index = 0
+    self._order_cache: tuple[int, np.ndarray] | None = None
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._order_cache is None or self._order_cache[0] != epoch:
+      n = len(self.examples)
+      order = np.arange(n) if self.seed is None else np.random.default_rng((self.seed, epoch)).permutation(n)
+      self._order_cache = (epoch, order)
+    return self._order_cache[1]
+
+  def state(self) -> dict:
+    return {"epoch": self._epoch, "index": self._index}
+
+  def restore(self, state: dict) -> None:
+    for key in ("epoch", "index"):
+      if not isinstance(state.get(key), int) or state[key] < 0:
+        raise ValueError(f"loader state {key}: expected a non-negative int, got {state.get(key)!r}")
+    if state["index"] > len(self.examples):
+      raise ValueError(f"loader state index: {state['index']} is past the {len(self.examples)} examples")
+    self._epoch, self._index = state["epoch"], state["index"]
+
+  def __iter__(self) -> PromptLoader:
+    return self
+
+  def __next__(self) -> PromptBatch:
+    n = len(self.examples)
+    if self.drop_remainder and self._index + self.batch_size > n:
+      self._epoch, self._index = self._epoch + 1, 0
+    if self._index >= n:
+      raise StopIteration
+    rows = self._order(self._epoch)[self._index:self._index + self.batch_size]
+    self._index += len(rows)
+    return self._batch(rows)
+
+  def _demo_ids(self, examples: Sequence[Example]) -> list[list[np.ndarray]]:
+    """Per example, demos #0 and #1 tokenised alone, truncated to max_response_len - 1, EOS appended."""
+    texts = [d for e in examples for d in e.demos[:2]]
+    ids = iter(self._tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for e in examples:
+      # The official code truncates each hint to 8192 tokens before appending EOS, then truncates the assembled
+      # response to 8192 again, which cuts that EOS from a full-length demo. Truncating to L - 1 first keeps it, so
+      # the full expert response always ends in EOS.
+      pair = [np.asarray(next(ids)[:self.max_response_len - 1] + [self.eos_id], np.int32) for _ in e.demos[:2]]
+      out.append(pair + [np.zeros(0, np.int32)] * (2 - len(pair)))
+    return out
+
+  def _batch(self, rows: np.ndarray) -> PromptBatch:
+    examples = [self.examples[i] for i in rows]
+    prompts = [self._prompts[i] for i in rows]
+    demos = self._demo_ids(examples)
+    g = len(examples)
+    p = bucket(max(len(x) for x in prompts), self.max_prompt_len)
+    ld = bucket(max(len(d) for pair in demos for d in pair), self.max_response_len)
+    prompt_ids = np.full((g, p), self.pad_id, np.int32)
+    demo_ids = np.full((g, 2, ld), self.pad_id, np.int32)
+    for i, (prompt, pair) in enumerate(zip(prompts, demos)):
+      prompt_ids[i, :len(prompt)] = prompt
+      for j, demo in enumerate(pair):
+        demo_ids[i, j, :len(demo)] = demo
+    return PromptBatch(
+        uids=np.array([e.uid for e in examples], np.int64),
+        prompt_ids=prompt_ids,
+        prompt_lens=np.array([len(x) for x in prompts], np.int32),
+        demo_ids=demo_ids,
+        demo_lens=np.array([[len(d) for d in pair] for pair in demos], np.int32),
+        answers=[e.answer for e in examples],
+        problems=[e.problem for e in examples])
