@@ -126,6 +126,18 @@ def test_kv_cache_decode_matches_full_forward(scan_layers):
   assert int(cache.end) == tokens.shape[1]
 
 
+def test_blockwise_attention_equals_dense():
+  cfg, params = _random_model()
+  tokens, mask = _batch(cfg.vocab_size, t=11)
+  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+  blocked = cfg.replace(attention_block=4)  # 11 tokens: blocks of 4, the last one padded
+  f = lambda c: lambda p: tfm.forward_logits(p, c, tokens, mask)
+  np.testing.assert_allclose(np.asarray(f(blocked)(params))[np.asarray(mask)],
+                             np.asarray(f(cfg)(params))[np.asarray(mask)], atol=1e-5)
+  loss = lambda c: jax.grad(lambda p: jnp.sum(jnp.where(mask[..., None], f(c)(p), 0.0) ** 2))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), loss(blocked), loss(cfg))
+
+
 def test_bf16_compute_close_to_fp32():
   cfg, params = _random_model(dtype="bfloat16")
   tokens, mask = _batch(cfg.vocab_size)

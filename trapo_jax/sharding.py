@@ -23,6 +23,8 @@ DEFAULT_RULES = (
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -51,7 +53,7 @@ def make_mesh(cfg=None, devices: Sequence[jax.Device] | None = None,
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=DEFAULT_RULES):
   """Within: the model's logical activation constraints resolve against `mesh` with `rules`."""
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 
@@ -85,6 +87,11 @@ def put_batch(mesh: Mesh, tree: Any) -> Any:
   """
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), tree)
+
+
+def local_batch_shards(mesh: Mesh) -> int:
+  """How many different row slices this process's devices hold under `batch_sharding`."""
+  return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
 
 
 def to_host(mesh: Mesh, tree: Any) -> Any:

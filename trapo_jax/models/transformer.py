@@ -42,6 +42,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
+  attention_block: int = 512  # without a cache, longer sequences attend one query block at a time
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -122,6 +123,28 @@ def attention_mask(kv_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
   return (kv_valid[:, None, :] & causal[None])[:, None]
 
 
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array, q_slots: jax.Array,
+                        block: int) -> jax.Array:
+  """Causal attention of q [B, T, H, Dh] over k, v [B, S, K, Dh], one rematerialised block of queries at a time.
+
+  Scores exist for one [B, H, block, S] block at a time, forward and backward, instead of [B, H, T, S]: a 9216-token
+  7B sequence would otherwise need tens of GiB per layer for them.
+  """
+  b, t, h, d = q.shape
+  n = -(-t // block)
+  pad = n * block - t
+  qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
+  slots = jnp.pad(q_slots, (0, pad), constant_values=-1).reshape(n, block)
+
+  @jax.checkpoint
+  def one(args):
+    qc, sl = args
+    return jax.nn.dot_product_attention(qc, k, v, mask=attention_mask(kv_valid, sl))
+
+  out = jax.lax.map(one, (qb, slots))
+  return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """q [B, T, H, Dh] over a head-major cache k, v [B, K, S, Dh] (K kv heads, H = K * G), mask [B, 1, T, S].
 
@@ -144,16 +167,22 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, sin, cos, mask, cache, layer, write_at):
-    """cache: None, or the stacked (k, v) [layers, B, kv_heads, S, Dh] of all layers, updated at `layer`."""
+    """mask: [B, 1, T, S] bool, or for long uncached inputs (kv_valid [B, S], query slots [T]) to build per block.
+
+    cache: None, or the stacked (k, v) [layers, B, kv_heads, S, Dh] of all layers, updated at `layer`.
+    """
     cfg = self.cfg
     b, t, _ = x.shape
     q = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", cfg.qkv_bias)(x)
     k = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", cfg.qkv_bias)(x)
     v = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", cfg.qkv_bias)(x)
-    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), sin, cos)
-    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), sin, cos)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cache is None:
+    heads = ("activation_batch", "activation_length", "activation_heads", None)
+    q = nn.with_logical_constraint(apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), sin, cos), heads)
+    k = nn.with_logical_constraint(apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), sin, cos), heads)
+    v = nn.with_logical_constraint(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), heads)
+    if cache is None and isinstance(mask, tuple):
+      out = blockwise_attention(q, k, v, *mask, block=cfg.attention_block)
+    elif cache is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
       # Update the stacked cache in place (it is a loop carry) rather than slicing a layer out and stacking it
@@ -176,7 +205,10 @@ class MLP(nn.Module):
     cfg = self.cfg
     gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
     up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
-    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(nn.silu(gate) * up)
+    # Keep the wide activation split over the batch (FSDP) so that weight gradients are reduced, not the
+    # activations gathered.
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -237,7 +269,9 @@ class Decoder(nn.Module):
       write_at = cache.end
       kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, write_at))
       layer_caches = (cache.k, cache.v)
-    attn_mask = attention_mask(kv_valid, write_at + jnp.arange(t))
+    q_slots = write_at + jnp.arange(t)
+    blockwise = cache is None and t > cfg.attention_block
+    attn_mask = (kv_valid, q_slots) if blockwise else attention_mask(kv_valid, q_slots)
     carry = (x, layer_caches)
     if cfg.scan_layers:
       carry, _ = self.layers(carry, jnp.arange(cfg.num_layers), sin, cos, attn_mask, write_at)

@@ -1,0 +1,97 @@
+"""Lower and compile the paper's 7B TRAPO train step for abstract shapes on a device mesh (no weights needed).
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m benchmarks.compile_7b
+
+Uses experiments/configs/trapo_qwen25_math_7b.py with Qwen2.5-Math-7B's shapes: 8 prompts x 8 samples, prompt
+1024 + response 8192 tokens, micro-batches from the per-device token budget. Prints the compile time and the
+per-device memory XLA plans for the step (arguments, outputs, temporaries).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from trapo_jax import config as config_lib
+from trapo_jax import losses
+from trapo_jax import sharding
+from trapo_jax.models import transformer as tfm
+from trapo_jax.train import state as state_lib
+from trapo_jax.train import step as step_lib
+
+# Qwen2.5-Math-7B (config.json of the public checkpoint).
+QWEN25_MATH_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                      num_kv_heads=4, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=True,
+                      tie_embeddings=False, max_position_embeddings=16384, model_type="qwen2")
+
+_LAYERS = flags.DEFINE_integer("layers", 28, "Decoder layers (28 = the real model).")
+_SEQ = flags.DEFINE_integer("seq", -1, "Packed sequence length (-1: max_prompt_len + max_response_len).")
+
+
+def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None):
+  """(compiled step, seconds to compile, micro-batch layout) for abstract 7B inputs on all devices."""
+  config_lib.validate(cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg,
+                      num_devices=jax.device_count())
+  mesh = sharding.make_mesh(cfg)
+  m = cfg.model
+  model_cfg = tfm.ModelConfig(**dict(QWEN25_MATH_7B, num_layers=num_layers), dtype=m.dtype,
+                              param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+  tx = state_lib.make_optimizer(cfg.optim)
+  param_sh = state_lib.param_shardings(model_cfg, mesh)
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        jax.eval_shape(lambda: __import__("flax").linen.unbox(
+                            tfm.init_params(model_cfg, jax.random.key(0)))), param_sh)
+  opt_state = jax.eval_shape(tx.init, params)
+  import optax
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_state, opt_sh)
+  rep = sharding.replicated(mesh)
+  state = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
+                               opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+  rows = cfg.train.batch_prompts * cfg.rollout.n
+  t = seq_len or cfg.data.max_prompt_len + cfg.data.max_response_len
+  lb = cfg.data.max_response_len
+  mb = step_lib.micro_batch_rows(rows, t, cfg.train.micro_batch_tokens, sharding.local_batch_shards(mesh))
+  nm = rows // mb
+  spec = dict(seq_tokens=((nm, mb, t), jnp.int32), seq_mask=((nm, mb, t), jnp.bool_), resp_start=((nm, mb), jnp.int32),
+              resp_tokens=((nm, mb, lb), jnp.int32), prefix_mask=((nm, mb, lb), jnp.bool_),
+              off_loss_mask=((nm, mb, lb), jnp.bool_), response_mask=((nm, mb, lb), jnp.bool_),
+              advantages=((nm, mb), jnp.float32))
+  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=step_lib.micro_batch_sharding(mesh, len(shape)))
+           for k, (shape, dt) in spec.items()}
+  fn = jax.jit(functools.partial(step_lib.train_step, tx=tx, model_cfg=model_cfg,
+                                 loss_cfg=losses.LossConfig.from_config(cfg.loss, cfg.data.max_response_len),
+                                 chunk_size=cfg.train.logprob_chunk), donate_argnums=(0,))
+  start = time.perf_counter()
+  with sharding.activate(mesh):
+    compiled = fn.lower(state, batch).compile()
+  return compiled, time.perf_counter() - start, dict(rows=rows, micro_batches=nm, rows_per_micro_batch=mb, seq=t,
+                                                       params_b=model_cfg.num_params / 1e9)
+
+
+def main(argv):
+  del argv
+  from experiments.configs import trapo_qwen25_math_7b
+  cfg = trapo_qwen25_math_7b.get_config()
+  cfg.model.hf_dir, cfg.data.path = "/abstract", "/abstract"  # shapes only: nothing is read
+  compiled, seconds, layout = lower_train_step(cfg, _LAYERS.value, None if _SEQ.value < 0 else _SEQ.value)
+  mem = compiled.memory_analysis()
+  gib = lambda x: x / 2**30
+  print(f"7B TRAPO train step, {_LAYERS.value} layers ({layout['params_b']:.2f}B params), {jax.device_count()} "
+        f"{jax.default_backend()} devices, mesh {dict(sharding.make_mesh(cfg).shape)}")
+  print(f"  {layout['rows']} sequences of {layout['seq']} tokens in {layout['micro_batches']} micro-batches of "
+        f"{layout['rows_per_micro_batch']}")
+  print(f"  compile: {seconds:.1f} s")
+  print(f"  per device: arguments {gib(mem.argument_size_in_bytes):.2f} GiB, outputs "
+        f"{gib(mem.output_size_in_bytes):.2f} GiB, temporaries {gib(mem.temp_size_in_bytes):.2f} GiB, "
+        f"aliased {gib(mem.alias_size_in_bytes):.2f} GiB")
+
+
+if __name__ == "__main__":
+  app.run(main)
