@@ -1,9 +1,17 @@
-"""Every test process sees 8 simulated CPU devices, so sharded paths run on a (2, 2, 2) mesh."""
+"""Every test process sees 8 simulated CPU devices, so sharded paths run on a (2, 2, 2) mesh.
+
+Compiled programs go to a persistent cache shared by the whole session (subprocesses included): the end-to-end
+tests build the same tiny model many times, and compiling dominates their run time on CPU.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "trapo_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

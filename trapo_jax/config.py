@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",  # none | full | dots: activation rematerialisation of each layer
       scan_layers=True,  # lax.scan over layers: one compiled layer, fast compiles for deep models
+      attention_block=512,  # training attention runs per block of this many queries (memory O(T x block))
   ))
 
   # Device mesh (data, fsdp, tensor). -1 takes the devices left over; the product must equal the device count.
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_prompt_len=1024,
       max_response_len=8192,
       template="train",  # train | eval | eval_official
+      levels=(),  # synthetic task: keep only these difficulty levels (empty = all)
       shuffle_seed=0,
   ))
 
@@ -185,7 +187,13 @@ def validate(cfg, num_devices: int | None = None) -> None:
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
       _require(m[k] >= 1, f"model.{k}", "must be >= 1")
   if num_devices is not None:
-    mesh_shape(cfg, num_devices)
+    data, fsdp, _ = mesh_shape(cfg, num_devices)
+    rows = {cfg.train.batch_prompts * (2 if cfg.algo == "sft" else cfg.rollout.n)}
+    if cfg.algo == "sft_then_rl":
+      rows.add(cfg.train.batch_prompts * 2)
+    for r in sorted(rows):
+      _require(r % (data * fsdp) == 0, "train.batch_prompts",
+               f"{r} sequences per step do not split over the {data * fsdp} batch shards (mesh data x fsdp)")
   d = cfg.data
   _require(d.source in ("synthetic", "demos"), "data.source", "must be synthetic or demos")
   _require(d.source != "demos" or bool(d.path), "data.path", "data.source='demos' needs a path")

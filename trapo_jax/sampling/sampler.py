@@ -17,7 +17,6 @@ after a row's end are `pad_id` and masked out by `response_mask`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Sequence
 
@@ -198,9 +197,17 @@ class Sampler:
     width, budget = sharding.agree_max(width, budget)
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
     inputs = (prompts, prompt_lens, pre, prefix_lens, active)
-    if self.mesh is not None:
-      inputs = sharding.put_batch(self.mesh, inputs)
-    with sharding.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext():
+    if self.mesh is None:
       state = self._prefill(params, *inputs, rng, width=width, cache_size=width + budget, n=n, sp=sp)
+      return self._decode(params, state, budget=budget, sp=sp)[0]
+    # Rows must split evenly over the batch shards of this process: pad with inactive one-token rows, drop after.
+    extra = -b % sharding.local_batch_shards(self.mesh)
+    if extra:
+      inputs = tuple(np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in inputs)
+      inputs[4][b:] = False
+    with sharding.activate(self.mesh, self.rules):
+      state = self._prefill(params, *sharding.put_batch(self.mesh, inputs), rng, width=width,
+                            cache_size=width + budget, n=n, sp=sp)
       out, _ = self._decode(params, state, budget=budget, sp=sp)
-    return out if self.mesh is None else sharding.to_host(self.mesh, out)
+    out = sharding.to_host(self.mesh, out)
+    return jax.tree.map(lambda x: x[:b * n], out) if extra else out

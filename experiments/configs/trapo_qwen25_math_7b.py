@@ -1,0 +1,36 @@
+"""The paper's main run (spec §3): TRAPO on Qwen2.5-Math-7B with OpenR1-Math demonstrations.
+
+  python -m trapo_jax.main --config=experiments/configs/trapo_qwen25_math_7b.py --workdir=gs://bucket/run1 \
+      --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+"""
+
+from trapo_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.algo = "trapo"
+  c.model.hf_dir = ""  # set on the command line: a local Qwen2.5-Math-7B(-16k-think) directory
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = "full"  # gradient checkpointing, as the official FSDP run
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  c.data.source = "demos"
+  c.data.path = ""  # set on the command line: OpenR1 layout parquet/jsonl with >= 2 R1 solutions per problem
+  c.data.max_prompt_len = 1024
+  c.data.max_response_len = 8192
+  c.data.template = "train"
+  # 8 prompts x 8 samples (4+2+1+1), one AdamW step per batch; the other rollout/loss keys keep their
+  # official defaults from trapo_jax.config (T=1.0, alpha=0.1, entropy 0.001, sum / (8192 * 8)).
+  c.train.batch_prompts = 8
+  c.train.steps = 500
+  c.train.micro_batch_tokens = 32768  # per device, as ppo_max_token_len_per_gpu
+  c.train.logprob_chunk = 1024
+  c.train.ckpt_every = 50
+  c.optim.lr = 1e-6
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 1.0
+  c.eval.at_end = True
+  return c

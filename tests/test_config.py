@@ -1,0 +1,85 @@
+"""Config validation: unknown keys, wrong types and impossible values fail at once, naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from trapo_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_experiment_config_validates(name):
+  import importlib
+  cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+  if name == "trapo_qwen25_math_7b":
+    cfg.model.hf_dir, cfg.data.path = "/some/qwen", "/some/data.parquet"  # left to the command line
+  config_lib.validate(cfg, num_devices=8)
+
+
+def _retype(cfg, path: str, value):
+  """Sets a value of another type, as a hand-written config file can (ConfigDict refuses it on assignment)."""
+  group, key = path.split(".")
+  cfg[group] = ml_collections.ConfigDict({**cfg[group].to_dict(), key: value})
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.optim.__setattr__("betas", 0.9), "optim.betas: unknown key"),
+    (lambda c: _retype(c, "model.hidden_size", "big"), "model.hidden_size: expected int, got str"),
+    (lambda c: _retype(c, "train.steps", 2.5), "train.steps: expected int, got float"),
+    (lambda c: _retype(c, "loss.use_std", 1), "loss.use_std: expected bool, got int"),
+    (lambda c: c.__setitem__("algo", "ppo"), "algo: must be one of"),
+    (lambda c: c.rollout.__setitem__("stages", (4, 2, 1)), "rollout.stages: sizes (4, 2, 1) must sum to rollout.n=8"),
+    (lambda c: c.mesh.__setitem__("tensor", 3), "mesh: (1, -1, 3) cannot fill 8 devices"),
+    (lambda c: (c.mesh.__setitem__("fsdp", 2), c.mesh.__setitem__("data", 2)), "mesh: shape (2, 2, 1) needs 4"),
+    (lambda c: c.loss.__setitem__("prefix_loss", "kl"), "loss.prefix_loss: must be one of"),
+    (lambda c: c.data.__setitem__("source", "demos"), "data.path: data.source='demos' needs a path"),
+    (lambda c: c.model.__setitem__("num_kv_heads", 3), "model.num_kv_heads: must divide num_heads=4"),
+])
+def test_bad_values_name_the_key(mutate, message):
+  cfg = config_lib.base_config()
+  with cfg.unlocked():
+    mutate(cfg)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg, num_devices=8)
+  assert str(e.value).startswith(message.split(":")[0] + ":") and message in str(e.value)
+
+
+def _main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return subprocess.run([sys.executable, "-m", "trapo_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.optim.betas=0.9"], "config error: optim.betas: unknown key"),
+    (["--config.optim.lr=fast"], "config error: flag --config.optim.lr=fast"),
+    (["--config.mesh.tensor=3"], "config error: mesh: (1, -1, 3) cannot fill 8 devices"),
+    (["--config.rollout.top_p=1.5"], "config error: rollout.top_p: must lie in (0, 1]"),
+    (["--config=experiments/configs/missing.py"], "config error:"),
+])
+def test_main_exits_with_one_line_naming_the_key(args, message):
+  proc = _main(*args, "--workdir=/nonexistent/never/written")
+  assert proc.returncode != 0
+  lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+  assert lines[-1].startswith(message), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists("/nonexistent/never/written")
+
+
+def test_override_reaches_the_config():
+  # config_flags registers overrides from sys.argv when the flag is defined, so this runs in a fresh interpreter.
+  code = ("import sys; sys.argv = ['prog', '--config.optim.lr=3e-6', '--config.rollout.stages=(4,2,2)'];"
+          "from trapo_jax import main; main.parse_flags(sys.argv); c = main._CONFIG.value;"
+          "print(c.optim.lr, tuple(c.rollout.stages), c.algo)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["3e-06", "(4,", "2,", "2)", "trapo"]

@@ -1,0 +1,182 @@
+"""Benchmark evaluation: sample n answers per problem, grade them, report avg@n and unbiased pass@k.
+
+Writes into its output directory: results.json (all figures), results.md (a table), pass_at_k.png and
+generations.jsonl (every generation with its grade). `--mode=eval` evaluates a workdir's latest checkpoint (or the
+configured initial policy) on `eval.benchmarks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from trapo_jax.eval import metrics as metrics_lib
+
+MATH_BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench")
+
+
+def load_problems(cfg, name: str, data_dir: str):
+  """Examples of a benchmark; "synthetic" is the held-out split of the synthetic task."""
+  from trapo_jax.data import pipeline
+  if name == "synthetic":
+    examples = pipeline.load_examples(cfg.data, "test", data_dir=data_dir)
+  else:
+    examples = pipeline.load_benchmark_examples(name, data_dir=data_dir)
+  if cfg.eval.max_problems >= 0:
+    examples = examples[:cfg.eval.max_problems]
+  return examples
+
+
+def _batches(loader, batch_size: int):
+  """Full-size batches (the last one padded by repeating its first row) and the count of real rows."""
+  for batch in loader:
+    g = batch.prompt_ids.shape[0]
+    if g == batch_size:
+      yield batch, g
+      continue
+    idx = np.concatenate([np.arange(g), np.zeros(batch_size - g, np.int64)])
+    yield dataclasses.replace(batch, uids=batch.uids[idx], prompt_ids=batch.prompt_ids[idx],
+                              prompt_lens=batch.prompt_lens[idx], demo_ids=batch.demo_ids[idx],
+                              demo_lens=batch.demo_lens[idx], answers=[batch.answers[i] for i in idx],
+                              problems=[batch.problems[i] for i in idx]), g
+
+
+def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: jax.Array, *,
+                       bar: tqdm.tqdm | None = None) -> tuple[list[list[float]], list[dict]]:
+  """Correctness [problems][n] and one record per generation."""
+  from trapo_jax import rewards
+  from trapo_jax.data import pipeline
+  from trapo_jax.train.trainer import decode_responses
+  e = cfg.eval
+  loader = pipeline.PromptLoader(examples, tokenizer, batch_size=e.batch_size, max_prompt_len=cfg.data.max_prompt_len,
+                                 max_response_len=e.max_new_tokens, template=e.template, seed=None,
+                                 require_demos=False, drop_remainder=False)
+  eos = (int(tokenizer.eos_token_id),)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  correct: list[list[float]] = []
+  records: list[dict] = []
+  for b, (batch, real) in enumerate(_batches(loader, e.batch_size)):
+    out = sampler.sample(params, batch.prompt_ids, batch.prompt_lens, max_len=e.max_new_tokens,
+                         rng=jax.random.fold_in(rng, b), n=n, temperature=e.temperature, top_p=e.top_p,
+                         eos_ids=eos, pad_id=pad)
+    tokens, mask = np.asarray(out.tokens)[:real * n], np.asarray(out.response_mask)[:real * n]
+    texts = decode_responses(tokenizer, tokens, mask)
+    answers = [a for a in batch.answers[:real] for _ in range(n)]
+    scores = rewards.grade_batch(texts, answers, timeout_s=e.grader_timeout_s, workers=e.grader_workers)
+    for i in range(real):
+      correct.append([float(s) for s in scores[i * n:(i + 1) * n]])
+      for j in range(n):
+        records.append({"uid": int(batch.uids[i]), "problem": batch.problems[i], "answer": batch.answers[i],
+                        "sample": j, "response": texts[i * n + j], "correct": float(scores[i * n + j]),
+                        "length": int(mask[i * n + j].sum())})
+    if bar is not None:
+      bar.update(real * n)
+  return correct, records
+
+
+def evaluate(cfg, params, model_cfg, tokenizer, sampler, *, out_dir: str, data_dir: str) -> dict[str, Any]:
+  """Evaluates on every benchmark of `cfg.eval.benchmarks`; writes the four outputs into out_dir."""
+  problems = {name: load_problems(cfg, name, data_dir) for name in cfg.eval.benchmarks}
+  total = sum(len(p) * cfg.eval.samples[name] for name, p in problems.items())
+  results: dict[str, Any] = {"benchmarks": {}}
+  all_records = []
+  rng = jax.random.PRNGKey(cfg.seed + 1)
+  t0 = time.perf_counter()
+  with tqdm.tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True,
+                 disable=jax.process_index() != 0) as bar:
+    for k, (name, examples) in enumerate(problems.items()):
+      n = cfg.eval.samples[name]
+      bar.set_postfix_str(name)
+      correct, records = evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n,
+                                            jax.random.fold_in(rng, k), bar=bar)
+      level_of = {e.uid: e.level for e in examples if e.level}
+      by_level = {str(lv): float(np.mean([r["correct"] for r in records if level_of.get(r["uid"]) == lv]))
+                  for lv in sorted(set(level_of.values()))}
+      results["benchmarks"][name] = {
+          "problems": len(correct), "samples": n, f"avg@{n}": metrics_lib.avg_at_n(correct) if correct else 0.0,
+          "pass@k": {str(k_): v for k_, v in metrics_lib.pass_at_k_table(correct).items()} if correct else {},
+          "mean_length": float(np.mean([r["length"] for r in records])) if records else 0.0}
+      if by_level:
+        results["benchmarks"][name]["by_level"] = by_level
+      all_records += [{"benchmark": name, **r} for r in records]
+  math = [results["benchmarks"][b] for b in MATH_BENCHMARKS if b in results["benchmarks"]]
+  if math:
+    results["math_avg"] = float(np.mean([accuracy(r) for r in math]))
+  results["seconds"] = time.perf_counter() - t0
+  if jax.process_index() == 0:
+    write_outputs(results, all_records, out_dir)
+  logging.info("eval: %s", {b: round(accuracy(r), 4) for b, r in results["benchmarks"].items()})
+  return results
+
+
+def accuracy(bench: dict) -> float:
+  """A benchmark's headline number: mean accuracy over all its samples (avg@n)."""
+  return bench[f"avg@{bench['samples']}"]
+
+
+def markdown_table(results: dict) -> str:
+  lines = ["| benchmark | problems | samples | avg@n | pass@k |", "|---|---|---|---|---|"]
+  for name, r in results["benchmarks"].items():
+    passk = ", ".join(f"@{k}: {100 * v:.1f}" for k, v in r["pass@k"].items())
+    lines.append(f"| {name} | {r['problems']} | {r['samples']} | {100 * accuracy(r):.1f} | {passk} |")
+  if "math_avg" in results:
+    lines.append(f"| math average | | | {100 * results['math_avg']:.1f} | |")
+  return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, records: list[dict], out_dir: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(markdown_table(results))
+  with open(os.path.join(out_dir, "generations.jsonl"), "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  plot_pass_at_k(results, os.path.join(out_dir, "pass_at_k.png"))
+
+
+def plot_pass_at_k(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, r in results["benchmarks"].items():
+    ks = sorted(int(k) for k in r["pass@k"])
+    if ks:
+      ax.plot(ks, [100 * r["pass@k"][str(k)] for k in ks], marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("k")
+  ax.set_ylabel("pass@k (%)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def before_after_table(before: dict, after: dict) -> str:
+  lines = ["| benchmark | before | after |", "|---|---|---|"]
+  for name, r in after["benchmarks"].items():
+    b = before["benchmarks"].get(name)
+    lines.append(f"| {name} | {100 * accuracy(b):.1f} | {100 * accuracy(r):.1f} |" if b else
+                 f"| {name} | - | {100 * accuracy(r):.1f} |")
+  return "\n".join(lines)
+
+
+def run(cfg, workdir: str) -> dict:
+  """--mode=eval: the workdir's latest checkpoint (or the initial policy) on eval.benchmarks."""
+  from trapo_jax.train import trainer
+  ctx, params = trainer.load_policy_for_inference(cfg, workdir)
+  results = evaluate(cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=os.path.join(workdir, "eval"),
+                     data_dir=trainer.data_dir(cfg, workdir))
+  if jax.process_index() == 0:
+    print(markdown_table(results))
+  return results

@@ -1,0 +1,141 @@
+"""The jitted update: token log-probs on packed sequences, the configured loss, gradient accumulation, AdamW.
+
+Sequences are packed right-padded, prompt then response ([N, T]); the loss reads the hidden state before each
+response token (a per-row gather), so every loss array is response-aligned [N, L] like the sampler's output.
+
+Micro-batches: the N rows are split into M equal micro-batches scanned inside one jitted step; gradients are
+averaged, so with the sequence-mean aggregations the step's gradient equals the full-batch gradient. (The official
+code sums the gradients of token-budgeted micro-batches of one GPU's 8 sequences and averages over GPUs; with
+`loss.seq_scale` = sequences per GPU this gives the same objective, spec §1.3. The entropy term is a token mean per
+micro-batch, as there.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trapo_jax import losses
+from trapo_jax import sharding
+from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling.sampler import bucket
+from trapo_jax.train.state import TrainState
+
+
+@dataclasses.dataclass
+class PackedBatch:
+  """Host arrays, [M, mb, ...]: M micro-batches of mb rows."""
+  seq_tokens: np.ndarray  # [M, mb, T]
+  seq_mask: np.ndarray  # [M, mb, T]
+  resp_start: np.ndarray  # [M, mb]: index of the first response token in the packed sequence (= prompt length)
+  resp_tokens: np.ndarray  # [M, mb, Lb]
+  prefix_mask: np.ndarray
+  off_loss_mask: np.ndarray
+  response_mask: np.ndarray
+  advantages: np.ndarray  # [M, mb]
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return dataclasses.asdict(self)
+
+
+def micro_batch_rows(num_rows: int, seq_len: int, token_budget: int, shards: int) -> int:
+  """Rows per micro-batch: as many as the per-device token budget allows, a multiple of the batch shards, and a
+  divisor of num_rows."""
+  per_device = max(1, token_budget // seq_len)
+  mb = min(num_rows, per_device * shards)
+  while num_rows % mb or mb % shards:
+    mb -= 1
+    if mb <= 0:
+      raise ValueError(f"cannot split {num_rows} rows into micro-batches over {shards} batch shards")
+  return mb
+
+
+def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: int) -> PackedBatch:
+  """A RolloutBatch -> packed, bucketed, micro-batched host arrays."""
+  n = rb.tokens.shape[0]
+  resp_lens = rb.response_mask.sum(-1).astype(np.int32)
+  lb = bucket(int(resp_lens.max()), cap=rb.tokens.shape[1])
+  t = bucket(int((rb.prompt_lens + resp_lens).max()), cap=rb.prompt_ids.shape[1] + rb.tokens.shape[1])
+  lb, t = sharding.agree_max(lb, t)
+  seq = np.full((n, t), pad_id, np.int32)
+  mask = np.zeros((n, t), bool)
+  for i in range(n):
+    lp, lr = int(rb.prompt_lens[i]), int(resp_lens[i])
+    seq[i, :lp] = rb.prompt_ids[i, :lp]
+    seq[i, lp:lp + lr] = rb.tokens[i, :lr]
+    mask[i, :lp + lr] = True
+  mb = micro_batch_rows(n, t, token_budget, shards)
+  m = n // mb
+  fit = lambda x: np.ascontiguousarray(x[:, :lb]).reshape(m, mb, lb)
+  return PackedBatch(
+      seq_tokens=seq.reshape(m, mb, t), seq_mask=mask.reshape(m, mb, t),
+      resp_start=rb.prompt_lens.astype(np.int32).reshape(m, mb), resp_tokens=fit(rb.tokens.astype(np.int32)),
+      prefix_mask=fit(rb.prefix_mask), off_loss_mask=fit(rb.off_loss_mask), response_mask=fit(rb.response_mask),
+      advantages=advantages.astype(np.float32).reshape(m, mb))
+
+
+def response_logprobs(params, model_cfg: tfm.ModelConfig, mb: dict, chunk_size: int, temperature: float = 1.0):
+  """logp, entropy [mb, Lb] of the response tokens of one micro-batch."""
+  hidden = tfm.forward(params, model_cfg, mb["seq_tokens"], mb["seq_mask"])
+  t = hidden.shape[1]
+  lb = mb["resp_tokens"].shape[1]
+  # The hidden state at position start-1+j predicts response token j.
+  idx = jnp.clip(mb["resp_start"][:, None] - 1 + jnp.arange(lb)[None], 0, t - 1)
+  h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+  return losses.token_logprobs(h, tfm.unembed(params, model_cfg), mb["resp_tokens"], chunk_size=chunk_size,
+                               temperature=temperature)
+
+
+def loss_fn(params, mb: dict, *, model_cfg: tfm.ModelConfig, loss_cfg: losses.LossConfig, chunk_size: int):
+  logp, entropy = response_logprobs(params, model_cfg, mb, chunk_size)
+  # One update per batch (ppo_epochs=1, one mini-batch): old log-probs are the current ones, ratio = 1 with the
+  # gradient of log pi, exactly as the official recomputation right before the update (spec §1.2).
+  old_logp = jax.lax.stop_gradient(logp)
+  return losses.trapo_loss(logp, old_logp, entropy, mb["advantages"], mb["prefix_mask"], mb["off_loss_mask"],
+                           mb["response_mask"], loss_cfg)
+
+
+def train_step(state: TrainState, batch: dict, *, tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig,
+               loss_cfg: losses.LossConfig, chunk_size: int) -> tuple[TrainState, dict]:
+  """One optimizer step over [M, mb, ...] micro-batches. A non-finite loss or gradient skips the update."""
+  grad_fn = jax.value_and_grad(
+      lambda p, mb: loss_fn(p, mb, model_cfg=model_cfg, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
+  num_micro = batch["advantages"].shape[0]
+
+  def accumulate(carry, mb):
+    grads, metrics = carry
+    (_, m), g = grad_fn(state.params, mb)
+    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  first = jax.tree.map(lambda x: x[0], batch)
+  metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(grad_fn, state.params,
+                                                                                          first)[0][1])
+  (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), batch)
+  grads = jax.tree.map(lambda g: g / num_micro, grads)
+  metrics = jax.tree.map(lambda m: m / num_micro, metrics)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+  return state.replace(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state)), metrics
+
+
+def micro_batch_sharding(mesh, ndim: int):
+  """[M, mb, ...]: rows of each micro-batch over (data, fsdp)."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES,
+                                                                     *([None] * (ndim - 2))))
+
+
+def put_packed(mesh, packed: PackedBatch) -> dict[str, Any]:
+  arrays = packed.arrays()
+  return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, v.ndim), v)
+          for k, v in arrays.items()}

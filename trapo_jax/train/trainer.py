@@ -1,0 +1,346 @@
+"""The one training loop: TRAPO, GRPO, LUFFY, SFT and SFT->RL differ only by rollout plan and loss config.
+
+A step: stages of rollouts (sampler, grader between stages) -> group advantages -> jitted, sharded loss + AdamW
+update -> metrics. Checkpoints (orbax) hold the train state and the data position; a run started on a workdir with
+a checkpoint resumes from it exactly; SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from trapo_jax import losses
+from trapo_jax import sharding
+from trapo_jax.models import hf
+from trapo_jax.sampling import microgroup
+from trapo_jax.sampling.sampler import Sampler
+from trapo_jax.train import checkpoint as ckpt_lib
+from trapo_jax.train import metrics as metrics_lib
+from trapo_jax.train import rollout as rollout_lib
+from trapo_jax.train import state as state_lib
+from trapo_jax.train import step as step_lib
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+def plan_for(cfg, phase: str) -> microgroup.Plan | None:
+  """The rollout plan of an algorithm phase; None for SFT (demos only, nothing sampled)."""
+  r = cfg.rollout
+  if phase == "sft":
+    return None
+  if cfg.algo in ("grpo", "sft_then_rl"):
+    return microgroup.Plan(stages=(r.n,), mode="none")
+  if cfg.algo == "luffy":
+    # n-1 on-policy rollouts + the whole demo #1, every prompt (spec §5).
+    return microgroup.Plan(stages=(r.n - 1, 1), mode="fixed", fixed_ratio=1.0)
+  mode = "fixed" if r.fixed_prefix_ratio >= 0 else "adaptive"
+  return microgroup.Plan(stages=tuple(r.stages), mode=mode, thresholds=tuple(r.thresholds),
+                         prefix_ratios=tuple(r.prefix_ratios), fixed_ratio=max(r.fixed_prefix_ratio, 0.0),
+                         window=r.cut_window)
+
+
+def loss_config_for(cfg, phase: str) -> losses.LossConfig:
+  if phase == "sft":
+    # NLL on the demos, token-mean (standard SFT); no entropy bonus.
+    return losses.LossConfig(prefix_loss="sft", aggregation="token_mean", entropy_coef=0.0,
+                             max_len=cfg.data.max_response_len, seq_scale=1.0)
+  lc = losses.LossConfig.from_config(cfg.loss, cfg.data.max_response_len)
+  if cfg.algo in ("grpo", "sft_then_rl"):
+    lc = dataclasses.replace(lc, prefix_loss="none")
+  return lc
+
+
+def phase_at(cfg, step: int) -> str:
+  if cfg.algo == "sft" or (cfg.algo == "sft_then_rl" and step < cfg.train.sft_steps):
+    return "sft"
+  return "rl"
+
+
+@dataclasses.dataclass
+class Context:
+  """Everything a run builds once: mesh, model, tokenizer, data, sampler, jitted steps."""
+  cfg: Any
+  workdir: str
+  mesh: Any
+  model_cfg: Any
+  tokenizer: Any
+  tx: Any
+  sampler: Sampler
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  split_ids: np.ndarray
+
+  @property
+  def shards(self) -> int:
+    return sharding.local_batch_shards(self.mesh)
+
+
+def build_context(cfg, workdir: str) -> Context:
+  mesh = sharding.make_mesh(cfg)
+  model_cfg = state_lib.model_config(cfg)
+  tok_dir = state_lib.tokenizer_dir(cfg)
+  if not tok_dir:
+    raise TrainingError("model.tokenizer_dir: a tokenizer directory is needed (or model.hf_dir)")
+  tokenizer = hf.load_tokenizer(tok_dir)
+  if tokenizer.eos_token_id is None:
+    raise TrainingError(f"{tok_dir}: the tokenizer has no eos token")
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  return Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
+                 tx=state_lib.make_optimizer(cfg.optim), sampler=Sampler(model_cfg, mesh=mesh),
+                 eos_ids=(int(tokenizer.eos_token_id),), pad_id=int(pad_id),
+                 split_ids=microgroup.split_token_ids(tokenizer))
+
+
+def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  return tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
+
+
+def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
+  """sample_fn / grade_fn closures for rollout.collect, timing each part."""
+  r = ctx.cfg.rollout
+  calls = [0]
+
+  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n):
+    t = time.perf_counter()
+    key = jax.random.fold_in(rng, calls[0])
+    calls[0] += 1
+    out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active,
+                             max_len=ctx.cfg.data.max_response_len, rng=key, n=n, temperature=r.temperature,
+                             top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
+    timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
+    return np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)
+
+  def grade_fn(tokens, response_mask, answers):
+    from trapo_jax import rewards
+    t = time.perf_counter()
+    texts = decode_responses(ctx.tokenizer, tokens, response_mask)
+    # The official training reward is math-verify alone (no boxed fallback, which only the evaluation uses).
+    scores = rewards.grade_batch(texts, answers, timeout_s=ctx.cfg.eval.grader_timeout_s,
+                                 workers=ctx.cfg.eval.grader_workers, fallback=False)
+    stats = rewards.last_stats()
+    timings["grader_timeouts"] = timings.get("grader_timeouts", 0) + stats.timeouts
+    timings["grader_restarts"] = timings.get("grader_restarts", 0) + stats.restarts
+    timings["grading"] = timings.get("grading", 0.0) + time.perf_counter() - t
+    return np.asarray(scores, np.float32)
+
+  return sample_fn, grade_fn
+
+
+def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
+  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (spec §4 analysis hooks)."""
+  m: dict[str, float] = {"reward/mean": float(rb.rewards.mean())}
+  for s in range(num_stages):
+    sel = rb.stage == s
+    if sel.any():
+      m[f"reward/stage_{s + 1}"] = float(rb.rewards[sel].mean())
+  own = rb.ratio == 0
+  if own.any():
+    m["reward/own"] = float(rb.rewards[own].mean())
+    m["length/own"] = float(rb.lengths[own].mean())
+  expert = rb.ratio >= 1
+  if expert.any():
+    m["length/expert"] = float(rb.lengths[expert].mean())
+  guided = (rb.ratio > 0) & (rb.ratio < 1)
+  if guided.any():
+    m["reward/guided"] = float(rb.rewards[guided].mean())
+  top = rb.levels.max(axis=1)
+  for level in range(num_stages):
+    m[f"hint_level_{level}"] = float((top == level).mean())
+  per_prompt = rb.rewards.reshape(rb.levels.shape[0], -1)
+  m["solve_all"] = float((per_prompt.min(1) == 1).mean())
+  m["solve_none"] = float((per_prompt.max(1) == 0).mean())
+  m["prefix_tokens"] = float(rb.prefix_mask.sum())
+  m["response_tokens"] = float(rb.response_mask.sum())
+  return m
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint after the current step and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. called from a test thread): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint after this step")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def _jit_step(ctx: Context, phase: str):
+  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg,
+                                   loss_cfg=loss_config_for(ctx.cfg, phase), chunk_size=ctx.cfg.train.logprob_chunk),
+                 donate_argnums=(0,))
+
+
+def _loader(ctx: Context, split: str = "train"):
+  from trapo_jax.data import pipeline
+  cfg = ctx.cfg
+  examples = pipeline.load_examples(cfg.data, split, data_dir=data_dir(cfg, ctx.workdir))
+  if cfg.data.levels:  # a training-data filter; evaluation always sees every level
+    examples = [e for e in examples if e.level in tuple(cfg.data.levels)]
+    if not examples:
+      raise TrainingError(f"data.levels: no {split} example has a level in {tuple(cfg.data.levels)}")
+  return pipeline.PromptLoader(examples, ctx.tokenizer, batch_size=cfg.train.batch_prompts,
+                               max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len,
+                               template=cfg.data.template, seed=cfg.data.shuffle_seed)
+
+
+def data_dir(cfg, workdir: str) -> str:
+  return cfg.data.data_dir or os.path.join(workdir, "tfds")
+
+
+def local_share(batch, index: int, count: int):
+  """This process's consecutive share of a global PromptBatch (every process builds the same global batch)."""
+  if count == 1:
+    return batch
+  g = batch.prompt_ids.shape[0]
+  if g % count:
+    raise TrainingError(f"train.batch_prompts={g} must be divisible by the {count} processes")
+  sl = slice(index * g // count, (index + 1) * g // count)
+  return dataclasses.replace(
+      batch, uids=batch.uids[sl], prompt_ids=batch.prompt_ids[sl], prompt_lens=batch.prompt_lens[sl],
+      demo_ids=batch.demo_ids[sl], demo_lens=batch.demo_lens[sl], answers=batch.answers[sl],
+      problems=batch.problems[sl])
+
+
+def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict) -> tuple[Any, dict]:
+  """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics."""
+  cfg = ctx.cfg
+  step = int(state.step)
+  phase = phase_at(cfg, step)
+  timings: dict[str, float] = {}
+  t0 = time.perf_counter()
+  local = local_share(batch, jax.process_index(), jax.process_count())
+  plan = plan_for(cfg, phase)
+  if plan is None:
+    rb = rollout_lib.demo_batch(local, max_len=cfg.data.max_response_len)
+  else:
+    rng = jax.random.fold_in(state.rng, step)
+    sample_fn, grade_fn = make_rollout_fns(ctx, state.params, rng, timings)
+    rb = rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids)
+  advantages = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),
+                                                  use_std=cfg.loss.use_std))
+  packed = step_lib.pack(rb, advantages, token_budget=cfg.train.micro_batch_tokens, shards=ctx.shards,
+                         pad_id=ctx.pad_id)
+  t1 = time.perf_counter()
+  with sharding.activate(ctx.mesh):
+    state, step_metrics = step_fns[phase](state, step_lib.put_packed(ctx.mesh, packed))
+  step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  t2 = time.perf_counter()
+  m = rollout_metrics(rb, len(plan.stages) if plan else 1) if plan else {}
+  m.update(step_metrics)
+  m["lr"] = state_lib.learning_rate(cfg.optim, step)
+  m["time/sampling"] = timings.get("sampling", 0.0)
+  m["time/grading"] = timings.get("grading", 0.0)
+  m["grader/timeouts"] = timings.get("grader_timeouts", 0)
+  m["grader/restarts"] = timings.get("grader_restarts", 0)
+  m["time/update"] = t2 - t1
+  m["time/step"] = t2 - t0
+  m["tokens_per_s"] = float(packed.seq_mask.sum()) / max(t2 - t0, 1e-9)
+  m["phase_sft"] = float(phase == "sft")
+  return state, m
+
+
+def run(cfg, workdir: str) -> dict:
+  """Trains per `cfg` in `workdir` (resuming from its latest checkpoint) and evaluates at the end if asked."""
+  os.makedirs(workdir, exist_ok=True)
+  ctx = build_context(cfg, workdir)
+  logging.info("policy: %s, %.1fM parameters; mesh %s", ctx.model_cfg.model_type, ctx.model_cfg.num_params / 1e6,
+               dict(ctx.mesh.shape))
+  loader = _loader(ctx)
+  state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, every=cfg.train.ckpt_every)
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(state)
+    loader.restore(meta["data"])
+  start = int(state.step)
+  results: dict[str, Any] = {}
+  if start == 0 and cfg.eval.at_start:
+    results["before"] = _evaluate(ctx, state.params, "before")
+  step_fns = {phase: _jit_step(ctx, phase) for phase in {phase_at(cfg, s) for s in range(start, cfg.train.steps)}}
+  writer = metrics_lib.MetricWriter(workdir, cfg.train.steps, start)
+  bad_in_a_row = 0
+  try:
+    with _Preemption() as preempt:
+      while int(state.step) < cfg.train.steps:
+        state, m = train_one_step(ctx, state, next(loader), step_fns)
+        step = int(state.step)
+        bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
+        if m["skipped"]:
+          logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
+        writer.write(step, m)
+        meta = {"data": loader.state(), "algo": cfg.algo}
+        if preempt.requested:
+          checkpointer.save(step, state, meta, force=True)
+          logging.warning("preempted: checkpoint of step %d saved, exiting", step)
+          return {"preempted": step}
+        checkpointer.save(step, state, meta, force=step == cfg.train.steps)
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+          raise TrainingError(f"{bad_in_a_row} consecutive non-finite updates (train.max_bad_steps="
+                              f"{cfg.train.max_bad_steps}); last good params are in the latest checkpoint")
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+          results[f"step_{step}"] = _evaluate(ctx, state.params, f"step_{step}")
+  finally:
+    writer.close()
+    checkpointer.close()
+  if jax.process_index() == 0 and os.path.exists(writer.path):
+    metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "curves.png"))
+  if cfg.eval.at_end:
+    results["after"] = _evaluate(ctx, state.params, "after")
+  if "before" in results and "after" in results and jax.process_index() == 0:
+    from trapo_jax.eval import evaluate
+    print(evaluate.before_after_table(results["before"], results["after"]))
+  return results
+
+
+def _evaluate(ctx: Context, params, name: str) -> dict:
+  from trapo_jax.eval import evaluate
+  return evaluate.evaluate(ctx.cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler,
+                           out_dir=os.path.join(ctx.workdir, "eval", name), data_dir=data_dir(ctx.cfg, ctx.workdir))
+
+
+def load_policy_for_inference(cfg, workdir: str):
+  """(context, params): the workdir's latest checkpoint if any, else the configured initial policy."""
+  ctx = build_context(cfg, workdir)
+  state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
+  try:
+    params, step = ckpt_lib.restore_params(workdir, state)
+  except FileNotFoundError:
+    logging.info("no checkpoint in %s: using the initial policy", workdir)
+    return ctx, state.params
+  logging.info("using the checkpoint of step %d", step)
+  return ctx, params
+
+
+def export(cfg, workdir: str, out_dir: str) -> None:
+  """Writes the workdir's latest policy as a Hugging Face directory (with the tokenizer)."""
+  ctx, params = load_policy_for_inference(cfg, workdir)
+  if jax.process_index() == 0:
+    hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer)
+    logging.info("exported to %s", out_dir)
