@@ -29,3 +29,13 @@ def initialize(dist_cfg) -> None:
   jax.distributed.initialize(**kwargs)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def process_zero_first(fn, name: str):
+  """Runs `fn` on process 0, then on the others: shared outputs (a dataset prepared on a shared disk) are made once."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"trapo_jax:{name}")
+  return result if jax.process_index() == 0 else fn()

@@ -25,11 +25,13 @@ MATH_BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadben
 
 def load_problems(cfg, name: str, data_dir: str):
   """Examples of a benchmark; "synthetic" is the held-out split of the synthetic task."""
+  from trapo_jax import distributed
   from trapo_jax.data import pipeline
   if name == "synthetic":
-    examples = pipeline.load_examples(cfg.data, "test", data_dir=data_dir)
+    load = lambda: pipeline.load_examples(cfg.data, "test", data_dir=data_dir)
   else:
-    examples = pipeline.load_benchmark_examples(name, data_dir=data_dir)
+    load = lambda: pipeline.load_benchmark_examples(name, data_dir=data_dir)
+  examples = distributed.process_zero_first(load, f"eval:{name}")
   if cfg.eval.max_problems >= 0:
     examples = examples[:cfg.eval.max_problems]
   return examples

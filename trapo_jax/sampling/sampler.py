@@ -57,11 +57,14 @@ class _State:
   lengths: jax.Array  # [B]
   done: jax.Array  # [B]
   eos: jax.Array  # [B]
-  rng: jax.Array
+  keys: jax.Array  # [B] one key per row: what a row samples does not depend on where it sits in the batch
 
 
 def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """logits [B, V] fp32 -> tokens [B]; temperature 0 is greedy. top_k <= 0 and top_p >= 1 disable truncation."""
+  """logits [B, V] fp32 -> tokens [B]; temperature 0 is greedy. top_k <= 0 and top_p >= 1 disable truncation.
+
+  rng: one key for the batch, or [B] keys, one per row.
+  """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
@@ -75,7 +78,8 @@ def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float, top_k: 
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  keys = rng if rng.shape == logits.shape[:1] else jax.random.split(rng, logits.shape[0])
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 def _left_align(prompts, prompt_lens, prefixes, prefix_lens, width: int):
@@ -111,7 +115,8 @@ class Sampler:
     self._decode = jax.jit(self._decode_fn, static_argnames=("budget", "sp"), donate_argnames=("state",))
 
   # -- in-graph parts ---------------------------------------------------------------------------------------------
-  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, rng, *, width, cache_size, n, sp):
+  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, *, width,
+                  cache_size, n, sp):
     self.traces["prefill"] += 1  # runs at trace time only: counts compilations
     cfg = self.cfg
     resp_len = prefixes.shape[1]
@@ -131,7 +136,9 @@ class Sampler:
     return _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=rep(logits),
                   next_pos=rep(prompt_lens) + prefix_lens, tokens=tokens.astype(jnp.int32),
                   logprobs=jnp.zeros(tokens.shape, jnp.float32), lengths=prefix_lens.astype(jnp.int32),
-                  done=ends_eos | (prefix_lens >= resp_len) | ~rep(active), eos=ends_eos, rng=rng)
+                  done=ends_eos | (prefix_lens >= resp_len) | ~rep(active), eos=ends_eos,
+                  keys=jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(rng, rep(row_ids)),
+                                                    jnp.tile(jnp.arange(n), row_ids.shape[0])))
 
   def _decode_fn(self, params, state: _State, *, budget, sp):
     self.traces["decode"] += 1
@@ -144,8 +151,8 @@ class Sampler:
       return (s.step < budget) & ~jnp.all(s.done)
 
     def body(s: _State):
-      rng, key = jax.random.split(s.rng)
-      tok = sample_logits(key, s.logits, sp.temperature, sp.top_k, sp.top_p)
+      keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
+      tok = sample_logits(keys, s.logits, sp.temperature, sp.top_k, sp.top_p)
       logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits / (sp.temperature or 1.0)), tok[:, None], 1)[:, 0]
       live = ~s.done
       tok = jnp.where(live, tok, sp.pad_id)
@@ -160,7 +167,7 @@ class Sampler:
       logits = jnp.einsum("bd,dv->bv", hidden[:, 0], tfm.unembed(params, cfg).astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
       return _State(step=s.step + 1, cache=cache, logits=logits, next_pos=s.next_pos + 1, tokens=tokens,
-                    logprobs=logprobs, lengths=lengths, done=done, eos=s.eos | hit_eos, rng=rng)
+                    logprobs=logprobs, lengths=lengths, done=done, eos=s.eos | hit_eos, keys=s.keys)
 
     s = jax.lax.while_loop(cond, body, state)
     pos = jnp.arange(resp_len)[None]
@@ -172,13 +179,15 @@ class Sampler:
   # -- host API -----------------------------------------------------------------------------------------------------
   def sample(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray | None = None,
              prefix_lens: np.ndarray | None = None, *, max_len: int, rng: jax.Array, n: int = 1,
-             active: np.ndarray | None = None,
+             active: np.ndarray | None = None, row_ids: np.ndarray | None = None,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, eos_ids: Sequence[int] = (),
              pad_id: int = 0) -> Rollouts:
     """prompts [B, P] right-padded + lengths [B]; prefixes [B, K] right-padded + lengths [B] (None: no prefix).
 
     Returns Rollouts with B*n rows of width `max_len` (= L: prefix + continuation). Greedy when temperature == 0.
     Rows with active [B] False are not generated: their response is the prefix alone (the full expert sample).
+    row_ids [B] (default 0..B-1) key each row's randomness: sample j of row r draws from fold_in(rng, r, j), so
+    the same prompt samples the same tokens however the batch is split over devices or processes.
     """
     prompts = np.asarray(prompts, np.int32)
     prompt_lens = np.asarray(prompt_lens, np.int32)
@@ -187,6 +196,9 @@ class Sampler:
       prefixes, prefix_lens = np.zeros((b, 1), np.int32), np.zeros((b,), np.int32)
     prefix_lens = np.minimum(np.asarray(prefix_lens, np.int32), max_len)
     active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
+    row_ids = np.arange(b, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)
     # The response buffer holds the prefix; widen or cut the prefix array to exactly L columns.
     pre = np.full((b, max_len), pad_id, np.int32)
     k = min(prefixes.shape[1], max_len)
@@ -196,7 +208,7 @@ class Sampler:
     budget = bucket(max_len - int(prefix_lens[active].min()), cap=max_len) if active.any() else 1
     width, budget = sharding.agree_max(width, budget)
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
-    inputs = (prompts, prompt_lens, pre, prefix_lens, active)
+    inputs = (prompts, prompt_lens, pre, prefix_lens, active, row_ids)
     if self.mesh is None:
       state = self._prefill(params, *inputs, rng, width=width, cache_size=width + budget, n=n, sp=sp)
       return self._decode(params, state, budget=budget, sp=sp)[0]

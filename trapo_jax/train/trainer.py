@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from trapo_jax import distributed
 from trapo_jax import losses
 from trapo_jax import sharding
 from trapo_jax.models import hf
@@ -118,7 +119,10 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
     t = time.perf_counter()
     key = jax.random.fold_in(rng, calls[0])
     calls[0] += 1
-    out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active,
+    # Rows are keyed by their prompt's position in the global batch: the same samples however it is split.
+    g = prompt_ids.shape[0]
+    row_ids = jax.process_index() * g + np.arange(g)
+    out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active, row_ids=row_ids,
                              max_len=ctx.cfg.data.max_response_len, rng=key, n=n, temperature=r.temperature,
                              top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
@@ -140,8 +144,20 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
   return sample_fn, grade_fn
 
 
+def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
+  """Every process's rows (for metrics): on several processes, the small per-row fields gathered."""
+  if jax.process_count() == 1:
+    return rb
+  from jax.experimental import multihost_utils
+  fields = dict(rewards=rb.rewards, stage=rb.stage, ratio=rb.ratio, levels=rb.levels, group_ids=rb.group_ids,
+                prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
+  gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
+  return dataclasses.replace(rb, **gathered)
+
+
 def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
   """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (spec §4 analysis hooks)."""
+  rb = global_rollouts(rb)
   m: dict[str, float] = {"reward/mean": float(rb.rewards.mean())}
   for s in range(num_stages):
     sel = rb.stage == s
@@ -201,7 +217,8 @@ def _jit_step(ctx: Context, phase: str):
 def _loader(ctx: Context, split: str = "train"):
   from trapo_jax.data import pipeline
   cfg = ctx.cfg
-  examples = pipeline.load_examples(cfg.data, split, data_dir=data_dir(cfg, ctx.workdir))
+  examples = distributed.process_zero_first(
+      lambda: pipeline.load_examples(cfg.data, split, data_dir=data_dir(cfg, ctx.workdir)), f"data:{split}")
   if cfg.data.levels:  # a training-data filter; evaluation always sees every level
     examples = [e for e in examples if e.level in tuple(cfg.data.levels)]
     if not examples:
