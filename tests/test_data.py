@@ -412,3 +412,23 @@ def test_benchmark_builder(tmp_path):
   assert all(e.demos == () for e in examples)
   with pytest.raises(ValueError, match="'aime99'"):
     pipeline.load_benchmark_examples("aime99", data_dir=str(tmp_path))
+
+
+def test_synthetic_source(tokenizer, tmp_path):
+  synthetic = pytest.importorskip("trapo_jax.data.synthetic")
+  cfg = ml_collections.ConfigDict(dict(source="synthetic", path=""))
+  examples = pipeline.load_examples(cfg, "test", data_dir=str(tmp_path))
+  builder = synthetic.Synthetic(data_dir=str(tmp_path))
+  assert [e.uid for e in examples] == list(range(builder.info.splits["test"].num_examples))
+  records = {int(r["uid"]): r for r in builder.as_data_source("test")}
+  for e in examples:
+    r = records[e.uid]
+    assert (e.problem, e.answer, e.demos) == (r["problem"].decode(), r["answer"].decode(),
+                                              tuple(d.decode() for d in r["demos"]))
+    assert len(e.demos) >= 2
+  batch = next(pipeline.PromptLoader(examples, tokenizer, batch_size=8, max_prompt_len=1024, max_response_len=8192,
+                                     template="train", seed=0))
+  _check_batch(batch, tokenizer, {e.uid: e for e in examples}, template="train", max_prompt_len=1024,
+               max_response_len=8192, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+  with pytest.raises(ValueError, match="'validation'"):
+    pipeline.load_examples(cfg, "validation", data_dir=str(tmp_path))

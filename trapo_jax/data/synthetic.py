@@ -8,13 +8,16 @@ Every intermediate value stays in 0..99. The level is the number of operations; 
 operation per step reliably, but not a chain of them at once, so long chains need the written-out steps. Each
 problem has two different correct solutions with "\n\n" between steps: demo #0 (one equation per step, used for
 prefixes) and demo #1 (a running total in words, the full-expert sample). Train and test problems are disjoint: a
-problem's identity (start value and operations) decides its split by hash.
+problem's identity (start value and operations) decides its split by hash, whatever the seed.
 
-  python -m trapo_jax.data.synthetic --build_tokenizer     # regenerate trapo_jax/assets/synthetic_tokenizer
+  python -m trapo_jax.data.synthetic                      # three example problems with their solutions
+  python -m trapo_jax.data.synthetic --lengths            # longest prompt and solution per level, in tokens
+  python -m trapo_jax.data.synthetic --build_tokenizer    # regenerate trapo_jax/assets/synthetic_tokenizer
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -29,10 +32,16 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(ASSETS, "synthetic_tokenizer")
 BASE_POLICY_DIR = os.path.join(ASSETS, "synthetic_base")
 LEVELS = (1, 2, 3, 4, 5, 6)
-EASY_LEVELS = (1, 2, 3)  # the base policy is warm-started on these only
+# The base policy is warm-started by SFT on EASY_LEVELS only, so that on HARD_LEVELS it succeeds rarely and the
+# expert prefixes have something to teach.
+EASY_LEVELS = (1, 2, 3)
 HARD_LEVELS = (4, 5, 6)
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPLITS = ("train", "test")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, turn start, EOS (end of the assistant turn)
 _TEST_EVERY = 8  # one problem identity in 8 belongs to the test split
+# Consecutive draws that all miss (wrong split or already drawn) before `generate_split` gives up: far beyond the runs
+# of misses met while a usable share of the split's problems is still undrawn.
+_MAX_MISSES = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,19 +102,43 @@ def split_of(problem: Problem) -> str:
 
 
 def record(p: Problem) -> dict:
+  """The example of a problem: problem text, answer, (demo #0, demo #1) and level."""
   return {"problem": p.text(), "answer": str(p.answer), "demos": (p.solution_equations(), p.solution_running_total()),
           "level": p.level}
 
 
+def make_example(rng: np.random.Generator, level: int) -> dict:
+  """A random example of `level` operations (either split; `generate_split` keeps a split's own)."""
+  return record(make_problem(rng, level))
+
+
+def _check_split_args(split: str, num: int, levels: Sequence[int]) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"split: {split!r} is unknown (known: {', '.join(SPLITS)})")
+  if num < 0:
+    raise ValueError(f"num: {num} is negative")
+  if not levels or any(int(level) < 1 for level in levels):
+    raise ValueError(f"levels: {tuple(levels)} must be a non-empty list of numbers of operations >= 1")
+
+
 def generate_split(split: str, num: int, levels: Sequence[int] = LEVELS, seed: int = 0) -> list[dict]:
-  """`num` distinct problems of `split`, levels drawn uniformly from `levels`; deterministic in the seed."""
-  rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-  seen, out = set(), []
+  """`num` distinct problems of `split`, each level drawn uniformly from `levels`; deterministic in the seed.
+
+  Draws that land in the other split or repeat a problem are redrawn (level included), so levels with few distinct
+  problems (level 1 has about 10k, most of them train) are somewhat under-represented in large splits.
+  """
+  _check_split_args(split, num, levels)
+  rng = np.random.default_rng([seed, SPLITS.index(split)])
+  seen, out, misses = set(), [], 0
   while len(out) < num:
-    level = int(rng.choice(levels))
-    p = make_problem(rng, level)
+    p = make_problem(rng, int(rng.choice(levels)))
     if split_of(p) != split or p.key() in seen:
+      misses += 1
+      if misses > _MAX_MISSES:
+        raise ValueError(f"num: {num} {split} problems requested, but levels {tuple(levels)} only gave "
+                         f"{len(out)} distinct ones")
       continue
+    misses = 0
     seen.add(p.key())
     out.append(record(p))
   return out
@@ -117,14 +150,19 @@ def generate_split(split: str, num: int, levels: Sequence[int] = LEVELS, seed: i
 
 @dataclasses.dataclass
 class SyntheticConfig(tfds.core.BuilderConfig):
+  """A non-default configuration needs its own `name`: it names the directory the data is prepared in."""
   num_train: int = 20000
   num_test: int = 600
-  levels: tuple[int, ...] = LEVELS
+  train_levels: tuple[int, ...] = LEVELS
+  test_levels: tuple[int, ...] = LEVELS
   seed: int = 0
 
 
 class Synthetic(ArrayRecordBuilder):
-  """Chained arithmetic with step-by-step solutions (see the module docstring)."""
+  """Chained arithmetic with step-by-step solutions (see the module docstring).
+
+  Splits "train" and "test"; `uid` is the problem's index in its split (unique per problem within a split).
+  """
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [SyntheticConfig(name="default", description="levels 1-6, 20k train / 600 test")]
@@ -136,11 +174,11 @@ class Synthetic(ArrayRecordBuilder):
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
-    return {"train": self._generate_examples("train", c.num_train), "test": self._generate_examples("test", c.num_test)}
+    return {"train": self._generate_examples("train", c.num_train, c.train_levels),
+            "test": self._generate_examples("test", c.num_test, c.test_levels)}
 
-  def _generate_examples(self, split: str, num: int):
-    c = self.builder_config
-    for uid, ex in enumerate(generate_split(split, num, c.levels, c.seed)):
+  def _generate_examples(self, split: str, num: int, levels: Sequence[int]):
+    for uid, ex in enumerate(generate_split(split, num, levels, self.builder_config.seed)):
       yield uid, {"uid": uid, **ex, "demos": list(ex["demos"])}
 
 
@@ -176,10 +214,30 @@ def build_tokenizer(out_dir: str, vocab_size: int = 384) -> None:
   fast.save_pretrained(out_dir)
 
 
+def max_lengths(tokenizer, examples: Sequence[dict], template: str = "train") -> dict[int, tuple[int, int]]:
+  """level -> (longest prompt under `template`, longest demo + EOS), in tokens."""
+  from trapo_jax.data.templates import format_prompt
+  out = collections.defaultdict(lambda: (0, 0))
+  for ex in examples:
+    prompt = len(tokenizer.encode(format_prompt(ex["problem"], template), add_special_tokens=False))
+    demo = max(len(tokenizer.encode(d, add_special_tokens=False)) + 1 for d in ex["demos"])
+    out[ex["level"]] = tuple(map(max, out[ex["level"]], (prompt, demo)))
+  return dict(sorted(out.items()))
+
+
 def main(argv: Sequence[str]) -> None:
   if "--build_tokenizer" in argv:
     build_tokenizer(TOKENIZER_DIR)
     print(f"wrote {TOKENIZER_DIR}")
+  elif "--lengths" in argv:
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    c = SyntheticConfig(name="default")
+    examples = (generate_split("train", c.num_train, c.train_levels, c.seed)
+                + generate_split("test", c.num_test, c.test_levels, c.seed))
+    print("level  prompt(train template)  solution+EOS  total")
+    for level, (prompt, demo) in max_lengths(tokenizer, examples).items():
+      print(f"{level:5d}  {prompt:22d}  {demo:12d}  {prompt + demo:5d}")
   else:
     for ex in generate_split("train", 3, seed=0):
       print(ex["problem"], "\n---\n", ex["demos"][0], "\n---\n", ex["demos"][1], "\n")
