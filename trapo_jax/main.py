@@ -74,6 +74,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(_config_error(argv, e))
 
 
+def enable_compilation_cache() -> None:
+  """Keeps compiled programs on disk (JAX_COMPILATION_CACHE_DIR, default ~/.cache/trapo_jax/xla): a second run of
+  the same shapes, or the next point of a sweep, starts without compiling."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/trapo_jax/xla"))
+
+
 def load_config() -> ml_collections.ConfigDict:
   """The validated config; multi-process runs are initialised first (validation counts global devices)."""
   import jax
@@ -99,6 +107,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
+  enable_compilation_cache()
   cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)

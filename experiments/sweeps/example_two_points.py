@@ -1,0 +1,13 @@
+"""Two very short points on the tiny default model: a smoke test of the sweep tooling."""
+
+COMMON = {
+    "train.steps": 2,
+    "train.batch_prompts": 2,
+    "eval.max_problems": 8,
+    "eval.samples.synthetic": 1,
+    "eval.at_start": False,
+}
+
+
+def get_sweep():
+  return [{"name": "trapo"}, {"name": "grpo", "config": "experiments/configs/grpo.py"}]

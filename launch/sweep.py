@@ -1,0 +1,246 @@
+r"""Run a sweep: one training run per point (and seed), each in its own workdir, then one table and one plot.
+
+  python launch/sweep.py --sweep=experiments/sweeps/paper_table.py              # run every point here, in turn
+  python launch/sweep.py --sweep=experiments/sweeps/alpha.py --print_only       # the commands, for a cluster
+  python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --collect_only --results_md=docs/results.md
+
+A sweep file defines `get_sweep() -> list[dict]`: each dict is a point with an optional "name", an optional
+"config" (default experiments/configs/default.py) and config overrides ({"loss.alpha": 0.3}). Optional module
+values: SEEDS (each point runs once per seed, as --config.seed), COMMON (overrides for every point).
+A point whose workdir already holds eval/after/results.json is not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = "experiments/configs/default.py"
+
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (Python, get_sweep()).")
+_ROOT = flags.DEFINE_string("root", "runs/sweeps", "Workdirs go to <root>/<sweep name>/<point>.")
+_PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print one command per run and exit.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Same as --print_only.")
+_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plot.")
+_RESULTS_MD = flags.DEFINE_string("results_md", None, "Also write the table to this Markdown file.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  point: str
+  seed: int | None
+  config: str
+  overrides: tuple[tuple[str, Any], ...]
+  workdir: str
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_") or "point"
+
+
+def load_sweep(path: str) -> tuple[list[dict], list[int] | None, dict]:
+  """(points, seeds or None, common overrides) of a sweep file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: sweep file not found")
+  spec = importlib.util.spec_from_file_location("trapo_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"{path}: defines no get_sweep()")
+  points = list(module.get_sweep())
+  for i, p in enumerate(points):
+    if not isinstance(p, dict):
+      raise ValueError(f"{path}: point {i} is {type(p).__name__}, not a dict")
+  seeds = getattr(module, "SEEDS", None)
+  return points, (list(seeds) if seeds is not None else None), dict(getattr(module, "COMMON", {}))
+
+
+def expand(points: Sequence[dict], seeds: Sequence[int] | None, root: str, common: dict | None = None) -> list[Run]:
+  """One Run per point and seed, each with its own workdir under `root`."""
+  runs, seen = [], set()
+  for p in points:
+    p = dict(p)
+    config = p.pop("config", DEFAULT_CONFIG)
+    name = p.pop("name", None)
+    overrides = {**(common or {}), **p}
+    if name is None:
+      name = ",".join(f"{k}={v}" for k, v in p.items()) or os.path.splitext(os.path.basename(config))[0]
+    name = _safe(str(name))
+    if name in seen:
+      raise ValueError(f"two points are named {name!r}")
+    seen.add(name)
+    for seed in (seeds if seeds is not None else [None]):
+      o = dict(overrides, **({"seed": seed} if seed is not None else {}))
+      workdir = os.path.join(root, name if seed is None else f"{name}_seed{seed}")
+      runs.append(Run(point=name, seed=seed, config=config, overrides=tuple(o.items()), workdir=workdir))
+  return runs
+
+
+def _flag_value(v: Any) -> str:
+  if isinstance(v, (tuple, list)):
+    return "(" + ",".join(_flag_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+  return str(v)
+
+
+def command(run: Run) -> list[str]:
+  return [sys.executable, "-m", "trapo_jax.main", f"--config={run.config}", f"--workdir={run.workdir}",
+          *(f"--config.{k}={_flag_value(v)}" for k, v in run.overrides)]
+
+
+def _finished(run: Run) -> bool:
+  return os.path.exists(os.path.join(run.workdir, "eval", "after", "results.json"))
+
+
+def run_all(runs: Sequence[Run]) -> list[Run]:
+  """Runs each unfinished point in turn (cwd = repository root); returns the failed ones."""
+  failed = []
+  for i, r in enumerate(runs):
+    if _finished(r):
+      print(f"[{i + 1}/{len(runs)}] {r.workdir}: finished before, skipped", flush=True)
+      continue
+    print(f"[{i + 1}/{len(runs)}] {shlex.join(command(r))}", flush=True)
+    start = time.time()
+    if subprocess.run(command(r), cwd=ROOT).returncode != 0:
+      print(f"[{i + 1}/{len(runs)}] {r.workdir}: FAILED", flush=True)
+      failed.append(r)
+    else:
+      print(f"[{i + 1}/{len(runs)}] {r.workdir}: done in {time.time() - start:.0f} s", flush=True)
+  return failed
+
+
+def _read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def collect(runs: Sequence[Run]) -> dict[str, Any]:
+  """Per point: accuracy (avg@n) of each benchmark, pass@k and accuracy by level, as mean/std over seeds."""
+  points: dict[str, dict] = {}
+  for r in runs:
+    entry = points.setdefault(r.point, {"runs": 0, "missing": 0, "acc": {}, "passk": {}, "by_level": {},
+                                        "before": {}, "curves": []})
+    path = os.path.join(r.workdir, "eval", "after", "results.json")
+    if not os.path.exists(path):
+      entry["missing"] += 1
+      continue
+    entry["runs"] += 1
+    with open(path) as f:
+      res = json.load(f)
+    for name, b in res["benchmarks"].items():
+      entry["acc"].setdefault(name, []).append(b[f"avg@{b['samples']}"])
+      for k, v in b.get("pass@k", {}).items():
+        entry["passk"].setdefault(name, {}).setdefault(k, []).append(v)
+      for lv, v in b.get("by_level", {}).items():
+        entry["by_level"].setdefault(name, {}).setdefault(lv, []).append(v)
+    before = os.path.join(r.workdir, "eval", "before", "results.json")
+    if os.path.exists(before):
+      with open(before) as f:
+        for name, b in json.load(f)["benchmarks"].items():
+          entry["before"].setdefault(name, []).append(b[f"avg@{b['samples']}"])
+    entry["curves"].append(_read_metrics(r.workdir))
+  return points
+
+
+def _ms(xs: Sequence[float]) -> str:
+  xs = 100 * np.asarray(xs, np.float64)
+  return f"{xs.mean():.1f} ± {xs.std():.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
+
+
+def table(points: dict[str, Any]) -> str:
+  """Markdown: one row per point, mean ± std (population std over seeds) in %."""
+  benches = sorted({b for p in points.values() for b in p["acc"]})
+  levels = sorted({lv for p in points.values() for b in p["by_level"].values() for lv in b}, key=int)
+  head = ["point", "seeds"] + [f"{b} avg@n" for b in benches] + [f"{b} pass@k (max k)" for b in benches]
+  head += [f"level {lv}" for lv in levels]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, p in points.items():
+    if not p["runs"]:
+      lines.append(f"| {name} | 0 (missing {p['missing']}) |" + " |" * (len(head) - 2))
+      continue
+    cells = [name, str(p["runs"])]
+    cells += [_ms(p["acc"][b]) if b in p["acc"] else "-" for b in benches]
+    for b in benches:
+      ks = sorted(p["passk"].get(b, {}), key=int)
+      cells.append(f"@{ks[-1]}: {_ms(p['passk'][b][ks[-1]])}" if ks else "-")
+    merged = {lv: xs for b in p["by_level"].values() for lv, xs in b.items()}
+    cells += [_ms(merged[lv]) if lv in merged else "-" for lv in levels]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+CURVE_KEYS = (("reward/mean", "reward"), ("expert_prob", "expert-token probability"),
+              ("hint_level_3", "prompts given the full demo"), ("hint_level_0", "prompts with no hint"))
+
+
+def plot(points: dict[str, Any], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4.2 * len(CURVE_KEYS), 3.4))
+  for ax, (key, title) in zip(axes, CURVE_KEYS):
+    for name, p in points.items():
+      series = [[r.get(key, np.nan) for r in rows] for rows in p["curves"] if rows]
+      if not series or all(np.all(np.isnan(s)) for s in series):
+        continue
+      n = min(len(s) for s in series)
+      ax.plot(np.arange(1, n + 1), np.nanmean([s[:n] for s in series], axis=0), label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+  handles, labels = axes[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
+  fig.tight_layout(rect=(0, 0.12, 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_results(points: dict[str, Any], out_dir: str, results_md: str | None = None, header: str = "") -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  md = header + table(points)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump({k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in points.items()}, f, indent=2)
+  plot(points, os.path.join(out_dir, "curves.png"))
+  if results_md:
+    with open(results_md, "w") as f:
+      f.write(md)
+  return md
+
+
+def main(argv):
+  del argv
+  if not _SWEEP.value:
+    raise app.UsageError("--sweep is required")
+  points, seeds, common = load_sweep(_SWEEP.value)
+  name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
+  out_dir = os.path.join(_ROOT.value, name)
+  runs = expand(points, seeds, out_dir, common)
+  if _PRINT_ONLY.value or _DRY_RUN.value:
+    for r in runs:
+      print(shlex.join(command(r)))
+    return
+  failed = [] if _COLLECT_ONLY.value else run_all(runs)
+  md = write_results(collect(runs), out_dir, _RESULTS_MD.value)
+  print(md)
+  if failed:
+    sys.exit(f"{len(failed)} of {len(runs)} runs failed: {', '.join(r.workdir for r in failed)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
