@@ -1,0 +1,146 @@
+"""Launchers' dry runs and the sweep tool (expansion, commands, collection, table, plot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+import sweep  # noqa: E402
+
+
+def _sh(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], capture_output=True, text=True,
+                        env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_local_dry_run_multi_process():
+  out = _sh("local.sh", "--dry_run", "--processes=3", "--devices=4", "--port=2222", "--", "--workdir=runs/x",
+            "--config.loss.alpha=0.3")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in line and "JAX_PLATFORMS=cpu" in line
+    assert "python -m trapo_jax.main --workdir=runs/x --config.loss.alpha=0.3" in line
+    assert "--config.distributed.coordinator_address=localhost:2222" in line
+    assert f"--config.distributed.num_processes=3 --config.distributed.process_id={i}" in line
+
+
+def test_local_dry_run_single_process():
+  out = _sh("local.sh", "--dry_run", "--devices=8", "--", "--config=experiments/configs/grpo.py")
+  assert out.stdout.strip().splitlines() == [
+      "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m trapo_jax.main "
+      "--config=experiments/configs/grpo.py"]
+
+
+def test_gpu_dry_runs():
+  one = _sh("gpu.sh", "--dry_run", "--gpus=4", "--", "--workdir=/data/run")
+  assert one.stdout.strip() == "CUDA_VISIBLE_DEVICES=0,1,2,3 python -m trapo_jax.main --workdir=/data/run"
+  per = _sh("gpu.sh", "--dry_run", "--gpus=2", "--process_per_gpu", "--", "--workdir=/data/run").stdout.splitlines()
+  assert [line.split()[0] for line in per] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
+  assert all(f"--config.distributed.process_id={i}" in line and "--config.distributed.num_processes=2" in line
+             for i, line in enumerate(per))
+
+
+TPU_ENV = dict(TPU_NAME="trapo-test", ZONE="us-east5-a", PROJECT="proj", ACCELERATOR_TYPE="v5p-32",
+               WORKDIR="gs://bucket/run1", EXTRA_ARGS="--config.model.hf_dir=/mnt/qwen")
+
+
+def test_tpu_pod_dry_run():
+  out = _sh("tpu_pod.sh", "--dry_run", env=TPU_ENV)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith("gcloud compute tpus tpu-vm create trapo-test --zone=us-east5-a --project=proj "
+                             "--accelerator-type=v5p-32 --version=v2-alpha-tpuv5")
+  assert "scp --recurse" in lines[1] and "--worker=all" in lines[1]
+  assert "--worker=all" in lines[3] and "--config.distributed.enabled=True" in lines[3]
+  assert "--config=experiments/configs/trapo_qwen25_math_7b.py --workdir=gs://bucket/run1" in lines[3]
+  assert "--config.model.hf_dir=/mnt/qwen" in lines[3]
+  assert lines[-1].startswith("gcloud compute tpus tpu-vm delete trapo-test")
+  v6e = _sh("tpu_pod.sh", "--dry_run", env=dict(TPU_ENV, ACCELERATOR_TYPE="v6e-16")).stdout
+  assert "--version=v2-alpha-tpuv6e" in v6e
+
+
+def test_tpu_pod_names_a_missing_variable():
+  env = {k: v for k, v in TPU_ENV.items() if k != "WORKDIR"}
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry_run"], capture_output=True,
+                       text=True, env={k: v for k, v in os.environ.items() if k != "WORKDIR"} | env, timeout=60)
+  assert out.returncode != 0 and "WORKDIR is required" in out.stderr
+
+
+def _write_sweep(tmp_path) -> str:
+  path = tmp_path / "my_sweep.py"
+  path.write_text("SEEDS = (0, 1)\nCOMMON = {'train.steps': 3}\n"
+                  "def get_sweep():\n"
+                  "  return [{'name': 'a b', 'loss.alpha': 0.3}, {'config': 'experiments/configs/grpo.py',"
+                  " 'rollout.stages': (8,)}]\n")
+  return str(path)
+
+
+def test_expand_and_commands(tmp_path):
+  points, seeds, common = sweep.load_sweep(_write_sweep(tmp_path))
+  runs = sweep.expand(points, seeds, "runs/s", common)
+  assert [r.workdir for r in runs] == ["runs/s/a_b_seed0", "runs/s/a_b_seed1", "runs/s/rollout.stages=_8_seed0",
+                                       "runs/s/rollout.stages=_8_seed1"]
+  cmd = sweep.command(runs[1])
+  assert cmd[1:] == ["-m", "trapo_jax.main", "--config=experiments/configs/default.py",
+                     "--workdir=runs/s/a_b_seed1", "--config.train.steps=3", "--config.loss.alpha=0.3",
+                     "--config.seed=1"]
+  assert "--config.rollout.stages=(8,)" in sweep.command(runs[2])
+  printed = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--sweep={tmp_path}/my_sweep.py",
+                            f"--root={tmp_path}/runs", "--print_only"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=60)
+  assert printed.returncode == 0, printed.stderr
+  assert len(printed.stdout.strip().splitlines()) == 4
+  with pytest.raises(ValueError, match="two points are named 'x'"):
+    sweep.expand([{"name": "x"}, {"name": "x"}], None, "r")
+
+
+def _fake_run(workdir: str, acc: float, passk: float, levels: dict, reward: list[float]) -> None:
+  os.makedirs(os.path.join(workdir, "eval", "after"))
+  with open(os.path.join(workdir, "eval", "after", "results.json"), "w") as f:
+    json.dump({"benchmarks": {"synthetic": {"problems": 10, "samples": 2, "avg@2": acc,
+                                            "pass@k": {"1": acc, "2": passk}, "by_level": levels}}}, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for i, r in enumerate(reward):
+      f.write(json.dumps({"step": i + 1, "reward/mean": r, "expert_prob": 0.5, "hint_level_3": 0.25}) + "\n")
+
+
+def test_collect_table_and_plot(tmp_path):
+  points, seeds, common = sweep.load_sweep(_write_sweep(tmp_path))
+  runs = sweep.expand(points, seeds, str(tmp_path / "runs"), common)
+  accs = [0.2, 0.5, 0.4, 0.1]
+  for r, a in zip(runs[:3], accs):  # the last run never finished
+    _fake_run(r.workdir, a, a + 0.1, {"1": a, "4": a / 2}, [0.1, 0.2, a])
+  assert sweep._finished(runs[0]) and not sweep._finished(runs[3])
+  points = sweep.collect(runs)
+  md = sweep.write_results(points, str(tmp_path / "out"), str(tmp_path / "results.md"), header="# header\n")
+  rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+  mean, std = 100 * np.mean(accs[:2]), 100 * np.std(accs[:2])
+  assert f"| 2 | {mean:.1f} ± {std:.1f} |" in rows["a_b"]
+  assert f"@2: {100 * np.mean([0.3, 0.6]):.1f} ± {100 * np.std([0.3, 0.6]):.1f}" in rows["a_b"]
+  assert f"{100 * np.mean([0.1, 0.25]):.1f} ± {100 * np.std([0.1, 0.25]):.1f}" in rows["a_b"]  # level 4
+  assert "| 1 | 40.0 |" in rows["rollout.stages=_8"]
+  assert open(tmp_path / "results.md").read().startswith("# header\n")
+  assert os.path.getsize(tmp_path / "out" / "curves.png") > 1000
+  assert json.load(open(tmp_path / "out" / "results.json"))["a_b"]["runs"] == 2
+
+
+@pytest.mark.slow
+def test_two_point_sweep_runs_end_to_end(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"),
+                        "--sweep=experiments/sweeps/example_two_points.py", f"--root={tmp_path}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = open(tmp_path / "example_two_points" / "results.md").read()
+  assert "| trapo | 1 |" in table and "| grpo | 1 |" in table
+  for point in ("trapo", "grpo"):
+    assert os.path.exists(tmp_path / "example_two_points" / point / "eval" / "after" / "results.json")
