@@ -24,27 +24,13 @@ if [ -z "$gpus" ]; then
   [ "$gpus" -gt 0 ] 2>/dev/null || { echo "gpu.sh: --gpus=N is required (nvidia-smi found no GPU)" >&2; exit 2; }
 fi
 cd "$(dirname "$0")/.."
+. launch/common.sh
 cmds=()
 if [ "$per_gpu" -eq 0 ]; then
   cmds+=("CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) python -m trapo_jax.main $*")
 else
   for ((i = 0; i < gpus; i++)); do
-    cmds+=("CUDA_VISIBLE_DEVICES=$i python -m trapo_jax.main $* --config.distributed.enabled=True \
---config.distributed.coordinator_address=localhost:$port --config.distributed.num_processes=$gpus \
---config.distributed.process_id=$i")
+    cmds+=("CUDA_VISIBLE_DEVICES=$i python -m trapo_jax.main $* $(distributed_flags "$gpus" "$i" "$port")")
   done
 fi
-if [ "$dry_run" -eq 1 ]; then
-  printf '%s\n' "${cmds[@]}"
-  exit 0
-fi
-pids=()
-for c in "${cmds[@]}"; do
-  bash -c "exec env $c" &
-  pids+=($!)
-done
-status=0
-for p in "${pids[@]}"; do
-  wait "$p" || status=$?
-done
-exit "$status"
+run_commands "$dry_run" "${cmds[@]}"

@@ -18,28 +18,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 cd "$(dirname "$0")/.."
+. launch/common.sh
 env_vars="JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
 cmds=()
 if [ "$processes" -eq 1 ]; then
   cmds+=("$env_vars python -m trapo_jax.main $*")
 else
   for ((i = 0; i < processes; i++)); do
-    cmds+=("$env_vars python -m trapo_jax.main $* --config.distributed.enabled=True \
---config.distributed.coordinator_address=localhost:$port --config.distributed.num_processes=$processes \
---config.distributed.process_id=$i")
+    cmds+=("$env_vars python -m trapo_jax.main $* $(distributed_flags "$processes" "$i" "$port")")
   done
 fi
-if [ "$dry_run" -eq 1 ]; then
-  printf '%s\n' "${cmds[@]}"
-  exit 0
-fi
-pids=()
-for c in "${cmds[@]}"; do
-  bash -c "exec $c" &
-  pids+=($!)
-done
-status=0
-for p in "${pids[@]}"; do
-  wait "$p" || status=$?
-done
-exit "$status"
+run_commands "$dry_run" "${cmds[@]}"

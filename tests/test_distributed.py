@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import default
-from tests.test_trainer import FIXTURE, ROOT, tiny
-from trapo_jax.train import checkpoint as ckpt_lib
-from trapo_jax.train import state as state_lib
-from trapo_jax.train import trainer
+from tests.test_trainer import FIXTURE, ROOT, _params, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -56,13 +53,7 @@ def _run(workdir: str, steps: int, processes: int) -> None:
 
 
 def _state(workdir: str):
-  cfg = tiny(default.get_config(), workdir)
-  ctx = trainer.build_context(cfg, workdir)
-  template = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
-  ck = ckpt_lib.Checkpointer(workdir, keep=10, every=1)
-  state, meta = ck.restore(template)
-  ck.close()
-  return jax.device_get(state), meta
+  return _params(workdir, tiny(default.get_config(), workdir))
 
 
 def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):

@@ -1,0 +1,239 @@
+"""One command for the performance figures, each measured against its baseline in the same run.
+
+  python -m benchmarks.run --suite=cpu [--out=benchmarks/results_cpu.json]
+  python -m benchmarks.run --suite=gpu                      # on a GPU: adds roofline fraction and train-step MFU
+
+Fields (null with a reason where a figure needs hardware this machine lacks):
+  sampler: decode tokens/s of the in-graph sampler vs transformers generate (same weights, batch, lengths, greedy)
+  sampler_logprob_gap: sampler log-probs against the trainer's recomputation of the same tokens, fp32 and bf16
+  sampler_roofline: GPU only, tokens/s over the HBM bound (params + live KV cache bytes per step / copy bandwidth)
+  train_mfu: GPU only, Qwen2-0.5B shapes at 4096 tokens: 6 N T + attention FLOPs over the measured bf16 matmul peak
+  loss_memory: temporaries of the chunked log-prob kernel vs log_softmax-and-gather (7B head, T = 8192)
+  compilations: compilations per step over a 10-step training run of the default task (with a cold cache)
+  step_time_split: sampling / grading / update seconds of those steps
+  compile_28_layers: seconds to compile the 7B train step (28 layers, scanned) for 8 simulated CPU devices
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+_SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which figures to measure.")
+_OUT = flags.DEFINE_string("out", None, "JSON output (default benchmarks/results_<suite>.json).")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _timed(fn, repeats: int = 5) -> float:
+  """Best-of-`repeats` seconds of fn() after one warm-up call."""
+  jax.block_until_ready(fn())
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def copy_bandwidth() -> float:
+  """Measured device-memory copy bandwidth, bytes/s (read + write)."""
+  x = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+  f = jax.jit(lambda a: a * 1.0001)
+  return 2 * x.nbytes / _timed(lambda: f(x))
+
+
+def matmul_peak() -> float:
+  """Measured bf16 matmul FLOP/s on the default device."""
+  n = 8192
+  a = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: x @ y)
+  return 2 * n ** 3 / _timed(lambda: f(a, a))
+
+
+def sampler_figures(gpu: bool) -> dict:
+  from benchmarks import sampler_speed
+  if gpu:
+    r = sampler_speed.measure("qwen2_0p5b", batch=64, prompt_len=128, new_tokens=256, repeats=3, dtype="bfloat16")
+  else:
+    r = sampler_speed.measure("tiny10m", batch=16, prompt_len=32, new_tokens=128, repeats=3)
+  return r
+
+
+def roofline_figure(sampler: dict) -> dict:
+  from benchmarks import sampler_speed
+  from trapo_jax.models import transformer as tfm
+  cfg = tfm.ModelConfig(**sampler_speed.PRESETS[sampler["preset"]], dtype="bfloat16", param_dtype="bfloat16")
+  bytes_per_el = 2
+  params = cfg.num_params * bytes_per_el
+  # Mean live KV cache over the decode: prompt + half the new tokens, every layer, K and V.
+  live = sampler["prompt_len"] + sampler["new_tokens"] / 2
+  kv = 2 * cfg.num_layers * sampler["batch"] * live * cfg.num_kv_heads * cfg.head_dim * bytes_per_el
+  bw = copy_bandwidth()
+  bound = sampler["batch"] * bw / (params + kv)  # tokens/s if every step only read params + cache at full bandwidth
+  return {"copy_bandwidth_gbs": bw / 1e9, "bound_tokens_per_s": bound,
+          "fraction": sampler["jax_tokens_per_s"] / bound}
+
+
+def mfu_figure() -> dict:
+  """Train step of a Qwen2-0.5B-shaped model at sequence length 4096 on one device, against the bf16 peak."""
+  import flax.linen as nn
+  import optax
+  from trapo_jax import losses
+  from trapo_jax.models import transformer as tfm
+  from benchmarks import sampler_speed
+  cfg = tfm.ModelConfig(**sampler_speed.PRESETS["qwen2_0p5b"], dtype="bfloat16", param_dtype="float32", remat="dots")
+  b, t = 4, 4096
+  params = nn.unbox(jax.jit(lambda: tfm.init_params(cfg, jax.random.key(0)))())
+  tx = optax.adamw(1e-6)
+  opt = tx.init(params)
+  tokens = jnp.ones((b, t), jnp.int32)
+  mask = jnp.ones((b, t), bool)
+
+  @jax.jit
+  def step(p, o):
+    def loss(p):
+      h = tfm.forward(p, cfg, tokens, mask)
+      logp, ent = losses.token_logprobs(h, tfm.unembed(p, cfg), tokens, chunk_size=1024)
+      return -jnp.mean(logp) - 0.001 * jnp.mean(ent)
+    g = jax.grad(loss)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+
+  seconds = _timed(lambda: step(params, opt)[0], repeats=3)
+  n = cfg.num_params
+  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t / 2  # causal: fwd 2x(QK, PV) halved, x3 bwd
+  flops = (6 * n * b * t + attn * b)
+  peak = matmul_peak()
+  return {"seconds_per_step": seconds, "model_tflops": flops / seconds / 1e12, "peak_tflops": peak / 1e12,
+          "mfu": flops / seconds / peak, "batch": b, "seq": t}
+
+
+def logprob_gap() -> dict:
+  """Max |sampler log-prob - trainer recomputation| over generated tokens, fp32 and bf16 compute (tiny10m)."""
+  from benchmarks import sampler_speed
+  from trapo_jax.sampling.sampler import Sampler
+  from trapo_jax.train import step as step_lib
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg, params = sampler_speed.model("tiny10m", "float32")
+    cfg = cfg.replace(dtype=dtype)
+    b, p, new = 8, 16, 64
+    prompts = np.random.default_rng(1).integers(1, cfg.vocab_size, (b, p)).astype(np.int32)
+    r = Sampler(cfg).sample(params, prompts, np.full((b,), p), max_len=new, rng=jax.random.key(0), temperature=1.0)
+    seq = np.concatenate([prompts, np.asarray(r.tokens)], 1)
+    mb = dict(seq_tokens=jnp.asarray(seq), seq_mask=jnp.ones(seq.shape, bool), resp_start=jnp.full((b,), p),
+              resp_tokens=jnp.asarray(r.tokens))
+    logp, _ = jax.jit(lambda prm, m: step_lib.response_logprobs(prm, cfg, m, 64))(params, mb)
+    gap = np.abs(np.asarray(logp) - np.asarray(r.logprobs))[np.asarray(r.response_mask)]
+    out[dtype] = {"max_abs": float(gap.max()), "mean_abs": float(gap.mean())}
+  return out
+
+
+def training_figures() -> dict:
+  """Compilations per step and the step time split over 10 steps of the default task, with a cold cache."""
+  with tempfile.TemporaryDirectory() as workdir:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "cold_cache"))
+    code = ("import jax, sys, json, collections\n"
+            "from absl import flags\n"
+            "counts = collections.Counter()\n"
+            "jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: counts.update("
+            "[name]) if name.endswith('backend_compile_duration') else None)\n"
+            "from trapo_jax.train import trainer\n"
+            "from experiments.configs import default\n"
+            "cfg = default.get_config(); cfg.train.steps = 10; cfg.eval.at_start = False; cfg.eval.at_end = False\n"
+            "per_step = []\n"
+            "real = trainer.train_one_step\n"
+            "def counted(*a, **k):\n"
+            "  before = counts['/jax/core/compile/backend_compile_duration']\n"
+            "  out = real(*a, **k)\n"
+            "  per_step.append(counts['/jax/core/compile/backend_compile_duration'] - before)\n"
+            "  return out\n"
+            "trainer.train_one_step = counted\n"
+            f"trainer.run(cfg, {workdir!r})\n"
+            "print('RESULT', json.dumps(per_step))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    if out.returncode:
+      raise RuntimeError(out.stderr[-3000:])
+    per_step = json.loads(out.stdout.split("RESULT", 1)[1])
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  later = rows[1:]
+  split = {k: float(np.mean([r[f"time/{k}"] for r in later])) for k in ("sampling", "grading", "update", "step")}
+  return {"compilations_per_step": per_step, "compilations_after_step_3": int(sum(per_step[3:])),
+          "step_time_split_s": split}
+
+
+def main(argv):
+  del argv
+  gpu = _SUITE.value == "gpu"
+  if gpu and jax.default_backend() != "gpu":
+    raise app.UsageError(f"--suite=gpu needs a GPU backend, found {jax.default_backend()}")
+  result: dict = {"suite": _SUITE.value, "date": datetime.date.today().isoformat(), "backend": jax.default_backend(),
+                  "devices": [str(d) for d in jax.devices()], "machine": platform.processor() or platform.machine(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__}
+  no_gpu = "needs a GPU (run --suite=gpu on one)"
+  print("sampler ...", flush=True)
+  result["sampler"] = sampler_figures(gpu)
+  result["sampler_roofline"] = roofline_figure(result["sampler"]) if gpu else {"value": None, "reason": no_gpu}
+  print("train-step MFU ...", flush=True)
+  result["train_mfu"] = mfu_figure() if gpu else {"value": None, "reason": no_gpu}
+  print("log-prob gap ...", flush=True)
+  result["sampler_logprob_gap"] = logprob_gap()
+  print("loss memory ...", flush=True)
+  from benchmarks import loss_memory
+  result["loss_memory"] = {d: loss_memory.measure(dtype=getattr(jnp, d)) for d in ("float32", "bfloat16")}
+  print("10-step training run ...", flush=True)
+  result.update(training_figures())
+  print("28-layer compile ...", flush=True)
+  code = ("from benchmarks import compile_7b; from experiments.configs import trapo_qwen25_math_7b as e;"
+          "c = e.get_config(); c.model.hf_dir = c.data.path = '/abstract';"
+          "_, s, _ = compile_7b.lower_train_step(c); print('RESULT', s)")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR="")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  result["compile_28_layers_s"] = float(out.stdout.split("RESULT")[1]) if out.returncode == 0 else None
+
+  path = _OUT.value or os.path.join(ROOT, "benchmarks", f"results_{_SUITE.value}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  s = result["sampler"]
+  lm = result["loss_memory"]
+  print(f"\n| figure | value | baseline | ratio |\n|---|---|---|---|")
+  print(f"| sampler decode tokens/s ({s['preset']}, batch {s['batch']}) | {s['jax_tokens_per_s']:.0f} | "
+        f"{s['torch_tokens_per_s']:.0f} (torch generate) | {s['ratio']:.2f}x |")
+  if gpu:
+    r = result["sampler_roofline"]
+    print(f"| sampler vs HBM roofline | {s['jax_tokens_per_s']:.0f} | {r['bound_tokens_per_s']:.0f} | "
+          f"{100 * r['fraction']:.0f}% |")
+    m = result["train_mfu"]
+    print(f"| train step MFU (0.5B, 4096) | {m['model_tflops']:.0f} TFLOP/s | {m['peak_tflops']:.0f} peak | "
+          f"{100 * m['mfu']:.0f}% |")
+  g = result["sampler_logprob_gap"]
+  print(f"| sampler vs trainer log-prob, max abs | fp32 {g['float32']['max_abs']:.1e} | "
+        f"bf16 {g['bfloat16']['max_abs']:.1e} | - |")
+  for d in ("float32", "bfloat16"):
+    print(f"| loss kernel temporaries, {d} (7B head, T=8192) | {lm[d]['chunked_temp_gib']:.2f} GiB | "
+          f"{lm[d]['naive_temp_gib']:.2f} GiB (naive) | {lm[d]['ratio']:.3f} |")
+  print(f"| compilations per step (10 steps) | {result['compilations_per_step']} | - | - |")
+  sp = result["step_time_split_s"]
+  print(f"| step time split (s) | sampling {sp['sampling']:.2f}, grading {sp['grading']:.2f}, "
+        f"update {sp['update']:.2f} | step {sp['step']:.2f} | - |")
+  print(f"| 7B train step compile, 28 layers, 8 CPU devices | {result['compile_28_layers_s']:.1f} s | "
+        f"120 s target | - |")
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
