@@ -1,6 +1,6 @@
 """One command for the performance figures, each measured against its baseline in the same run.
 
-  python -m benchmarks.run --suite=cpu [--out=benchmarks/results_cpu.json]
+  python -m benchmarks.run --suite=cpu --doc=docs/performance.md [--out=benchmarks/results_cpu.json]
   python -m benchmarks.run --suite=gpu                      # on a GPU: adds roofline fraction and train-step MFU
 
 Fields (null with a reason where a figure needs hardware this machine lacks):
@@ -32,6 +32,7 @@ from absl import app, flags
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which figures to measure.")
 _OUT = flags.DEFINE_string("out", None, "JSON output (default benchmarks/results_<suite>.json).")
+_DOC = flags.DEFINE_string("doc", None, "Also write the table, machine, date and command to this Markdown file.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,32 +209,54 @@ def main(argv):
   path = _OUT.value or os.path.join(ROOT, "benchmarks", f"results_{_SUITE.value}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
-  s = result["sampler"]
-  lm = result["loss_memory"]
-  print(f"\n| figure | value | baseline | ratio |\n|---|---|---|---|")
-  print(f"| sampler decode tokens/s ({s['preset']}, batch {s['batch']}) | {s['jax_tokens_per_s']:.0f} | "
-        f"{s['torch_tokens_per_s']:.0f} (torch generate) | {s['ratio']:.2f}x |")
-  if gpu:
-    r = result["sampler_roofline"]
-    print(f"| sampler vs HBM roofline | {s['jax_tokens_per_s']:.0f} | {r['bound_tokens_per_s']:.0f} | "
-          f"{100 * r['fraction']:.0f}% |")
-    m = result["train_mfu"]
-    print(f"| train step MFU (0.5B, 4096) | {m['model_tflops']:.0f} TFLOP/s | {m['peak_tflops']:.0f} peak | "
-          f"{100 * m['mfu']:.0f}% |")
-  g = result["sampler_logprob_gap"]
-  print(f"| sampler vs trainer log-prob, max abs | fp32 {g['float32']['max_abs']:.1e} | "
-        f"bf16 {g['bfloat16']['max_abs']:.1e} | - |")
-  for d in ("float32", "bfloat16"):
-    print(f"| loss kernel temporaries, {d} (7B head, T=8192) | {lm[d]['chunked_temp_gib']:.2f} GiB | "
-          f"{lm[d]['naive_temp_gib']:.2f} GiB (naive) | {lm[d]['ratio']:.3f} |")
-  print(f"| compilations per step (10 steps) | {result['compilations_per_step']} | - | - |")
-  sp = result["step_time_split_s"]
-  print(f"| step time split (s) | sampling {sp['sampling']:.2f}, grading {sp['grading']:.2f}, "
-        f"update {sp['update']:.2f} | step {sp['step']:.2f} | - |")
-  print(f"| 7B train step compile, 28 layers, 8 CPU devices | {result['compile_28_layers_s']:.1f} s | "
-        f"120 s target | - |")
-  print(f"\nwrote {path}")
+  md = table(result)
+  print("\n" + md + f"\nwrote {path}")
+  if _DOC.value:
+    with open(_DOC.value, "w") as f:
+      f.write(document(result, md))
+    print(f"wrote {_DOC.value}")
 
+
+def _fmt(x, spec: str, unit: str = "") -> str:
+  return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def table(result: dict) -> str:
+  """The figures of one run as a Markdown table: each against the baseline measured in the same run."""
+  s, lm, g = result["sampler"], result["loss_memory"], result["sampler_logprob_gap"]
+  rows = ["| figure | value | baseline (same run) | ratio |", "|---|---|---|---|",
+          f"| sampler decode tokens/s ({s['preset']}, {s['params_m']:.0f}M params, batch {s['batch']}, "
+          f"{s['new_tokens']} new, greedy, {s['dtype']}) | {s['jax_tokens_per_s']:.0f} | "
+          f"{_fmt(s['torch_tokens_per_s'], '.0f')} (transformers generate) | {_fmt(s['ratio'], '.2f', 'x')} |"]
+  if result["suite"] == "gpu":
+    r, m = result["sampler_roofline"], result["train_mfu"]
+    rows.append(f"| sampler vs HBM roofline | {s['jax_tokens_per_s']:.0f} | {r['bound_tokens_per_s']:.0f} "
+                f"(params + live KV at {r['copy_bandwidth_gbs']:.0f} GB/s) | {100 * r['fraction']:.0f}% |")
+    rows.append(f"| train step, 0.5B shapes, 4x4096 tokens | {m['model_tflops']:.0f} TFLOP/s | "
+                f"{m['peak_tflops']:.0f} TFLOP/s (bf16 matmul peak) | MFU {100 * m['mfu']:.0f}% |")
+  rows.append(f"| sampler vs trainer log-probs, max abs | fp32 {g['float32']['max_abs']:.1e} | "
+              f"bf16 {g['bfloat16']['max_abs']:.1e} | - |")
+  for d in ("float32", "bfloat16"):
+    rows.append(f"| loss kernel temporaries, {d} (7B head, T=8192) | {lm[d]['chunked_temp_gib']:.2f} GiB | "
+                f"{lm[d]['naive_temp_gib']:.2f} GiB (log_softmax + gather) | {lm[d]['ratio']:.3f} |")
+  rows.append(f"| compilations per step, 10 training steps, cold cache | {result['compilations_per_step']} | - | "
+              f"{result['compilations_after_step_3']} after step 3 |")
+  sp = result["step_time_split_s"]
+  rows.append(f"| training step split, default task (s) | sampling {sp['sampling']:.2f}, grading "
+              f"{sp['grading']:.2f}, update {sp['update']:.2f} | step {sp['step']:.2f} | - |")
+  rows.append(f"| 7B train step compile, 28 layers, 8 simulated CPU devices | "
+              f"{_fmt(result['compile_28_layers_s'], '.1f', ' s')} | 120 s (target) | - |")
+  return "\n".join(rows) + "\n"
+
+
+def document(result: dict, md: str) -> str:
+  cmd = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+  skipped = [k for k, v in result.items() if isinstance(v, dict) and v.get("value", 0) is None]
+  return (f"# Performance\n\nMade by `{cmd}` on {result['date']}: {result['machine']}, {result['cpu_count']} CPU "
+          f"cores, jax {result['jax']}, backend {result['backend']} ({len(result['devices'])} devices). "
+          f"Raw figures: `benchmarks/results_{result['suite']}.json`.\n\n" + md +
+          (f"\nNot measured here ({', '.join(skipped)}): they need a GPU; run `python -m benchmarks.run "
+           f"--suite=gpu` on one.\n" if skipped else ""))
 
 if __name__ == "__main__":
   app.run(main)

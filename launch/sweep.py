@@ -99,6 +99,9 @@ def command(run: Run) -> list[str]:
           *(f"--config.{k}={_flag_value(v)}" for k, v in run.overrides)]
 
 
+_SECONDS_FILE = "sweep_run_seconds.txt"
+
+
 def _finished(run: Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, "eval", "after", "results.json"))
 
@@ -116,8 +119,22 @@ def run_all(runs: Sequence[Run]) -> list[Run]:
       print(f"[{i + 1}/{len(runs)}] {r.workdir}: FAILED", flush=True)
       failed.append(r)
     else:
-      print(f"[{i + 1}/{len(runs)}] {r.workdir}: done in {time.time() - start:.0f} s", flush=True)
+      seconds = time.time() - start
+      with open(os.path.join(r.workdir, _SECONDS_FILE), "w") as f:
+        f.write(f"{seconds:.1f}\n")
+      print(f"[{i + 1}/{len(runs)}] {r.workdir}: done in {seconds:.0f} s", flush=True)
   return failed
+
+
+def run_seconds(runs: Sequence[Run]) -> float:
+  """Total wall time of the finished runs, as recorded when the sweep ran them."""
+  total = 0.0
+  for r in runs:
+    path = os.path.join(r.workdir, _SECONDS_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        total += float(f.read())
+  return total
 
 
 def _read_metrics(workdir: str) -> list[dict]:
@@ -209,7 +226,35 @@ def plot(points: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def header(sweep_path: str, runs: Sequence[Run], common: dict) -> str:
+  """What a reader needs to reproduce the table: command, machine, time, and the fixed task/model/budget."""
+  import platform
+  import jax
+  spec = importlib.util.spec_from_file_location("trapo_sweep_doc", sweep_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cmd = "python launch/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--collect_only")
+  lines = [
+      f"# Sweep `{sweep_path}`", "",
+      f"Made by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} CPU cores "
+      f"(jax {jax.__version__}, backend {jax.default_backend()}).",
+      f"Training + evaluation wall time of the {len(runs)} runs: {run_seconds(runs) / 60:.1f} min (one after another).",
+      "", (module.__doc__ or "").strip(), "",
+      f"Overrides for every point: `{common}`. Points:", "",
+  ]
+  seen = set()
+  for r in runs:
+    if r.point not in seen:
+      seen.add(r.point)
+      extra = {k: v for k, v in r.overrides if k not in common and k != "seed"}
+      lines.append(f"- {r.point}: `{r.config}`" + (f" with `{extra}`" if extra else ""))
+  lines += ["", "Held-out accuracy after training, % (mean ± std over seeds; avg@n = mean over n samples per problem):",
+            ""]
+  return "\n".join(lines) + "\n"
+
+
 def write_results(points: dict[str, Any], out_dir: str, results_md: str | None = None, header: str = "") -> str:
+  """Writes results.md/json and curves.png into out_dir; with results_md, also that file and its curves beside it."""
   os.makedirs(out_dir, exist_ok=True)
   md = header + table(points)
   with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -218,8 +263,10 @@ def write_results(points: dict[str, Any], out_dir: str, results_md: str | None =
     json.dump({k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in points.items()}, f, indent=2)
   plot(points, os.path.join(out_dir, "curves.png"))
   if results_md:
+    curves = os.path.splitext(results_md)[0] + "_curves.png"
+    plot(points, curves)
     with open(results_md, "w") as f:
-      f.write(md)
+      f.write(md + f"\nTraining curves (mean over seeds): ![curves]({os.path.basename(curves)})\n")
   return md
 
 
@@ -236,7 +283,7 @@ def main(argv):
       print(shlex.join(command(r)))
     return
   failed = [] if _COLLECT_ONLY.value else run_all(runs)
-  md = write_results(collect(runs), out_dir, _RESULTS_MD.value)
+  md = write_results(collect(runs), out_dir, _RESULTS_MD.value, header=header(_SWEEP.value, runs, common))
   print(md)
   if failed:
     sys.exit(f"{len(failed)} of {len(runs)} runs failed: {', '.join(r.workdir for r in failed)}")

@@ -128,7 +128,9 @@ def test_collect_table_and_plot(tmp_path):
   assert f"@2: {100 * np.mean([0.3, 0.6]):.1f} ± {100 * np.std([0.3, 0.6]):.1f}" in rows["a_b"]
   assert f"{100 * np.mean([0.1, 0.25]):.1f} ± {100 * np.std([0.1, 0.25]):.1f}" in rows["a_b"]  # level 4
   assert "| 1 | 40.0 |" in rows["rollout.stages=_8"]
-  assert open(tmp_path / "results.md").read().startswith("# header\n")
+  written = open(tmp_path / "results.md").read()
+  assert written.startswith("# header\n") and "![curves](results_curves.png)" in written
+  assert os.path.getsize(tmp_path / "results_curves.png") > 1000
   assert os.path.getsize(tmp_path / "out" / "curves.png") > 1000
   assert json.load(open(tmp_path / "out" / "results.json"))["a_b"]["runs"] == 2
 

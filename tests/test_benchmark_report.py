@@ -1,0 +1,40 @@
+"""The benchmark report: every figure lands in the table, and figures this machine cannot measure say so."""
+
+from benchmarks import run
+
+
+def _result(suite: str, compile_s):
+  r = {"suite": suite, "date": "2026-01-01", "machine": "x86_64", "cpu_count": 2, "jax": "0", "backend": "cpu",
+       "devices": ["cpu:0"],
+       "sampler": {"preset": "tiny10m", "params_m": 12.1, "batch": 16, "new_tokens": 128, "dtype": "float32",
+                   "jax_tokens_per_s": 2000.0, "torch_tokens_per_s": 1000.0, "ratio": 2.0},
+       "sampler_roofline": {"value": None, "reason": "needs a GPU"},
+       "train_mfu": {"value": None, "reason": "needs a GPU"},
+       "sampler_logprob_gap": {d: {"max_abs": 1e-6, "mean_abs": 1e-7} for d in ("float32", "bfloat16")},
+       "loss_memory": {d: {"chunked_temp_gib": 1.25, "naive_temp_gib": 18.5, "ratio": 0.068}
+                       for d in ("float32", "bfloat16")},
+       "compilations_per_step": [5, 1, 0, 0], "compilations_after_step_3": 0,
+       "step_time_split_s": {"sampling": 0.3, "grading": 0.03, "update": 2.2, "step": 2.5},
+       "compile_28_layers_s": compile_s}
+  if suite == "gpu":
+    r["sampler_roofline"] = {"copy_bandwidth_gbs": 3000.0, "bound_tokens_per_s": 4000.0, "fraction": 0.5}
+    r["train_mfu"] = {"model_tflops": 400.0, "peak_tflops": 800.0, "mfu": 0.5, "seconds_per_step": 1.0}
+  return r
+
+
+def test_cpu_report_lists_each_figure_and_the_unmeasured_ones():
+  r = _result("cpu", None)
+  md = run.table(r)
+  assert "| 2000 | 1000 (transformers generate) | 2.00x |" in md
+  assert "| 1.25 GiB | 18.50 GiB (log_softmax + gather) | 0.068 |" in md
+  assert "| n/a | 120 s (target) |" in md  # a failed compile measurement is reported, not a crash
+  assert "roofline" not in md
+  doc = run.document(r, md)
+  assert "2026-01-01" in doc and "2 CPU cores" in doc
+  assert "sampler_roofline, train_mfu" in doc
+
+
+def test_gpu_report_has_roofline_and_mfu():
+  md = run.table(_result("gpu", 12.0))
+  assert "| 4000 (params + live KV at 3000 GB/s) | 50% |" in md
+  assert "MFU 50% |" in md and "| 12.0 s |" in md
