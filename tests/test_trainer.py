@@ -149,6 +149,37 @@ def test_non_finite_update_is_skipped(tmp_path):
   assert not np.array_equal(jax.device_get(new.params)["params"]["norm"]["scale"], before.params["params"]["norm"]["scale"])
 
 
+def test_micro_batches_report_the_batch_metrics(tmp_path):
+  """Split into 2 micro-batches, of which only one holds expert tokens, a step reports what 1 micro-batch does."""
+  cfg = tiny(_config("default"), str(tmp_path))
+  ctx = trainer.build_context(cfg, str(tmp_path))
+  state = jax.device_get(state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx))
+  rng = np.random.default_rng(0)
+  n, t, lb = 8, 16, 8
+  prefix = np.zeros((n, lb), bool)
+  prefix[:4, :3] = True  # rows 0-3 (the first micro-batch) start with 3 expert tokens
+  rows = dict(seq_tokens=rng.integers(1, 300, (n, t)).astype(np.int32), seq_mask=np.ones((n, t), bool),
+              resp_start=np.full((n,), 8, np.int32), resp_tokens=rng.integers(1, 300, (n, lb)).astype(np.int32),
+              prefix_mask=prefix, off_loss_mask=prefix, response_mask=np.ones((n, lb), bool),
+              advantages=rng.normal(size=n).astype(np.float32))
+  step = trainer._jit_step(ctx, "rl")
+  out = {}
+  for m in (1, 2):
+    batch = {k: jnp.asarray(v.reshape(m, n // m, *v.shape[1:])) for k, v in rows.items()}
+    new, metrics = step(jax.device_put(state), batch)
+    out[m] = jax.device_get((new.params, metrics))
+  for k in ("expert_prob", "expert_frac_below_alpha", "own_prob", "loss", "num_prefix_tokens", "num_own_tokens"):
+    np.testing.assert_allclose(out[2][1][k], out[1][1][k], rtol=1e-5, err_msg=k)
+  assert float(out[1][1]["num_prefix_tokens"]) == 12 and 0 < float(out[1][1]["expert_prob"]) < 1
+  # Same objective, so the same update; AdamW's first step is lr * g / (|g| + eps), which turns the rounding of
+  # near-zero gradients into ~1e-6 differences at lr 1e-2 (a wrong gradient would differ by ~lr).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out[1][0], out[2][0])
+  # Without expert tokens the expert figures are undefined, not 0.
+  _, metrics = step(jax.device_put(state), {k: jnp.asarray(v[None]) if k not in ("prefix_mask", "off_loss_mask")
+                                            else jnp.zeros((1, n, lb), bool) for k, v in rows.items()})
+  assert np.isnan(float(metrics["expert_prob"])) and float(metrics["num_prefix_tokens"]) == 0
+
+
 def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
   cfg = tiny(_config("default"), str(tmp_path), steps=5)
   with cfg.unlocked():

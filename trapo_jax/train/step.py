@@ -100,6 +100,25 @@ def loss_fn(params, mb: dict, *, model_cfg: tfm.ModelConfig, loss_cfg: losses.Lo
                            mb["response_mask"], loss_cfg)
 
 
+# Masked means over tokens, with the count that weights them: a micro-batch's mean counts by its tokens, so the step
+# reports the batch's mean (NaN where the batch has no such tokens, e.g. expert tokens under GRPO).
+_TOKEN_WEIGHTED = {"expert_prob": "num_prefix_tokens", "expert_frac_below_alpha": "num_prefix_tokens",
+                   "own_prob": "num_own_tokens"}
+_TOTALS = ("num_prefix_tokens", "num_own_tokens")
+
+
+def combine_metrics(summed: dict, num_micro: int) -> dict:
+  """Metrics summed over micro-batches (token-weighted ones pre-multiplied by their counts) -> the step's."""
+  out = {}
+  for k, v in summed.items():
+    if k in _TOKEN_WEIGHTED:
+      count = summed[_TOKEN_WEIGHTED[k]]
+      out[k] = jnp.where(count > 0, v / jnp.maximum(count, 1.0), jnp.nan)
+    else:
+      out[k] = v if k in _TOTALS else v / num_micro
+  return out
+
+
 def train_step(state: TrainState, batch: dict, *, tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig,
                loss_cfg: losses.LossConfig, chunk_size: int) -> tuple[TrainState, dict]:
   """One optimizer step over [M, mb, ...] micro-batches. A non-finite loss or gradient skips the update."""
@@ -110,6 +129,7 @@ def train_step(state: TrainState, batch: dict, *, tx: optax.GradientTransformati
   def accumulate(carry, mb):
     grads, metrics = carry
     (_, m), g = grad_fn(state.params, mb)
+    m = {k: v * m[_TOKEN_WEIGHTED[k]] if k in _TOKEN_WEIGHTED else v for k, v in m.items()}
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -118,7 +138,7 @@ def train_step(state: TrainState, batch: dict, *, tx: optax.GradientTransformati
                                                                                           first)[0][1])
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), batch)
   grads = jax.tree.map(lambda g: g / num_micro, grads)
-  metrics = jax.tree.map(lambda m: m / num_micro, metrics)
+  metrics = combine_metrics(metrics, num_micro)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
