@@ -200,8 +200,16 @@ def table(points: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-CURVE_KEYS = (("reward/mean", "reward"), ("expert_prob", "expert-token probability"),
+# The first stage's rollouts are unguided for every method and prompt: guided and full-demo samples, or later-stage
+# rollouts of prompts already solved, would make the reward incomparable across methods.
+CURVE_KEYS = (("reward/stage_1", "reward of the unguided first-stage rollouts"), ("expert_prob", "expert-token probability"),
               ("hint_level_3", "prompts given the full demo"), ("hint_level_0", "prompts with no hint"))
+
+
+def _curve_value(row: dict, key: str) -> float:
+  if key.startswith("expert_") and row.get("num_prefix_tokens", 1) == 0:
+    return np.nan  # no expert tokens in that step: undefined (logs before the trainer said so hold 0)
+  return row.get(key, np.nan)
 
 
 def plot(points: dict[str, Any], path: str) -> None:
@@ -209,18 +217,21 @@ def plot(points: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4.2 * len(CURVE_KEYS), 3.4))
+  colors = plt.get_cmap("tab20").colors
+  handles = {}
   for ax, (key, title) in zip(axes, CURVE_KEYS):
-    for name, p in points.items():
-      series = [[r.get(key, np.nan) for r in rows] for rows in p["curves"] if rows]
-      if not series or all(np.all(np.isnan(s)) for s in series):
-        continue
+    for i, (name, p) in enumerate(points.items()):
+      series = [[_curve_value(r, key) for r in rows] for rows in p["curves"] if rows]
+      if not series or all(np.all(np.isnan(np.asarray(s, float))) for s in series):
+        continue  # a method without this quantity (no expert tokens, no hint levels) draws nothing
       n = min(len(s) for s in series)
-      ax.plot(np.arange(1, n + 1), np.nanmean([s[:n] for s in series], axis=0), label=name)
-    ax.set_title(title)
+      with np.errstate(all="ignore"):
+        mean = np.nanmean(np.asarray([s[:n] for s in series], float), axis=0)
+      handles[name], = ax.plot(np.arange(1, n + 1), mean, color=colors[i % len(colors)], label=name)
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("step")
-  handles, labels = axes[0].get_legend_handles_labels()
   if handles:
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=7)
   fig.tight_layout(rect=(0, 0.12, 1, 1))
   fig.savefig(path, dpi=100)
   plt.close(fig)
