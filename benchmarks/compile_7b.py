@@ -29,9 +29,6 @@ QWEN25_MATH_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=189
                       num_kv_heads=4, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=True,
                       tie_embeddings=False, max_position_embeddings=16384, model_type="qwen2")
 
-_LAYERS = flags.DEFINE_integer("layers", 28, "Decoder layers (28 = the real model).")
-_SEQ = flags.DEFINE_integer("seq", -1, "Packed sequence length (-1: max_prompt_len + max_response_len).")
-
 
 def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None):
   """(compiled step, seconds to compile, micro-batch layout) for abstract 7B inputs on all devices."""
@@ -77,13 +74,14 @@ def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None):
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   from experiments.configs import trapo_qwen25_math_7b
   cfg = trapo_qwen25_math_7b.get_config()
   cfg.model.hf_dir, cfg.data.path = "/abstract", "/abstract"  # shapes only: nothing is read
-  compiled, seconds, layout = lower_train_step(cfg, _LAYERS.value, None if _SEQ.value < 0 else _SEQ.value)
+  compiled, seconds, layout = lower_train_step(cfg, f.layers, None if f.seq < 0 else f.seq)
   mem = compiled.memory_analysis()
   gib = lambda x: x / 2**30
-  print(f"7B TRAPO train step, {_LAYERS.value} layers ({layout['params_b']:.2f}B params), {jax.device_count()} "
+  print(f"7B TRAPO train step, {f.layers} layers ({layout['params_b']:.2f}B params), {jax.device_count()} "
         f"{jax.default_backend()} devices, mesh {dict(sharding.make_mesh(cfg).shape)}")
   print(f"  {layout['rows']} sequences of {layout['seq']} tokens in {layout['micro_batches']} micro-batches of "
         f"{layout['rows_per_micro_batch']}")
@@ -93,5 +91,12 @@ def main(argv):
         f"aliased {gib(mem.alias_size_in_bytes):.2f} GiB")
 
 
+def define_flags():
+  """Command-line flags, defined only when run as a script: other benchmarks import this module."""
+  flags.DEFINE_integer("layers", 28, "Decoder layers (28 = the real model).")
+  flags.DEFINE_integer("seq", -1, "Packed sequence length (-1: max_prompt_len + max_response_len).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

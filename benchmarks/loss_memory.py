@@ -14,12 +14,6 @@ from absl import app, flags
 
 from trapo_jax import losses
 
-_B = flags.DEFINE_integer("batch", 1, "Sequences.")
-_T = flags.DEFINE_integer("seq", 8192, "Tokens per sequence.")
-_D = flags.DEFINE_integer("hidden", 3584, "Hidden size.")
-_V = flags.DEFINE_integer("vocab", 151936, "Vocabulary size.")
-_CHUNK = flags.DEFINE_integer("chunk", 1024, "Chunk over T.")
-
 
 def _naive(hidden, unembed, targets):
   logits = jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32)
@@ -49,12 +43,23 @@ def measure(b: int = 1, t: int = 8192, d: int = 3584, v: int = 151936, chunk_siz
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   for dtype in (jnp.bfloat16, jnp.float32):
-    r = measure(_B.value, _T.value, _D.value, _V.value, _CHUNK.value, dtype)
-    print(f"{r['dtype']:>8} B={_B.value} T={_T.value} D={_D.value} V={_V.value} ({r['backend']}): "
+    r = measure(f.batch, f.seq, f.hidden, f.vocab, f.chunk, dtype)
+    print(f"{r['dtype']:>8} B={f.batch} T={f.seq} D={f.hidden} V={f.vocab} ({r['backend']}): "
           f"chunked(chunk={r['chunk']}) {r['chunked_temp_gib']:.2f} GiB, naive {r['naive_temp_gib']:.2f} GiB, "
           f"ratio {r['ratio']:.3f}")
 
 
+def define_flags():
+  """Command-line flags, defined only when run as a script: other benchmarks import this module."""
+  flags.DEFINE_integer("batch", 1, "Sequences.")
+  flags.DEFINE_integer("seq", 8192, "Tokens per sequence.")
+  flags.DEFINE_integer("hidden", 3584, "Hidden size.")
+  flags.DEFINE_integer("vocab", 151936, "Vocabulary size.")
+  flags.DEFINE_integer("chunk", 1024, "Chunk over T.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -30,14 +30,6 @@ PRESETS = {
                        num_kv_heads=2, head_dim=64, tie_embeddings=True, rope_theta=1e6),
 }
 
-_PRESET = flags.DEFINE_enum("preset", "tiny10m", list(PRESETS), "Model shapes.")
-_BATCH = flags.DEFINE_integer("batch", 16, "Rows.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
-_NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per side.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
-_TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
-
 
 def model(preset: str, dtype: str) -> tuple[tfm.ModelConfig, dict]:
   cfg = tfm.ModelConfig(**PRESETS[preset], dtype=dtype, param_dtype=dtype)
@@ -93,7 +85,8 @@ def measure(preset: str = "tiny10m", batch: int = 16, prompt_len: int = 32, new_
 
 def main(argv):
   del argv
-  r = measure(_PRESET.value, _BATCH.value, _PROMPT.value, _NEW.value, _REPEATS.value, _DTYPE.value, _TORCH.value)
+  f = flags.FLAGS
+  r = measure(f.preset, f.batch, f.prompt_len, f.new_tokens, f.repeats, f.dtype, f.torch)
   print(f"{r['preset']} ({r['params_m']:.1f}M params, {r['dtype']}, {r['backend']}), batch {r['batch']}, "
         f"{r['new_tokens']} new tokens")
   print(f"  trapo_jax sampler : {r['jax_tokens_per_s']:10.1f} tokens/s")
@@ -102,5 +95,17 @@ def main(argv):
     print(f"  ratio             : {r['ratio']:10.2f}x")
 
 
+def define_flags():
+  """Command-line flags, defined only when run as a script: other benchmarks import this module."""
+  flags.DEFINE_enum("preset", "tiny10m", list(PRESETS), "Model shapes.")
+  flags.DEFINE_integer("batch", 16, "Rows.")
+  flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
+  flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per side.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
+  flags.DEFINE_bool("torch", True, "Also time transformers generate.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -38,3 +38,16 @@ def test_gpu_report_has_roofline_and_mfu():
   md = run.table(_result("gpu", 12.0))
   assert "| 4000 (params + live KV at 3000 GB/s) | 50% |" in md
   assert "MFU 50% |" in md and "| 12.0 s |" in md
+
+
+def test_benchmark_modules_import_together():
+  """benchmarks.run imports the others as libraries: their command-line flags must not collide at import."""
+  import importlib
+  import subprocess
+  import sys
+  names = ["benchmarks.run", "benchmarks.loss_memory", "benchmarks.sampler_speed", "benchmarks.compile_7b",
+           "benchmarks.grade_benchmarks"]
+  code = "; ".join(f"import {n}" for n in names)
+  root = importlib.import_module("benchmarks").__path__[0].rsplit("/", 1)[0]
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
