@@ -33,10 +33,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(workdir: str, steps: int, processes: int) -> None:
+def _run(workdir: str, steps: int, processes: int, extra: tuple[str, ...] = ()) -> list[str]:
+  """Runs trapo_jax.main in `processes` processes; returns each one's stderr (its log)."""
   from trapo_jax.data import synthetic
   base = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}", f"--config.train.steps={steps}",
-          f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}", *ARGS]
+          f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}", *ARGS, *extra]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
   if processes == 1:
@@ -50,6 +51,7 @@ def _run(workdir: str, steps: int, processes: int) -> None:
   errors = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errors):
     assert p.returncode == 0, err[-4000:]
+  return errors
 
 
 def _state(workdir: str):
@@ -79,3 +81,26 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
   c, _ = _state(resumed)
   assert int(c.step) == 3
   assert [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_two_processes_split_evaluation_and_agree_with_one(tmp_path):
+  """--mode=eval over 2 processes: each samples its share of every batch, the outputs equal one process's."""
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _run(one, steps=1, processes=1)
+  shutil.copytree(one, two)
+  # 5 problems x 2 samples in batches of 4: the last batch is padded, and each process holds 2 rows of a batch.
+  extra = ("--mode=eval", "--config.eval.benchmarks=('math500',)", "--config.eval.max_problems=5",
+           "--config.eval.batch_size=4", "--config.eval.samples.math500=2", "--config.eval.max_new_tokens=12",
+           "--config.data.max_prompt_len=1024")  # math500 prompts are longer than the training fixture's
+  logs_one = _run(one, steps=1, processes=1, extra=extra)
+  logs_two = _run(two, steps=1, processes=2, extra=extra)
+  # 2 batches of 4 prompt rows (the second padded); each process samples only its half of each.
+  assert "this process sampled 8 of 8 prompt rows" in logs_one[0]
+  assert all("this process sampled 4 of 8 prompt rows" in log for log in logs_two)
+  a = json.load(open(os.path.join(one, "eval", "results.json")))["benchmarks"]["math500"]
+  b = json.load(open(os.path.join(two, "eval", "results.json")))["benchmarks"]["math500"]
+  assert a["problems"] == b["problems"] == 5 and a["mean_length"] == b["mean_length"]
+  gen = lambda d: [(r["uid"], r["sample"], r["response"], r["correct"])
+                   for r in map(json.loads, open(os.path.join(d, "eval", "generations.jsonl")))]
+  assert len(gen(one)) == 10 and gen(one) == gen(two)
+  assert len({r[2] for r in gen(one)}) > 1  # rows really differ: a mix-up of rows would show

@@ -63,16 +63,31 @@ def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: j
                                  require_demos=False, drop_remainder=False)
   eos = (int(tokenizer.eos_token_id),)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  # Each process samples and grades its own share of every batch; row ids keep each row's samples what they are
+  # on one process.
+  procs, share = jax.process_count(), e.batch_size // jax.process_count()
+  if share * procs != e.batch_size:
+    raise ValueError(f"eval.batch_size={e.batch_size} does not split over {procs} processes")
+  rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
   correct: list[list[float]] = []
   records: list[dict] = []
+  batches = 0
   for b, (batch, real) in enumerate(_batches(loader, e.batch_size)):
-    out = sampler.sample(params, batch.prompt_ids, batch.prompt_lens, max_len=e.max_new_tokens,
-                         rng=jax.random.fold_in(rng, b), n=n, temperature=e.temperature, top_p=e.top_p,
-                         eos_ids=eos, pad_id=pad)
-    tokens, mask = np.asarray(out.tokens)[:real * n], np.asarray(out.response_mask)[:real * n]
+    batches += 1
+    out = sampler.sample(params, batch.prompt_ids[rows], batch.prompt_lens[rows], max_len=e.max_new_tokens,
+                         rng=jax.random.fold_in(rng, b), n=n, row_ids=np.arange(rows.start, rows.stop),
+                         temperature=e.temperature, top_p=e.top_p, eos_ids=eos, pad_id=pad)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
     texts = decode_responses(tokenizer, tokens, mask)
-    answers = [a for a in batch.answers[:real] for _ in range(n)]
-    scores = rewards.grade_batch(texts, answers, timeout_s=e.grader_timeout_s, workers=e.grader_workers)
+    answers = [a for a in batch.answers[rows] for _ in range(n)]
+    scores = np.asarray(rewards.grade_batch(texts, answers, timeout_s=e.grader_timeout_s,
+                                            workers=e.grader_workers), np.float32)
+    if procs > 1:  # every process ends with every row's outcome
+      from jax.experimental import multihost_utils
+      tokens, mask, scores = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                              for x in (tokens, mask, scores))
+      texts = decode_responses(tokenizer, tokens, mask)
+    tokens, mask, scores, texts = tokens[:real * n], mask[:real * n], scores[:real * n], texts[:real * n]
     for i in range(real):
       correct.append([float(s) for s in scores[i * n:(i + 1) * n]])
       for j in range(n):
@@ -81,6 +96,7 @@ def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: j
                         "length": int(mask[i * n + j].sum())})
     if bar is not None:
       bar.update(real * n)
+  logging.info("eval: this process sampled %d of %d prompt rows", batches * share, batches * e.batch_size)
   return correct, records
 
 
