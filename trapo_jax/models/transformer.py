@@ -192,7 +192,9 @@ class Attention(nn.Module):
       k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype), at)
       v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype), at)
       cache = (k_all, v_all)
-      out = cached_attention(q, k_all[layer], v_all[layer], mask)
+      # The mask may cover only the first slots of the cache (Decoder's `attend`): read no slot beyond it.
+      s = mask.shape[-1]
+      out = cached_attention(q, k_all[layer, :, :, :s], v_all[layer, :, :, :s], mask)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), cache
 
@@ -256,8 +258,12 @@ class Decoder(nn.Module):
       self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """tokens, positions [B, T] int, mask [B, T] bool (real tokens) -> hidden [B, T, D], updated cache."""
+               cache: KVCache | None = None, attend: int | None = None) -> tuple[jax.Array, KVCache | None]:
+    """tokens, positions [B, T] int, mask [B, T] bool (real tokens) -> hidden [B, T, D], updated cache.
+
+    attend: a static bound on the cache slots this call can see (all written slots must lie below it). Decoding
+    is bound by reading the cache, so a sampler that knows how far the cache is filled passes it.
+    """
     cfg = self.cfg
     t = tokens.shape[1]
     x = self.embed(tokens)
@@ -271,7 +277,7 @@ class Decoder(nn.Module):
       layer_caches = (cache.k, cache.v)
     q_slots = write_at + jnp.arange(t)
     blockwise = cache is None and t > cfg.attention_block
-    attn_mask = (kv_valid, q_slots) if blockwise else attention_mask(kv_valid, q_slots)
+    attn_mask = (kv_valid, q_slots) if blockwise else attention_mask(kv_valid[:, :attend], q_slots)
     carry = (x, layer_caches)
     if cfg.scan_layers:
       carry, _ = self.layers(carry, jnp.arange(cfg.num_layers), sin, cos, attn_mask, write_at)

@@ -1,4 +1,4 @@
-"""In-graph sampling: jitted prefill + one `lax.while_loop` decode over a KV cache, with per-row forced prefixes.
+"""In-graph sampling: jitted prefill + `lax.while_loop` decode over a KV cache, with per-row forced prefixes.
 
 Each output row is prompt ⊕ forced expert prefix ⊕ sampled continuation. The prompt and the prefix of a row form its
 *context*; contexts are LEFT-padded into a bucket of width C so that every row's context ends at slot C-1 and all
@@ -18,6 +18,7 @@ after a row's end are `pad_id` and masked out by `response_mask`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax
@@ -27,6 +28,9 @@ import numpy as np
 
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
+
+
+_DECODE_SEGMENTS = 4  # more segments read less cache but compile one more loop body each
 
 
 def bucket(n: int, minimum: int = 16, cap: int | None = None) -> int:
@@ -147,10 +151,7 @@ class Sampler:
     rows = jnp.arange(state.tokens.shape[0])
     eos_ids = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
 
-    def cond(s: _State):
-      return (s.step < budget) & ~jnp.all(s.done)
-
-    def body(s: _State):
+    def body(s: _State, attend: int):
       keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
       tok = sample_logits(keys, s.logits, sp.temperature, sp.top_k, sp.top_p)
       logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits / (sp.temperature or 1.0)), tok[:, None], 1)[:, 0]
@@ -163,13 +164,19 @@ class Sampler:
       hit_eos = live & jnp.isin(tok, eos_ids)
       done = s.done | hit_eos | (lengths >= resp_len)
       hidden, cache = tfm.Decoder(cfg).apply(params, tok[:, None], s.next_pos[:, None], jnp.ones_like(tok[:, None], bool),
-                                             s.cache)
+                                             s.cache, attend=attend)
       logits = jnp.einsum("bd,dv->bv", hidden[:, 0], tfm.unembed(params, cfg).astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
       return _State(step=s.step + 1, cache=cache, logits=logits, next_pos=s.next_pos + 1, tokens=tokens,
                     logprobs=logprobs, lengths=lengths, done=done, eos=s.eos | hit_eos, keys=s.keys)
 
-    s = jax.lax.while_loop(cond, body, state)
+    # A decode step is bound by reading weights and the attended cache. One loop per segment of the budget, each
+    # attending only to the slots filled by its end, reads on average 5/8 of the continuation's slots, not all.
+    width = state.cache.k.shape[3] - budget
+    s = state
+    for stop in sorted({-(-budget * (i + 1) // _DECODE_SEGMENTS) for i in range(_DECODE_SEGMENTS)}):
+      s = jax.lax.while_loop(lambda s, stop=stop: (s.step < stop) & ~jnp.all(s.done),
+                             functools.partial(body, attend=width + stop), s)
     pos = jnp.arange(resp_len)[None]
     out = Rollouts(tokens=s.tokens, prefix_mask=pos < state.lengths[:, None], response_mask=pos < s.lengths[:, None],
                    logprobs=s.logprobs, lengths=s.lengths, eos=s.eos)
