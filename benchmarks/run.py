@@ -68,7 +68,7 @@ def sampler_figures(gpu: bool) -> dict:
   if gpu:
     r = sampler_speed.measure("qwen2_0p5b", batch=64, prompt_len=128, new_tokens=256, repeats=3, dtype="bfloat16")
   else:
-    r = sampler_speed.measure("tiny10m", batch=16, prompt_len=32, new_tokens=128, repeats=3)
+    r = sampler_speed.measure("tiny10m", batch=16, prompt_len=32, new_tokens=128, repeats=5)
   return r
 
 
@@ -227,7 +227,9 @@ def table(result: dict) -> str:
   rows = ["| figure | value | baseline (same run) | ratio |", "|---|---|---|---|",
           f"| sampler decode tokens/s ({s['preset']}, {s['params_m']:.0f}M params, batch {s['batch']}, "
           f"{s['new_tokens']} new, greedy, {s['dtype']}) | {s['jax_tokens_per_s']:.0f} | "
-          f"{_fmt(s['torch_tokens_per_s'], '.0f')} (transformers generate) | {_fmt(s['ratio'], '.2f', 'x')} |"]
+          f"{_fmt(s['torch_tokens_per_s'], '.0f')} (transformers generate) | {_fmt(s['ratio'], '.2f', 'x')}"
+          + (" (median of {}; {:.2f}-{:.2f})".format(s["repeats"], *s["ratio_range"]) if s.get("ratio_range") else "")
+          + " |"]
   if result["suite"] == "gpu":
     r, m = result["sampler_roofline"], result["train_mfu"]
     rows.append(f"| sampler vs HBM roofline | {s['jax_tokens_per_s']:.0f} | {r['bound_tokens_per_s']:.0f} "

@@ -4,7 +4,8 @@
   python -m benchmarks.sampler_speed --preset=qwen2_0p5b --batch=64 --new_tokens=256   # GPU
 
 Greedy decoding with EOS disabled so both generate exactly `new_tokens` tokens per row. Each side is warmed up
-once (compilation / allocator) and timed over `repeats` runs; the figure is generated tokens per second.
+once (compilation / allocator), then the two alternate for `repeats` runs each; the figures are generated tokens per
+second and the median ratio of back-to-back pairs.
 """
 
 from __future__ import annotations
@@ -36,19 +37,18 @@ def model(preset: str, dtype: str) -> tuple[tfm.ModelConfig, dict]:
   return cfg, nn.unbox(jax.jit(lambda: tfm.init_params(cfg, jax.random.key(0)))())
 
 
-def time_jax(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int) -> float:
+def jax_generate(cfg, params, prompts: np.ndarray, new_tokens: int):
+  """A function that runs the sampler once on `prompts` (greedy, exactly `new_tokens` each), warmed up."""
   sampler = Sampler(cfg)
   lens = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
   run = lambda: jax.block_until_ready(sampler.sample(params, prompts, lens, max_len=new_tokens,
                                                      rng=jax.random.key(0), temperature=0.0).tokens)
   run()
-  t = time.perf_counter()
-  for _ in range(repeats):
-    run()
-  return prompts.size // prompts.shape[1] * new_tokens * repeats / (time.perf_counter() - t)
+  return run
 
 
-def time_torch(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int) -> float:
+def torch_generate(cfg, params, prompts: np.ndarray, new_tokens: int):
+  """The same for transformers `generate` on the same weights (saved with `save_hf`), warmed up."""
   import torch
   import transformers
   with tempfile.TemporaryDirectory() as d:
@@ -57,30 +57,44 @@ def time_torch(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int) 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
   ids = torch.tensor(prompts, device=device)
-  run = lambda: m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-  with torch.no_grad():
-    run()
-    t = time.perf_counter()
-    for _ in range(repeats):
-      out = run()
+
+  @torch.no_grad()
+  def run():
+    out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
     if device == "cuda":
       torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t
-  assert out.shape[1] == prompts.shape[1] + new_tokens
-  return prompts.shape[0] * new_tokens * repeats / elapsed
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+
+  run()
+  return run
+
+
+def _seconds(run) -> float:
+  t = time.perf_counter()
+  run()
+  return time.perf_counter() - t
 
 
 def measure(preset: str = "tiny10m", batch: int = 16, prompt_len: int = 32, new_tokens: int = 128,
-            repeats: int = 3, dtype: str = "float32", with_torch: bool = True) -> dict:
+            repeats: int = 5, dtype: str = "float32", with_torch: bool = True) -> dict:
+  """Tokens/s of each side (median over `repeats`) and the median ratio of back-to-back pairs.
+
+  The two sides alternate, run for run, so that a change in the machine's load hits both alike: on a shared
+  machine, timing one side and then the other can move their ratio by 20 %.
+  """
   cfg, params = model(preset, dtype)
   prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
-  ours = time_jax(cfg, params, prompts, new_tokens, repeats)
-  theirs = time_torch(cfg, params, prompts, new_tokens, repeats) if with_torch else None
+  ours = jax_generate(cfg, params, prompts, new_tokens)
+  theirs = torch_generate(cfg, params, prompts, new_tokens) if with_torch else None
+  pairs = [(_seconds(ours), _seconds(theirs) if theirs else None) for _ in range(repeats)]
+  per_s = lambda ts: batch * new_tokens / float(np.median(ts))
   return {"preset": preset, "params_m": cfg.num_params / 1e6, "batch": batch, "prompt_len": prompt_len,
-          "new_tokens": new_tokens, "dtype": dtype, "backend": jax.default_backend(),
-          "jax_tokens_per_s": ours, "torch_tokens_per_s": theirs,
-          "ratio": ours / theirs if theirs else None}
+          "new_tokens": new_tokens, "dtype": dtype, "backend": jax.default_backend(), "repeats": repeats,
+          "jax_tokens_per_s": per_s([a for a, _ in pairs]),
+          "torch_tokens_per_s": per_s([b for _, b in pairs]) if theirs else None,
+          "ratio": float(np.median([b / a for a, b in pairs])) if theirs else None,
+          "ratio_range": [min(b / a for a, b in pairs), max(b / a for a, b in pairs)] if theirs else None}
 
 
 def main(argv):
@@ -92,7 +106,8 @@ def main(argv):
   print(f"  trapo_jax sampler : {r['jax_tokens_per_s']:10.1f} tokens/s")
   if r["torch_tokens_per_s"]:
     print(f"  torch generate    : {r['torch_tokens_per_s']:10.1f} tokens/s")
-    print(f"  ratio             : {r['ratio']:10.2f}x")
+    print(f"  ratio             : {r['ratio']:10.2f}x  (median of {r['repeats']} back-to-back pairs; "
+          f"range {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})")
 
 
 def define_flags():
@@ -101,7 +116,7 @@ def define_flags():
   flags.DEFINE_integer("batch", 16, "Rows.")
   flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
   flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
-  flags.DEFINE_integer("repeats", 3, "Timed runs per side.")
+  flags.DEFINE_integer("repeats", 5, "Timed runs per side.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
   flags.DEFINE_bool("torch", True, "Also time transformers generate.")
 
