@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -146,3 +148,32 @@ def test_two_point_sweep_runs_end_to_end(tmp_path):
   assert "| trapo | 1 |" in table and "| grpo | 1 |" in table
   for point in ("trapo", "grpo"):
     assert os.path.exists(tmp_path / "example_two_points" / point / "eval" / "after" / "results.json")
+
+
+
+def _validated(config: str, overrides: dict) -> None:
+  """Loads a config file, applies a run's overrides as its flags would, and validates the result."""
+  from trapo_jax import config as config_lib
+  spec = importlib.util.spec_from_file_location("sweep_config", os.path.join(ROOT, config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.update_from_flattened_dict(overrides)  # a wrong type raises here, an unknown leaf key in validate
+  config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "sweeps", "*.py"))
+                                        if not p.endswith("__init__.py")), ids=os.path.basename)
+def test_every_shipped_sweep_names_real_config_keys(path):
+  """A mistyped override would fail only when its run starts, maybe an hour into a sweep: catch it here."""
+  points, seeds, common = sweep.load_sweep(path)
+  for run in sweep.expand(points, seeds, "runs/s", common):
+    _validated(run.config, dict(run.overrides))
+
+
+def test_sweep_check_catches_a_mistyped_key():
+  from trapo_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="train.stepz: unknown key"):
+    _validated("experiments/configs/default.py", {"train.stepz": 3})
+  with pytest.raises(TypeError, match="steps"):
+    _validated("experiments/configs/default.py", {"train.steps": "many"})
