@@ -89,12 +89,13 @@ def measure(preset: str = "tiny10m", batch: int = 16, prompt_len: int = 32, new_
   theirs = torch_generate(cfg, params, prompts, new_tokens) if with_torch else None
   pairs = [(_seconds(ours), _seconds(theirs) if theirs else None) for _ in range(repeats)]
   per_s = lambda ts: batch * new_tokens / float(np.median(ts))
+  ratios = [b / a for a, b in pairs] if theirs else None
   return {"preset": preset, "params_m": cfg.num_params / 1e6, "batch": batch, "prompt_len": prompt_len,
           "new_tokens": new_tokens, "dtype": dtype, "backend": jax.default_backend(), "repeats": repeats,
           "jax_tokens_per_s": per_s([a for a, _ in pairs]),
           "torch_tokens_per_s": per_s([b for _, b in pairs]) if theirs else None,
-          "ratio": float(np.median([b / a for a, b in pairs])) if theirs else None,
-          "ratio_range": [min(b / a for a, b in pairs), max(b / a for a, b in pairs)] if theirs else None}
+          "ratio": float(np.median(ratios)) if theirs else None,
+          "ratio_range": [min(ratios), max(ratios)] if theirs else None}
 
 
 def main(argv):

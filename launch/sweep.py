@@ -50,13 +50,19 @@ def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_") or "point"
 
 
+def load_module(path: str):
+  """A Python file (sweep or config) as a fresh module, as config_flags loads a --config file."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_sweep(path: str) -> tuple[list[dict], list[int] | None, dict]:
   """(points, seeds or None, common overrides) of a sweep file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: sweep file not found")
-  spec = importlib.util.spec_from_file_location("trapo_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{path}: defines no get_sweep()")
   points = list(module.get_sweep())
@@ -241,9 +247,7 @@ def header(sweep_path: str, runs: Sequence[Run], common: dict) -> str:
   """What a reader needs to reproduce the table: command, machine, time, and the fixed task/model/budget."""
   import platform
   import jax
-  spec = importlib.util.spec_from_file_location("trapo_sweep_doc", sweep_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(sweep_path)
   cmd = "python launch/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--collect_only")
   lines = [
       f"# Sweep `{sweep_path}`", "",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -150,14 +149,10 @@ def test_two_point_sweep_runs_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "example_two_points" / point / "eval" / "after" / "results.json")
 
 
-
 def _validated(config: str, overrides: dict) -> None:
   """Loads a config file, applies a run's overrides as its flags would, and validates the result."""
   from trapo_jax import config as config_lib
-  spec = importlib.util.spec_from_file_location("sweep_config", os.path.join(ROOT, config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = sweep.load_module(os.path.join(ROOT, config)).get_config()
   cfg.update_from_flattened_dict(overrides)  # a wrong type raises here, an unknown leaf key in validate
   config_lib.validate(cfg)
 
