@@ -29,7 +29,9 @@ class MetricWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    # A non-finite value is left out of the row: JSON has none, and readers take a missing key as undefined.
+    # It is NaN when undefined at this step (expert_prob with no prefix tokens); a non-finite loss shows in `skipped`.
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k, v in row.items():
