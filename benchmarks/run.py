@@ -32,7 +32,8 @@ from absl import app, flags
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which figures to measure.")
 _OUT = flags.DEFINE_string("out", None, "JSON output (default benchmarks/results_<suite>.json).")
-_DOC = flags.DEFINE_string("doc", None, "Also write the table, machine, date and command to this Markdown file.")
+_DOC = flags.DEFINE_string("doc", None, "Also write the table, machine, date and command to this Markdown file "
+                           "(keeping its hand-written part below launch.sweep.NOTES_MARKER).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,8 +213,8 @@ def main(argv):
   md = table(result)
   print("\n" + md + f"\nwrote {path}")
   if _DOC.value:
-    with open(_DOC.value, "w") as f:
-      f.write(document(result, md))
+    from launch.sweep import write_keeping_notes
+    write_keeping_notes(_DOC.value, document(result, md))
     print(f"wrote {_DOC.value}")
 
 

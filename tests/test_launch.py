@@ -136,6 +136,25 @@ def test_collect_table_and_plot(tmp_path):
   assert json.load(open(tmp_path / "out" / "results.json"))["a_b"]["runs"] == 2
 
 
+def test_rewriting_a_report_keeps_its_hand_written_notes(tmp_path):
+  path = str(tmp_path / "report.md")
+  sweep.write_keeping_notes(path, "# table v1\n")
+  with open(path, "a") as f:
+    f.write(f"{sweep.NOTES_MARKER}\n## What this run found\nread by a person\n")
+  sweep.write_keeping_notes(path, "# table v2\n")
+  text = open(path).read()
+  assert text.startswith("# table v2\n") and "v1" not in text
+  assert text.endswith(f"{sweep.NOTES_MARKER}\n## What this run found\nread by a person\n")
+  sweep.write_keeping_notes(str(tmp_path / "new.md"), "# fresh\n")
+  assert open(tmp_path / "new.md").read() == "# fresh\n"
+
+
+def test_header_quotes_the_sweep_docstring_without_running_the_file(tmp_path):
+  path = tmp_path / "doc_sweep.py"
+  path.write_text('"""Why this sweep exists."""\nraise RuntimeError("executed")\n')
+  assert "Why this sweep exists." in sweep.header(str(path), [], {})
+
+
 @pytest.mark.slow
 def test_two_point_sweep_runs_end_to_end(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
