@@ -1,6 +1,8 @@
-"""TRAPO against GRPO at 2.5x the paper-table budget: does the gap at 40 steps close, hold or turn?
+"""TRAPO against GRPO, LUFFY and its own weakest trust region at 2.5x the paper-table budget: does the order at
+40 steps hold?
 
 Same task, base policy and settings as experiments/sweeps/paper_table.py, but 100 steps × 8 prompts; 3 seeds each.
+At 40 steps GRPO, LUFFY and TRAPO with alpha = 1.0 were all above TRAPO with the official alpha = 0.1.
 
   python launch/sweep.py --sweep=experiments/sweeps/longer_budget.py --results_md=docs/results_longer_budget.md
 """
@@ -19,4 +21,6 @@ def get_sweep():
   return [
       {"name": "TRAPO", "config": c + "default.py"},
       {"name": "GRPO", "config": c + "grpo.py"},
+      {"name": "LUFFY", "config": c + "luffy.py"},
+      {"name": "TRAPO_alpha1.0", "config": c + "default.py", "loss.alpha": 1.0},
   ]
