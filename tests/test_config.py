@@ -83,3 +83,16 @@ def test_override_reaches_the_config():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["3e-06", "(4,", "2,", "2)", "trapo"]
+
+
+def test_sft_then_rl_splits_the_overridden_budget_in_half():
+  # A sweep sets train.steps on the command line; the SFT phase must follow it, unless it is set itself.
+  code = ("import sys; from trapo_jax import main; main.parse_flags(sys.argv); c = main._CONFIG.value;"
+          "print(c.train.steps, c.train.sft_steps)")
+  run = lambda *args: subprocess.run([sys.executable, "-c", code, "--config=experiments/configs/sft_then_rl.py", *args],
+                                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  for args, expected in ((["--config.train.steps=40"], ["40", "20"]),
+                         (["--config.train.steps=40", "--config.train.sft_steps=5"], ["40", "5"])):
+    out = run(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == expected

@@ -6,5 +6,6 @@ from experiments.configs import default
 def get_config():
   c = default.get_config()
   c.algo = "sft_then_rl"
-  c.train.sft_steps = c.train.steps // 2
+  # A reference, not a number: `--config.train.steps=N` (as a sweep passes it) moves the split to N // 2 too.
+  c.train.sft_steps = c.train.get_ref("steps") // 2
   return c
