@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from trapo_jax import algorithms
 from trapo_jax import config as config_lib
-from trapo_jax import losses
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
 from trapo_jax.train import state as state_lib
@@ -30,8 +30,11 @@ QWEN25_MATH_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=189
                       tie_embeddings=False, max_position_embeddings=16384, model_type="qwen2")
 
 
-def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None):
-  """(compiled step, seconds to compile, micro-batch layout) for abstract 7B inputs on all devices."""
+def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None, phase=None):
+  """(compiled step, seconds to compile, micro-batch layout) for abstract 7B inputs on all devices.
+
+  phase: one of the configured method's phases (default: its phase at step 0).
+  """
   config_lib.validate(cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg,
                       num_devices=jax.device_count())
   mesh = sharding.make_mesh(cfg)
@@ -51,7 +54,8 @@ def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None):
   rep = sharding.replicated(mesh)
   state = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
                                opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
-  rows = cfg.train.batch_prompts * cfg.rollout.n
+  phase = phase or algorithms.from_config(cfg).phase_at(cfg, 0)
+  rows = cfg.train.batch_prompts * phase.rows_per_prompt
   t = seq_len or cfg.data.max_prompt_len + cfg.data.max_response_len
   lb = cfg.data.max_response_len
   mb = step_lib.micro_batch_rows(rows, t, cfg.train.micro_batch_tokens, sharding.local_batch_shards(mesh))
@@ -59,15 +63,16 @@ def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None):
   spec = dict(seq_tokens=((nm, mb, t), jnp.int32), seq_mask=((nm, mb, t), jnp.bool_), resp_start=((nm, mb), jnp.int32),
               resp_tokens=((nm, mb, lb), jnp.int32), prefix_mask=((nm, mb, lb), jnp.bool_),
               off_loss_mask=((nm, mb, lb), jnp.bool_), response_mask=((nm, mb, lb), jnp.bool_),
-              advantages=((nm, mb), jnp.float32))
+              advantages=((nm, mb), jnp.float32), rewards=((nm, mb), jnp.float32), kind=((nm, mb), jnp.int32))
   batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=step_lib.micro_batch_sharding(mesh, len(shape)))
            for k, (shape, dt) in spec.items()}
-  fn = jax.jit(functools.partial(step_lib.train_step, tx=tx, model_cfg=model_cfg,
-                                 loss_cfg=losses.LossConfig.from_config(cfg.loss, cfg.data.max_response_len),
-                                 chunk_size=cfg.train.logprob_chunk), donate_argnums=(0,))
+  fn = jax.jit(functools.partial(step_lib.train_step, tx=tx, model_cfg=model_cfg, objective=phase.objective,
+                                 chunk_size=cfg.train.logprob_chunk, temperature=phase.temperature),
+               donate_argnums=(0,))
+  weights = jax.ShapeDtypeStruct((len(phase.objective.terms),), jnp.float32, sharding=rep)
   start = time.perf_counter()
   with sharding.activate(mesh):
-    compiled = fn.lower(state, batch).compile()
+    compiled = fn.lower(state, batch, weights).compile()
   return compiled, time.perf_counter() - start, dict(rows=rows, micro_batches=nm, rows_per_micro_batch=mb, seq=t,
                                                        params_b=model_cfg.num_params / 1e9)
 

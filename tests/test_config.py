@@ -36,11 +36,13 @@ def _retype(cfg, path: str, value):
     (lambda c: _retype(c, "model.hidden_size", "big"), "model.hidden_size: expected int, got str"),
     (lambda c: _retype(c, "train.steps", 2.5), "train.steps: expected int, got float"),
     (lambda c: _retype(c, "loss.use_std", 1), "loss.use_std: expected bool, got int"),
-    (lambda c: c.__setitem__("algo", "ppo"), "algo: must be one of"),
-    (lambda c: c.rollout.__setitem__("stages", (4, 2, 1)), "rollout.stages: sizes (4, 2, 1) must sum to rollout.n=8"),
+    (lambda c: c.__setitem__("algo", "ppo"), "algo: unknown method 'ppo' (registered: grpo, luffy, sft, "),
+    (lambda c: c.trapo.__setitem__("stages", (4, 2, 1)), "trapo.stages: sizes (4, 2, 1) must sum to rollout.n=8"),
     (lambda c: c.mesh.__setitem__("tensor", 3), "mesh: (1, -1, 3) cannot fill 8 devices"),
     (lambda c: (c.mesh.__setitem__("fsdp", 2), c.mesh.__setitem__("data", 2)), "mesh: shape (2, 2, 1) needs 4"),
-    (lambda c: c.loss.__setitem__("prefix_loss", "kl"), "loss.prefix_loss: must be one of"),
+    (lambda c: c.trapo.__setitem__("prefix_loss", "kl"), "trapo.prefix_loss: must be one of"),
+    (lambda c: c.__setitem__("algo", "luffy") or c.luffy.__setitem__("gamma", 0.0), "luffy.gamma: must be > 0"),
+    (lambda c: c.__setitem__("algo", "luffy") or c.rollout.__setitem__("n", 1), "rollout.n: luffy needs"),
     (lambda c: c.data.__setitem__("source", "demos"), "data.path: data.source='demos' needs a path"),
     (lambda c: c.model.__setitem__("num_kv_heads", 3), "model.num_kv_heads: must divide num_heads=4"),
 ])
@@ -77,9 +79,9 @@ def test_main_exits_with_one_line_naming_the_key(args, message):
 
 def test_override_reaches_the_config():
   # config_flags registers overrides from sys.argv when the flag is defined, so this runs in a fresh interpreter.
-  code = ("import sys; sys.argv = ['prog', '--config.optim.lr=3e-6', '--config.rollout.stages=(4,2,2)'];"
+  code = ("import sys; sys.argv = ['prog', '--config.optim.lr=3e-6', '--config.trapo.stages=(4,2,2)'];"
           "from trapo_jax import main; main.parse_flags(sys.argv); c = main._CONFIG.value;"
-          "print(c.optim.lr, tuple(c.rollout.stages), c.algo)")
+          "print(c.optim.lr, tuple(c.trapo.stages), c.algo)")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["3e-06", "(4,", "2,", "2)", "trapo"]
@@ -87,12 +89,14 @@ def test_override_reaches_the_config():
 
 def test_sft_then_rl_splits_the_overridden_budget_in_half():
   # A sweep sets train.steps on the command line; the SFT phase must follow it, unless it is set itself.
-  code = ("import sys; from trapo_jax import main; main.parse_flags(sys.argv); c = main._CONFIG.value;"
-          "print(c.train.steps, c.train.sft_steps)")
+  code = ("import sys; from trapo_jax import main, algorithms; main.parse_flags(sys.argv); c = main._CONFIG.value;"
+          "m = algorithms.from_config(c); print(c.train.steps, m.sft_steps_of(c),"
+          "[m.phase_at(c, s).name for s in (0, m.sft_steps_of(c) - 1, m.sft_steps_of(c))])")
   run = lambda *args: subprocess.run([sys.executable, "-c", code, "--config=experiments/configs/sft_then_rl.py", *args],
                                      cwd=ROOT, capture_output=True, text=True, timeout=120)
-  for args, expected in ((["--config.train.steps=40"], ["40", "20"]),
-                         (["--config.train.steps=40", "--config.train.sft_steps=5"], ["40", "5"])):
+  for args, expected in ((["--config.train.steps=40"], ["40", "20", "['sft',", "'sft',", "'rl']"]),
+                         (["--config.train.steps=40", "--config.sft_then_rl.sft_steps=5"],
+                          ["40", "5", "['sft',", "'sft',", "'rl']"])):
     out = run(*args)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,7 +138,8 @@ def _advantages_ref(rewards, groups, use_std, eps=1e-6):
   for g in set(groups.tolist()):
     idx = groups == g
     r = np.float64(rewards[idx])
-    if len(r) == 1:
+    if len(r) == 1:  # the official estimator: mean 0, std 1
+      out[idx] = r / (1 + eps) if use_std else r
       continue
     c = r - r.mean()
     out[idx] = c / (r.std(ddof=1) + eps) if use_std else c
@@ -148,9 +151,11 @@ def test_group_advantages(use_std):
   groups = np.array([3, 0, 3, 5, 0, 3, 0, 7, 3, 0])  # arbitrary ids and order; group 5 and 7 have one member
   rewards = RNG.integers(0, 2, len(groups)).astype(np.float32)
   rewards[[0, 2, 5, 8]] = [1, 0, 1, 1]
+  rewards[[3, 7]] = [1, 0]
   got = losses.group_advantages(jnp.asarray(rewards), jnp.asarray(groups), use_std=use_std)
   np.testing.assert_allclose(got, _advantages_ref(rewards, groups, use_std), rtol=1e-5, atol=1e-6)
-  assert float(got[3]) == 0.0 and float(got[7]) == 0.0
+  # A group of one keeps its reward as advantage (the official behaviour), not 0.
+  assert float(got[3]) == pytest.approx(1.0, rel=1e-5) and float(got[7]) == 0.0
   assert jax.jit(lambda r, g: losses.group_advantages(r, g, use_std=use_std))(rewards, groups).shape == (10,)
 
 
@@ -166,7 +171,7 @@ def test_aggregate_modes():
     losses.aggregate(x, m, "sum", 10)
 
 
-# ---------------------------------------------------------------------------------------------- trapo_loss
+# ---------------------------------------------------------------------------------------------- the objective
 
 L = 8
 # One prompt, 8 samples: 4 pure, 2 with a 25% prefix (2 tokens; only the second imitated), 1 with a 50% prefix
@@ -175,6 +180,7 @@ LENS = [8, 5, 8, 8, 8, 6, 7, 6]
 PREFIX = [0, 0, 0, 0, 2, 2, 4, 6]
 IMITATED = [False] * 5 + [True, True, True]
 REWARDS = [1, 0, 0, 0, 0, 1, 1, 1]  # mean 0.5 -> advantages +-0.5
+KINDS = [losses.ROW_OWN] * 4 + [losses.ROW_GUIDED] * 3 + [losses.ROW_DEMO]
 
 
 def _hand_batch():
@@ -195,11 +201,33 @@ def _hand_batch():
           np.array(REWARDS, np.float32) - 0.5)
 
 
-def test_trapo_loss_by_hand():
-  logp, entropy, prefix, off, response, adv = _hand_batch()
-  cfg = losses.LossConfig(max_len=L, seq_scale=8.0)
-  loss, m = losses.trapo_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(entropy), jnp.asarray(adv),
-                              jnp.asarray(prefix), jnp.asarray(off), jnp.asarray(response), cfg)
+def _inputs(logp, entropy, prefix, off, response, adv, old=None):
+  return losses.TokenInputs(logp=jnp.asarray(logp), old_logp=jax.lax.stop_gradient(jnp.asarray(logp if old is None
+                                                                                                 else old)),
+                            entropy=jnp.asarray(entropy), advantages=jnp.asarray(adv),
+                            rewards=jnp.asarray(REWARDS, jnp.float32), kind=jnp.asarray(KINDS, jnp.int32),
+                            prefix_mask=jnp.asarray(prefix), off_loss_mask=jnp.asarray(off),
+                            response_mask=jnp.asarray(response))
+
+
+def _trapo(prefix_term=None, aggregation="seq_sum_over_max_len", entropy_coef=0.001, clip_eps=None):
+  prefix_term = prefix_term or losses.Term("trsft", "imitated", "trsft", params=(("alpha", 0.1),),
+                                           aggregation=aggregation)
+  return losses.Objective(terms=(prefix_term,
+                                 losses.Term("pg", "own", "policy_gradient", aggregation=aggregation,
+                                             params=(("clip_eps", clip_eps),)),
+                                 losses.Term("entropy", "response", "entropy", weight=-entropy_coef,
+                                             aggregation="token_mean")),
+                          max_len=L, seq_scale=8.0)
+
+
+def _loss(objective, *batch, step=0):
+  return losses.objective_loss(_inputs(*batch), objective, objective.weights_at(step))
+
+
+def test_trapo_objective_by_hand():
+  logp, entropy, prefix, off, response, adv = batch = _hand_batch()
+  loss, m = _loss(_trapo(), *batch)
   # PG part: -A on every own token (ratio 1). Own tokens per sample: 8, 5, 8, 8, 6, 4, 3, 0.
   own = [8, 5, 8, 8, 8 - 2, 6 - 2, 7 - 4, 0]
   pg_sum = sum(-a * n for a, n in zip(adv, own))  # = -(0.5*8) + 0.5*(5+8+8+6) - 0.5*(4+3) = -4 + 13.5 - 3.5 = 6
@@ -208,11 +236,11 @@ def test_trapo_loss_by_hand():
   # sample 7 (p=0.2): 6 tokens of -1. Sample 4's prefix gets nothing.
   prefix_sum = -2.0 - 4 * 0.5 - 6.0
   # Normaliser: sum / (L_max * B) * seq_scale = sum / (8 * 8) * 8 = sum / 8.
-  assert float(m["pg_loss"]) == pytest.approx(pg_sum / 8, rel=1e-6)
-  assert float(m["prefix_loss"]) == pytest.approx(prefix_sum / 8, rel=1e-6)
+  assert float(m["loss/pg"]) == pytest.approx(pg_sum / 8, rel=1e-6)
+  assert float(m["loss/trsft"]) == pytest.approx(prefix_sum / 8, rel=1e-6)
   # Entropy: token mean over all 56 response tokens (8 of sample 0 at 1.0, 48 at 2.0).
   mean_h = (8 * 1.0 + 48 * 2.0) / 56
-  assert float(m["entropy"]) == pytest.approx(mean_h, rel=1e-6)
+  assert float(m["entropy"]) == pytest.approx(mean_h, rel=1e-6) == float(m["loss/entropy"])
   assert float(loss) == pytest.approx((pg_sum + prefix_sum) / 8 - 0.001 * mean_h, rel=1e-6)
   # Expert-token probability over the 12 imitated tokens: (2*0.5 + 4*0.05 + 6*0.2) / 12; below alpha: 4 of 12.
   assert float(m["expert_prob"]) == pytest.approx((1.0 + 0.2 + 1.2) / 12, rel=1e-5)
@@ -220,9 +248,7 @@ def test_trapo_loss_by_hand():
   assert float(m["num_prefix_tokens"]) == 12 and float(m["num_own_tokens"]) == sum(own)
   # Gradient w.r.t. logp: -A/8 on own tokens, TrSFT/8 on imitated tokens, 0 on sample 4's prefix and on padding
   # (the entropy is an input here, so it contributes no gradient).
-  g = np.asarray(jax.grad(lambda x: losses.trapo_loss(x, jax.lax.stop_gradient(x), jnp.asarray(entropy),
-                                                      jnp.asarray(adv), jnp.asarray(prefix), jnp.asarray(off),
-                                                      jnp.asarray(response), cfg)[0])(jnp.asarray(logp)))
+  g = np.asarray(jax.grad(lambda x: _loss(_trapo(), x, *batch[1:])[0])(jnp.asarray(logp)))
   expected = np.zeros((8, L))
   for i in range(8):
     for t in range(LENS[i]):
@@ -234,41 +260,63 @@ def test_trapo_loss_by_hand():
   np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_trapo_loss_variants():
-  logp, entropy, prefix, off, response, adv = _hand_batch()
-  args = [jnp.asarray(x) for x in (logp, logp, entropy, adv, prefix, off, response)]
-  base = dict(max_len=L, seq_scale=8.0, entropy_coef=0.0)
+def test_objective_variants():
+  logp, entropy, prefix, off, response, adv = batch = _hand_batch()
   # Plain SFT on the prefix (ablation): -log p on imitated tokens.
-  _, m = losses.trapo_loss(*args, losses.LossConfig(prefix_loss="sft", **base))
+  _, m = _loss(_trapo(losses.Term("sft", "imitated", "nll")), *batch)
   ref = -(2 * np.log(0.5) + 4 * np.log(0.05) + 6 * np.log(0.2)) / 8
-  assert float(m["prefix_loss"]) == pytest.approx(ref, rel=1e-5)
+  assert float(m["loss/sft"]) == pytest.approx(ref, rel=1e-5)
+  assert "expert_frac_below_alpha" not in m  # no trust region to be below
   # LUFFY shaping: -A p/(p+0.1) on imitated tokens (advantages +0.5 for samples 5, 6, 7).
-  _, m = losses.trapo_loss(*args, losses.LossConfig(prefix_loss="luffy", **base))
+  _, m = _loss(_trapo(losses.Term("luffy", "imitated", "luffy_shaped", params=(("gamma", 0.1),))), *batch)
   ref = -0.5 * (2 * 0.5 / 0.6 + 4 * 0.05 / 0.15 + 6 * 0.2 / 0.3) / 8
-  assert float(m["prefix_loss"]) == pytest.approx(ref, rel=1e-5)
-  # GRPO: no prefixes at all -> PG on every response token; prefix part zero.
-  no = jnp.zeros_like(args[4])
-  loss, m = losses.trapo_loss(*args[:4], no, no, args[6], losses.LossConfig(prefix_loss="none", **base))
-  assert float(m["prefix_loss"]) == 0.0
-  assert float(loss) == pytest.approx(sum(-a * n for a, n in zip(adv, LENS)) / 8, rel=1e-6)
-  # Token-mean aggregation (SFT configuration): the mean over the 56 response tokens, no seq_scale.
-  loss, _ = losses.trapo_loss(*args[:4], args[6], args[6], args[6],
-                              losses.LossConfig(prefix_loss="sft", aggregation="token_mean", max_len=L,
-                                                entropy_coef=0.0))
+  assert float(m["loss/luffy"]) == pytest.approx(ref, rel=1e-5)
+  # No prefixes at all (GRPO's rows) -> PG on every response token.
+  no = np.zeros_like(prefix)
+  grpo = losses.Objective(terms=_trapo().terms[1:], max_len=L, seq_scale=8.0)
+  loss, m = _loss(grpo, logp, entropy, no, no, response, adv)
+  assert float(loss) == pytest.approx(sum(-a * n for a, n in zip(adv, LENS)) / 8 - 0.001 * float(m["entropy"]), rel=1e-6)
+  # Token-mean NLL on whole demonstrations (SFT): the mean over the 56 response tokens, no seq_scale.
+  sft = losses.Objective(terms=(losses.Term("nll", "imitated", "nll", aggregation="token_mean"),), max_len=L)
+  loss, _ = _loss(sft, logp, entropy, response, response, response, adv)
   assert float(loss) == pytest.approx(-np.float64(logp)[response].mean(), rel=1e-5)
+  # The demonstration rows only, token mean over their own tokens ("over": "selected"): row 7's 6 tokens.
+  demo = losses.Objective(terms=(losses.Term("d", "demo_rows", "nll", aggregation="token_mean", over="selected"),))
+  loss, _ = _loss(demo, *batch)
+  assert float(loss) == pytest.approx(-np.log(0.2), rel=1e-5)
   # PPO clip changes nothing when the ratio is 1.
-  l1, _ = losses.trapo_loss(*args, losses.LossConfig(clip_eps=0.2, **base))
-  l0, _ = losses.trapo_loss(*args, losses.LossConfig(**base))
-  assert float(l1) == pytest.approx(float(l0))
+  assert float(_loss(_trapo(clip_eps=0.2), *batch)[0]) == pytest.approx(float(_loss(_trapo(), *batch)[0]))
 
 
-def test_loss_config_from_experiment_config():
-  from trapo_jax import config as config_lib
-  c = config_lib.base_config()
-  lc = losses.LossConfig.from_config(c.loss, 8192)
-  assert lc == losses.LossConfig()  # the schema's defaults are the official ones
-  c.loss.clip_eps = 0.2
-  assert losses.LossConfig.from_config(c.loss, 16).clip_eps == 0.2
+def test_weight_schedule_is_an_input_not_a_constant():
+  """A scheduled weight is evaluated on the host per step and fed to one compiled function: no recompilation."""
+  batch = _hand_batch()
+
+  @dataclasses.dataclass(frozen=True)
+  class Halving:
+    def __call__(self, step):
+      return 0.5 ** step
+
+  obj = losses.Objective(terms=(losses.Term("sft", "imitated", "nll", weight=Halving()),), max_len=L)
+  traces = []
+
+  @jax.jit
+  def f(w):
+    traces.append(1)
+    return losses.objective_loss(_inputs(*batch), obj, w)[0]
+
+  values = [float(f(obj.weights_at(step))) for step in range(3)]
+  assert len(traces) == 1
+  np.testing.assert_allclose(values, [values[0], values[0] / 2, values[0] / 4], rtol=1e-6)
+
+
+def test_terms_that_cannot_be_evaluated_are_named():
+  with pytest.raises(ValueError, match="term 'x': tokens 'nowhere' is unknown"):
+    losses.check_term(losses.Term("x", "nowhere", "nll"))
+  with pytest.raises(ValueError, match="term 'x': loss 'kl' is unknown"):
+    losses.check_term(losses.Term("x", "own", "kl"))
+  with pytest.raises(ValueError, match="term 'x': aggregation 'sum' is unknown"):
+    losses.check_term(losses.Term("x", "own", "nll", aggregation="sum"))
 
 
 def test_sharded_equals_unsharded():
@@ -281,11 +329,14 @@ def test_sharded_equals_unsharded():
   response = jnp.asarray(np.arange(t)[None] < RNG.integers(6, t + 1, (b, 1)))
   off = prefix & jnp.asarray(RNG.random((b, 1)) < 0.5)
   adv = jnp.asarray(RNG.normal(size=(b,)), jnp.float32)
-  cfg = losses.LossConfig(max_len=t)
+  objective = dataclasses.replace(_trapo(), max_len=t)
 
   def f(h, w):
     logp, ent = losses.token_logprobs(h, w, targets, chunk_size=5)
-    return losses.trapo_loss(logp, jax.lax.stop_gradient(logp), ent, adv, prefix, off, response, cfg)[0]
+    x = losses.TokenInputs(logp=logp, old_logp=jax.lax.stop_gradient(logp), entropy=ent, advantages=adv,
+                           rewards=jnp.zeros(b), kind=jnp.zeros(b, jnp.int32), prefix_mask=prefix, off_loss_mask=off,
+                           response_mask=response)
+    return losses.objective_loss(x, objective, objective.weights_at(0))[0]
 
   step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
   ref_val, ref_grad = step(hidden, unembed)

@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from trapo_jax import losses
 from trapo_jax.sampling import microgroup
-from trapo_jax.train import rollout
+from trapo_jax.sampling import rollout
 
 SPLIT = 99  # the "\n\n" token id of these tests
 
@@ -126,6 +127,9 @@ def test_layouts_from_scripted_rewards(name):
   assert [c["n"] for c in calls] == [4, 2, 1, 1]
   assert rb.tokens.shape == (8, L) and rb.group_ids.tolist() == [0] * 8
   np.testing.assert_array_equal(rb.rewards, np.concatenate(script))
+  # Row kinds follow the ratios: own rollouts, guided continuations, the whole demonstration.
+  assert rb.kind.tolist() == [losses.ROW_OWN if r == 0 else losses.ROW_DEMO if r == 1 else losses.ROW_GUIDED
+                              for r in ratios]
   # Prefix lengths: 25% of 16 -> thr 4, split at 7 < 8.8 -> 8 tokens; 50% -> thr 8, split at 11 < 12.8 -> 12.
   expected_k = {0.0: 0, 0.25: 8, 0.5: 12, 1.0: 6}
   for row, ratio in enumerate(ratios):
@@ -175,9 +179,13 @@ def test_luffy_and_grpo_plans():
 
 
 def test_demo_batch_for_sft():
-  rb = rollout.demo_batch(_batch(2), max_len=10)
+  rb = rollout.demo_batch(_batch(2), which=(0, 1), max_len=10)
   assert rb.tokens.shape == (4, 10)
   np.testing.assert_array_equal(rb.tokens[0], DEMO0[:10])  # truncated to the response width
   np.testing.assert_array_equal(rb.tokens[1, :6], DEMO1)
+  assert (rb.kind == losses.ROW_DEMO).all()
+  one = rollout.demo_batch(_batch(2), max_len=10)  # one demonstration per problem by default (SFT)
+  assert one.tokens.shape == (2, 10) and one.group_ids.tolist() == [0, 1]
+  np.testing.assert_array_equal(one.tokens[1], DEMO0[:10])
   np.testing.assert_array_equal(rb.prefix_mask, rb.response_mask)
   np.testing.assert_array_equal(rb.off_loss_mask, rb.response_mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -15,10 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import numerics
+from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 from trapo_jax.data import synthetic
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import state as state_lib
+from trapo_jax.train import step as step_lib
 from trapo_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +33,7 @@ ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sf
 def tiny(cfg, workdir: str, steps: int = 3):
   """A config shrunk to a random 1-layer model on the demonstration fixture, a few seconds a step."""
   with cfg.unlocked():
-    cfg.mesh.update(data=1, fsdp=4, tensor=2)  # 4 batch shards: the 4 SFT rows of 2 prompts split evenly
+    cfg.mesh.update(data=1, fsdp=4, tensor=2)
     cfg.model.hf_dir = ""
     cfg.model.tokenizer_dir = synthetic.TOKENIZER_DIR
     cfg.model.update(vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -38,7 +42,10 @@ def tiny(cfg, workdir: str, steps: int = 3):
                     data_dir=os.path.join(workdir, "tfds"))
     cfg.train.update(steps=steps, batch_prompts=2, ckpt_every=1, micro_batch_tokens=256, logprob_chunk=8)
     if cfg.algo == "sft_then_rl":
-      cfg.train.sft_steps = 1
+      cfg.sft_then_rl.sft_steps = 1
+    # Every phase's rows must split over the 4 batch shards: 2 prompts do unless a phase has 1 row per prompt.
+    if any(p.rows_per_prompt % 2 for p in algorithms.from_config(cfg).phases(cfg)):
+      cfg.train.batch_prompts = 4
     cfg.optim.lr = 1e-2
     cfg.eval.update(at_start=False, at_end=False, every=0, grader_timeout_s=5.0)
   config_lib.validate(cfg, num_devices=jax.device_count())
@@ -135,8 +142,10 @@ def test_non_finite_update_is_skipped(tmp_path):
   batch = dict(seq_tokens=jnp.ones((m, mb, t), jnp.int32), seq_mask=jnp.ones((m, mb, t), bool),
                resp_start=jnp.full((m, mb), 8, jnp.int32), resp_tokens=jnp.ones((m, mb, lb), jnp.int32),
                prefix_mask=jnp.zeros((m, mb, lb), bool), off_loss_mask=jnp.zeros((m, mb, lb), bool),
-               response_mask=jnp.ones((m, mb, lb), bool), advantages=jnp.full((m, mb), jnp.nan))
-  step = trainer._jit_step(ctx, "rl")
+               response_mask=jnp.ones((m, mb, lb), bool), advantages=jnp.full((m, mb), jnp.nan),
+               rewards=jnp.zeros((m, mb)), kind=jnp.zeros((m, mb), jnp.int32))
+  phase = ctx.method.phase_at(cfg, 0)
+  step = functools.partial(trainer.jit_step(ctx, phase), weights=phase.objective.weights_at(0))
   new, metrics = step(state, batch)
   assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
   after = jax.device_get(new)
@@ -149,11 +158,17 @@ def test_non_finite_update_is_skipped(tmp_path):
   assert not np.array_equal(jax.device_get(new.params)["params"]["norm"]["scale"], before.params["params"]["norm"]["scale"])
 
 
-def test_micro_batches_report_the_batch_metrics(tmp_path):
-  """Split into 2 micro-batches, of which only one holds expert tokens, a step reports what 1 micro-batch does."""
+def test_micro_batches_accumulate_the_batch_gradient(tmp_path):
+  """Split into 2 micro-batches, of which only one holds expert tokens, a step computes the gradient and reports
+  the metrics of 1 micro-batch.
+
+  The comparison is of gradients, before the optimizer: AdamW's first step is lr * g / (|g| + eps), which turns the
+  last bits of a near-zero gradient into an update anywhere between 0 and lr, so updated parameters cannot tell a
+  right accumulation from another machine's summation order.
+  """
   cfg = tiny(_config("default"), str(tmp_path))
   ctx = trainer.build_context(cfg, str(tmp_path))
-  state = jax.device_get(state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx))
+  params = jax.device_get(state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx).params)
   rng = np.random.default_rng(0)
   n, t, lb = 8, 16, 8
   prefix = np.zeros((n, lb), bool)
@@ -161,22 +176,41 @@ def test_micro_batches_report_the_batch_metrics(tmp_path):
   rows = dict(seq_tokens=rng.integers(1, 300, (n, t)).astype(np.int32), seq_mask=np.ones((n, t), bool),
               resp_start=np.full((n,), 8, np.int32), resp_tokens=rng.integers(1, 300, (n, lb)).astype(np.int32),
               prefix_mask=prefix, off_loss_mask=prefix, response_mask=np.ones((n, lb), bool),
-              advantages=rng.normal(size=n).astype(np.float32))
-  step = trainer._jit_step(ctx, "rl")
-  out = {}
-  for m in (1, 2):
-    batch = {k: jnp.asarray(v.reshape(m, n // m, *v.shape[1:])) for k, v in rows.items()}
-    new, metrics = step(jax.device_put(state), batch)
-    out[m] = jax.device_get((new.params, metrics))
-  for k in ("expert_prob", "expert_frac_below_alpha", "own_prob", "loss", "num_prefix_tokens", "num_own_tokens"):
-    np.testing.assert_allclose(out[2][1][k], out[1][1][k], rtol=1e-5, err_msg=k)
-  assert float(out[1][1]["num_prefix_tokens"]) == 12 and 0 < float(out[1][1]["expert_prob"]) < 1
-  # Same objective, so the same update; AdamW's first step is lr * g / (|g| + eps), which turns the rounding of
-  # near-zero gradients into ~1e-6 differences at lr 1e-2 (a wrong gradient would differ by ~lr).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out[1][0], out[2][0])
+              advantages=rng.normal(size=n).astype(np.float32), rewards=np.zeros(n, np.float32),
+              kind=np.zeros(n, np.int32))
+  phase = ctx.method.phase_at(cfg, 0)
+  grads_of = jax.jit(functools.partial(step_lib.accumulate_gradients, weights=phase.objective.weights_at(0),
+                                       model_cfg=ctx.model_cfg, objective=phase.objective,
+                                       chunk_size=cfg.train.logprob_chunk))
+  split = lambda m, sel=slice(None): {k: jnp.asarray(v[sel].reshape(m, -1, *v.shape[1:])) for k, v in rows.items()}
+  out = {m: jax.device_get(grads_of(params, split(m))) for m in (1, 2)}
+  # Each row alone: the batch gradient is the mean of these. Every element of a weight's gradient adds up one
+  # contribution per position of every sequence (n * t); their magnitudes are taken to be at most the largest
+  # element of the rows' gradients over that weight (a contribution is an activation times a cotangent, of one
+  # scale across a weight), so two orders differ by at most float32_sum_bound of it.
+  per_row = [jax.device_get(grads_of(params, split(1, slice(r, r + 1)))[0]) for r in range(n)]
+  scale = jax.tree.map(lambda *g: max(float(np.abs(x).max()) for x in g), *per_row)
+  for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(out[1][0]), jax.tree.leaves(out[2][0]),
+                             jax.tree.leaves(scale)):
+    diff = float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+    assert diff <= numerics.float32_sum_bound(s, n * t), f"{jax.tree_util.keystr(path)}: 1 vs 2 micro-batches " \
+                                                            f"differ by {diff:.3g}, beyond the float32 bound"
+  # The loss and the token-weighted means are sums over the 64 response tokens (and the 2 micro-batches). The loss
+  # adds -A per own token and at most 1 in magnitude per imitated token, each / (L_max * rows) * seq_scale.
+  m1, m2 = out[1][1], out[2][1]
+  own_terms = np.abs(rows["advantages"]) * (~prefix).sum(1)
+  magnitude = (own_terms.sum() + prefix.sum()) / (cfg.data.max_response_len * n) * cfg.loss.seq_scale
+  for k, terms in (("loss", [magnitude, cfg.loss.entropy_coef * m1["entropy"]]),
+                   ("expert_prob", [m1["expert_prob"]]), ("expert_frac_below_alpha", [m1["expert_frac_below_alpha"]]),
+                   ("own_prob", [m1["own_prob"]])):
+    assert abs(float(m2[k]) - float(m1[k])) <= numerics.float32_sum_bound(terms, n * lb), k
+  for k in ("num_prefix_tokens", "num_own_tokens"):
+    assert float(m2[k]) == float(m1[k]), k
+  assert float(m1["num_prefix_tokens"]) == 12 and 0 < float(m1["expert_prob"]) < 1
   # Without expert tokens the expert figures are undefined, not 0.
-  _, metrics = step(jax.device_put(state), {k: jnp.asarray(v[None]) if k not in ("prefix_mask", "off_loss_mask")
-                                            else jnp.zeros((1, n, lb), bool) for k, v in rows.items()})
+  no_expert = {k: jnp.asarray(v[None]) if k not in ("prefix_mask", "off_loss_mask") else jnp.zeros((1, n, lb), bool)
+               for k, v in rows.items()}
+  _, metrics = grads_of(params, no_expert)
   assert np.isnan(float(metrics["expert_prob"])) and float(metrics["num_prefix_tokens"]) == 0
 
 

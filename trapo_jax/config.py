@@ -2,26 +2,26 @@
 
 Experiment files (`experiments/configs/*.py`) start from `base_config()` and change values; `validate()` rejects a
 key the schema does not have, a value of the wrong type, and values that cannot work together, naming the key.
+Besides the groups below, every registered method (trapo_jax/algorithms/) contributes its own group `<name>`.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-ALGOS = ("trapo", "grpo", "luffy", "sft", "sft_then_rl")
-PREFIX_LOSSES = ("trsft", "sft", "luffy", "none")
-AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean")
+from trapo_jax import algorithms
+from trapo_jax import losses
+from trapo_jax import sharding
+from trapo_jax.errors import ConfigError, require as _require  # noqa: F401  (ConfigError: part of this module's API)
+
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-
-
-class ConfigError(ValueError):
-  """A config key has a value that cannot work; the message starts with the key."""
+mesh_shape = sharding.mesh_shape
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algo = "trapo"
+  c.algo = "trapo"  # a registered method: trapo_jax.algorithms.names()
   c.seed = 0
 
   # The policy. `hf_dir` loads a Hugging Face checkpoint; empty means a random model of the sizes below.
@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
       head_dim=16,
       rope_theta=10000.0,
       rms_norm_eps=1e-6,
-      tie_embeddings=True,
+      tie_embeddings=False,
       qkv_bias=True,
       max_position_embeddings=4096,
       dtype="float32",  # compute dtype
@@ -62,23 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_seed=0,
   ))
 
-  # Rollouts and the micro-group schedule (spec §2).
+  # Sampling of rollouts (the micro-group schedule is a method's: see the `trapo` group).
   c.rollout = ml_collections.ConfigDict(dict(
-      n=8,  # samples per prompt
-      stages=(4, 2, 1, 1),
-      thresholds=(2, 4, 7),  # level rises after stage s if the cumulative reward < thresholds[s]
-      prefix_ratios=(0.25, 0.5, 1.0),  # prefix ratio at levels 1, 2, 3
-      cut_window=0.3,
-      fixed_prefix_ratio=-1.0,  # ablation: >= 0 gives every guided sample this ratio instead of adaptive levels
-      temperature=1.0,
+      n=8,  # rows per prompt
+      temperature=1.0,  # also divides the logits of the update's log-probs, as the official actor
       top_p=1.0,
       top_k=-1,
   ))
 
+  # What every RL objective shares (docs/algorithm.md, "Normalisation"); each method adds its own terms.
   c.loss = ml_collections.ConfigDict(dict(
-      prefix_loss="trsft",  # trsft | sft | luffy | none: the loss on expert-prefix tokens
-      alpha=0.1,  # TrSFT trust region
-      luffy_gamma=0.1,
       clip_eps=-1.0,  # PPO clip; < 0 = no clip (official)
       entropy_coef=0.001,
       aggregation="seq_sum_over_max_len",
@@ -95,12 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_prompts=8,
       micro_batch_tokens=32768,  # token budget of one gradient-accumulation micro-batch
       logprob_chunk=1024,  # chunk over T for token log-probs/entropy
-      sft_steps=0,  # sft_then_rl: steps of SFT before RL
       ckpt_every=100,
       keep_checkpoints=3,
-      log_every=1,
       max_bad_steps=5,  # consecutive non-finite updates before the run stops
-      dump_token_probs=False,
+      dump_token_probs=False,  # write each step's expert/own token probabilities (token_probs/, the paper's figure)
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -123,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=1, process_id=0,
   ))
+  for name in algorithms.names():
+    c[name] = algorithms.get(name).config_group()
   return c
 
 
@@ -149,33 +142,10 @@ def _check_same_schema(cfg, schema, prefix: str) -> None:
       raise ConfigError(f"{path}: expected {type(ref).__name__}, got {type(value).__name__} ({value!r})")
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
-  if not cond:
-    raise ConfigError(f"{key}: {msg}")
-
-
-def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with a -1 entry resolved to the devices left over."""
-  shape = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-  _require(shape.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {tuple(shape)}")
-  for name, s in zip(("data", "fsdp", "tensor"), shape):
-    _require(s == -1 or s >= 1, f"mesh.{name}", f"must be >= 1 or -1, got {s}")
-  known = 1
-  for s in shape:
-    known *= s if s > 0 else 1
-  if -1 in shape:
-    _require(num_devices % known == 0, "mesh",
-             f"{tuple(shape)} cannot fill {num_devices} devices")
-    shape[shape.index(-1)] = num_devices // known
-  _require(shape[0] * shape[1] * shape[2] == num_devices, "mesh",
-           f"shape {tuple(shape)} needs {shape[0] * shape[1] * shape[2]} devices, {num_devices} present")
-  return tuple(shape)
-
-
 def validate(cfg, num_devices: int | None = None) -> None:
   """Raises ConfigError naming the first offending key."""
   _check_same_schema(cfg, base_config(), "")
-  _require(cfg.algo in ALGOS, "algo", f"must be one of {ALGOS}, got {cfg.algo!r}")
+  method = algorithms.get(cfg.algo).from_config(cfg)
   m = cfg.model
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
   _require(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
@@ -186,14 +156,6 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"must divide num_heads={m.num_heads}")
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
       _require(m[k] >= 1, f"model.{k}", "must be >= 1")
-  if num_devices is not None:
-    data, fsdp, _ = mesh_shape(cfg, num_devices)
-    rows = {cfg.train.batch_prompts * (2 if cfg.algo == "sft" else cfg.rollout.n)}
-    if cfg.algo == "sft_then_rl":
-      rows.add(cfg.train.batch_prompts * 2)
-    for r in sorted(rows):
-      _require(r % (data * fsdp) == 0, "train.batch_prompts",
-               f"{r} sequences per step do not split over the {data * fsdp} batch shards (mesh data x fsdp)")
   d = cfg.data
   _require(d.source in ("synthetic", "demos"), "data.source", "must be synthetic or demos")
   _require(d.source != "demos" or bool(d.path), "data.path", "data.source='demos' needs a path")
@@ -202,23 +164,11 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
   _require(d.max_response_len >= 2, "data.max_response_len", "must be >= 2")
   r = cfg.rollout
-  _require(len(r.stages) >= 1 and all(s >= 1 for s in r.stages), "rollout.stages", "must be positive sizes")
-  if cfg.algo == "trapo":
-    _require(sum(r.stages) == r.n, "rollout.stages", f"sizes {tuple(r.stages)} must sum to rollout.n={r.n}")
-    _require(len(r.thresholds) == len(r.stages) - 1, "rollout.thresholds",
-             f"needs one threshold per stage boundary ({len(r.stages) - 1})")
-    _require(len(r.prefix_ratios) == len(r.stages) - 1, "rollout.prefix_ratios",
-             f"needs one ratio per level ({len(r.stages) - 1})")
-  _require(all(0.0 <= x <= 1.0 for x in r.prefix_ratios), "rollout.prefix_ratios", "must lie in [0, 1]")
-  _require(r.fixed_prefix_ratio <= 1.0, "rollout.fixed_prefix_ratio", "must be <= 1")
   _require(r.temperature > 0, "rollout.temperature", "must be > 0")
   _require(0 < r.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
   _require(r.n >= 1, "rollout.n", "must be >= 1")
   lc = cfg.loss
-  _require(lc.prefix_loss in PREFIX_LOSSES, "loss.prefix_loss", f"must be one of {PREFIX_LOSSES}")
-  _require(lc.aggregation in AGGREGATIONS, "loss.aggregation", f"must be one of {AGGREGATIONS}")
-  _require(lc.alpha > 0, "loss.alpha", "must be > 0")
-  _require(lc.luffy_gamma > 0, "loss.luffy_gamma", "must be > 0")
+  _require(lc.aggregation in losses.AGGREGATIONS, "loss.aggregation", f"must be one of {losses.AGGREGATIONS}")
   o = cfg.optim
   _require(o.lr > 0, "optim.lr", "must be > 0")
   _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -230,11 +180,14 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(t.logprob_chunk >= 1, "train.logprob_chunk", "must be >= 1")
   _require(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
   _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-  _require(t.sft_steps >= 0, "train.sft_steps", "must be >= 0")
-  _require(cfg.algo != "sft_then_rl" or t.sft_steps > 0, "train.sft_steps", "sft_then_rl needs sft_steps > 0")
   e = cfg.eval
   for name in e.benchmarks:
     _require(name in e.samples, "eval.benchmarks", f"no sample count for {name!r} in eval.samples")
   _require(e.temperature >= 0, "eval.temperature", "must be >= 0")
   _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
   _require(e.template in ("train", "eval", "eval_official"), "eval.template", "must be train, eval or eval_official")
+  # The method last: its checks may read any key above.
+  method.check(cfg)
+  if num_devices is not None:
+    data, fsdp, _ = mesh_shape(cfg, num_devices)
+    algorithms.base.check_rows(cfg, method.phases(cfg), data * fsdp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +150,7 @@ def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, use_std: bool 
   """rewards [N], group ids [N] (ints in [0, N)) -> reward minus its group mean [N] (GRPO, spec §1.2).
 
   With use_std, divided by (group std + eps); the std is unbiased (ddof=1) as torch.std in the official code. A
-  group of one gets 0.
+  group of one keeps its reward (the official estimator takes mean 0 and std 1 for it).
   """
   rewards = rewards.astype(jnp.float32)
   n = rewards.shape[0]
@@ -157,10 +158,15 @@ def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, use_std: bool 
   mean = jax.ops.segment_sum(rewards, group_ids, num_segments=n) / jnp.maximum(count, 1.0)
   centred = rewards - mean[group_ids]
   size = count[group_ids]
+  std = jnp.ones_like(rewards)
   if use_std:
     var = jax.ops.segment_sum(centred ** 2, group_ids, num_segments=n)[group_ids] / jnp.maximum(size - 1.0, 1.0)
-    centred = centred / (jnp.sqrt(var) + eps)
-  return jnp.where(size > 1, centred, 0.0)
+    std = jnp.where(size > 1, jnp.sqrt(var), 1.0)
+    centred = centred / (std + eps)
+  return jnp.where(size > 1, centred, rewards / (std + eps) if use_std else rewards)
+
+
+AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean")
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) -> jax.Array:
@@ -186,40 +192,109 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The combined objective.
+# The objective: a sum of per-token terms (docs/algorithm.md, "The objective").
+#
+# A term is a token selector (which tokens of which rows), a per-token loss, a weight and an aggregation. Methods
+# (trapo_jax/algorithms/) list their terms; this module evaluates them. Selectors read only data: the token masks
+# and each row's kind, never the method.
+
+ROW_OWN, ROW_GUIDED, ROW_DEMO = 0, 1, 2  # a rollout of the model's own; one continuing an expert prefix; a whole demo
+ROW_KINDS = {"own": ROW_OWN, "guided": ROW_GUIDED, "demo": ROW_DEMO}
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  prefix_loss: str = "trsft"  # trsft | sft | luffy | none: the loss on expert-prefix tokens
-  alpha: float = 0.1
-  luffy_gamma: float = 0.1
-  clip_eps: float | None = None
-  entropy_coef: float = 0.001
+class TokenInputs:
+  """What a per-token loss or a selector may read; token arrays are response-aligned [B, T], row arrays [B]."""
+  logp: jax.Array  # log pi_theta(y_t) at the sampling temperature (carries the gradient)
+  old_logp: jax.Array  # the same, stop-gradient: the policy that sampled the batch (one update per batch)
+  entropy: jax.Array
+  advantages: jax.Array  # [B]
+  rewards: jax.Array  # [B]
+  kind: jax.Array  # [B] int: ROW_OWN | ROW_GUIDED | ROW_DEMO
+  prefix_mask: jax.Array  # expert tokens given, not generated
+  off_loss_mask: jax.Array  # expert tokens chosen for imitation (one prefix imitated once per micro-group)
+  response_mask: jax.Array
+
+
+SELECTORS = {
+    # Tokens the model generated itself (the continuation of a guided row included).
+    "own": lambda x: x.response_mask & ~x.prefix_mask,
+    # Expert tokens chosen for imitation: guided prefixes and whole demonstrations.
+    "imitated": lambda x: x.response_mask & x.prefix_mask & x.off_loss_mask,
+    "response": lambda x: x.response_mask,
+    "demo_rows": lambda x: x.response_mask & (x.kind == ROW_DEMO)[:, None],
+}
+
+
+def _policy_gradient(x: TokenInputs, clip_eps: float | None = None) -> jax.Array:
+  return policy_gradient_loss(x.logp, x.old_logp, x.advantages[:, None], clip_eps=clip_eps)
+
+
+TOKEN_LOSSES = {
+    "policy_gradient": _policy_gradient,
+    "trsft": lambda x, alpha: trsft_loss(x.logp, alpha),
+    "nll": lambda x: sft_loss(x.logp),
+    "luffy_shaped": lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma),
+    "entropy": lambda x: x.entropy,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One term of an objective: weight * aggregate(loss on the selected tokens).
+
+  tokens: a SELECTORS key. loss: a TOKEN_LOSSES key, called with `params` as keyword arguments. weight: a number,
+  or a schedule (a hashable callable of the optimizer step) evaluated on the host and fed to the jitted step as an
+  array, so a changing weight never recompiles. aggregation: see `aggregate`; "seq_sum_over_max_len" is also
+  multiplied by the run's `seq_scale`. over: which tokens count in a token mean's denominator: "response" (all
+  response tokens of the micro-batch, as the official combined loss tensor) or "selected" (the term's own).
+  """
+  name: str
+  tokens: str
+  loss: str
+  weight: float | Callable[[int], float] = 1.0
   aggregation: str = "seq_sum_over_max_len"
-  max_len: int = 8192
+  over: str = "response"
+  params: tuple[tuple[str, Any], ...] = ()
+
+  def weight_at(self, step: int) -> float:
+    return float(self.weight(step) if callable(self.weight) else self.weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The terms of one training phase and the normaliser they share."""
+  terms: tuple[Term, ...]
+  max_len: int = 8192  # L_max of the seq_sum_over_max_len aggregation
   seq_scale: float = 8.0  # official: sum / (L_max * 8) over 64 sequences = 8 x the sequence mean of sum / L_max
 
-  @classmethod
-  def from_config(cls, loss_cfg, max_len: int) -> "LossConfig":
-    """From the `loss` group of an experiment config and the response length L_max."""
-    return cls(prefix_loss=loss_cfg.prefix_loss, alpha=float(loss_cfg.alpha), luffy_gamma=float(loss_cfg.luffy_gamma),
-               clip_eps=None if loss_cfg.clip_eps < 0 else float(loss_cfg.clip_eps),
-               entropy_coef=float(loss_cfg.entropy_coef), aggregation=loss_cfg.aggregation, max_len=int(max_len),
-               seq_scale=float(loss_cfg.seq_scale))
+  def weights_at(self, step: int) -> jax.Array:
+    """[num_terms] float32: each term's weight at optimizer step `step` (an input of the jitted step)."""
+    return jnp.asarray([t.weight_at(step) for t in self.terms], jnp.float32)
 
 
-def prefix_token_loss(logp: jax.Array, advantages: jax.Array, cfg: LossConfig) -> jax.Array:
-  """The loss on imitated expert-prefix tokens, per cfg.prefix_loss. advantages [B, 1]."""
-  if cfg.prefix_loss == "trsft":
-    return trsft_loss(logp, cfg.alpha)  # weight +1: the sample's advantage is ignored (spec §1.1)
-  if cfg.prefix_loss == "sft":
-    return sft_loss(logp)
-  if cfg.prefix_loss == "luffy":
-    return luffy_offpolicy_loss(logp, advantages, cfg.luffy_gamma)
-  if cfg.prefix_loss == "none":
-    return jnp.zeros_like(logp)
-  raise ValueError(f"prefix_loss {cfg.prefix_loss!r} is unknown")
+def check_term(term: Term) -> None:
+  """ValueError naming the field of `term` that cannot be evaluated."""
+  for field, table in (("tokens", SELECTORS), ("loss", TOKEN_LOSSES)):
+    if getattr(term, field) not in table:
+      raise ValueError(f"term {term.name!r}: {field} {getattr(term, field)!r} is unknown (known: {', '.join(table)})")
+  if term.aggregation not in AGGREGATIONS:
+    raise ValueError(f"term {term.name!r}: aggregation {term.aggregation!r} is unknown "
+                     f"(known: {', '.join(AGGREGATIONS)})")
+  if term.over not in ("response", "selected"):
+    raise ValueError(f"term {term.name!r}: over {term.over!r} must be 'response' or 'selected'")
+
+
+def term_value(x: TokenInputs, term: Term, max_len: int, seq_scale: float) -> jax.Array:
+  """aggregate(loss on the selected tokens), unweighted (scalar)."""
+  selected = SELECTORS[term.tokens](x)
+  per_token = TOKEN_LOSSES[term.loss](x, **dict(term.params))
+  scale = seq_scale if term.aggregation == "seq_sum_over_max_len" else 1.0
+  # Reduced over the response mask (unless `over` says otherwise), as the official combined pg_losses tensor:
+  # every aggregation is linear in the per-token values for a fixed mask, so terms add up to the aggregate of
+  # their sum.
+  over = x.response_mask if term.over == "response" else selected
+  return scale * aggregate(jnp.where(selected, per_token, 0.0), over, term.aggregation, max_len)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -227,40 +302,34 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def trapo_loss(logp: jax.Array, old_logp: jax.Array, entropy: jax.Array, advantages: jax.Array,
-               prefix_mask: jax.Array, off_loss_mask: jax.Array, response_mask: jax.Array,
-               cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The step objective (spec §1.3) over response-aligned [B, T] arrays and per-sequence advantages [B].
+def objective_loss(x: TokenInputs, objective: Objective,
+                   weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """sum_i weights[i] * term_i over response-aligned [B, T] inputs -> (loss, metrics).
 
-  pg_losses = prefix_loss * (off_loss_mask * prefix_mask) + policy_gradient * (1 - prefix_mask), masked by the
-  response mask and aggregated; minus entropy_coef x the token-mean entropy of all response tokens. Prefix tokens
-  with off_loss_mask = 0 get no loss. GRPO: no prefixes; LUFFY: prefix_loss="luffy" on the whole demo sample;
-  SFT: prefix_mask = off_loss_mask = response_mask with prefix_loss="sft".
+  Metrics: each term's unweighted value (`loss/<name>`), the token-mean entropy, and the probabilities the policy
+  gives imitated expert tokens and its own tokens (token counts alongside, so means over micro-batches weight
+  them by tokens).
   """
-  resp = response_mask.astype(bool)
-  prefix = prefix_mask.astype(bool) & resp
-  imitated = prefix & off_loss_mask.astype(bool)
-  own = resp & ~prefix
-  adv = advantages.astype(jnp.float32)[:, None]
-  off = prefix_token_loss(logp, adv, cfg)
-  on = policy_gradient_loss(logp, old_logp, adv, clip_eps=cfg.clip_eps)
-  scale = cfg.seq_scale if cfg.aggregation == "seq_sum_over_max_len" else 1.0
-  # Both parts are reduced over the response mask, as the official combined pg_losses tensor: every aggregation is
-  # linear in the per-token values for a fixed mask, so the two parts add up to the aggregate of their sum.
-  prefix_part = scale * aggregate(jnp.where(imitated, off, 0.0), resp, cfg.aggregation, cfg.max_len)
-  pg_part = scale * aggregate(jnp.where(own, on, 0.0), resp, cfg.aggregation, cfg.max_len)
-  mean_entropy = _masked_mean(entropy, resp)
-  loss = prefix_part + pg_part - cfg.entropy_coef * mean_entropy
-  p = jnp.exp(jax.lax.stop_gradient(logp))
-  metrics = {
+  x = dataclasses.replace(x, prefix_mask=x.prefix_mask.astype(bool) & x.response_mask.astype(bool),
+                          off_loss_mask=x.off_loss_mask.astype(bool), response_mask=x.response_mask.astype(bool))
+  loss = None
+  metrics = {}
+  for i, term in enumerate(objective.terms):
+    value = term_value(x, term, objective.max_len, objective.seq_scale)
+    metrics[f"loss/{term.name}"] = value
+    loss = weights[i] * value if loss is None else loss + weights[i] * value
+  imitated, own = SELECTORS["imitated"](x), SELECTORS["own"](x)
+  p = jnp.exp(jax.lax.stop_gradient(x.logp))
+  metrics.update({
       "loss": loss,
-      "pg_loss": pg_part,
-      "prefix_loss": prefix_part,
-      "entropy": jax.lax.stop_gradient(mean_entropy),
+      "entropy": jax.lax.stop_gradient(_masked_mean(x.entropy, x.response_mask)),
       "expert_prob": _masked_mean(p, imitated),
-      "expert_frac_below_alpha": _masked_mean((p < cfg.alpha).astype(jnp.float32), imitated),
       "own_prob": _masked_mean(p, own),
       "num_prefix_tokens": jnp.sum(imitated.astype(jnp.float32)),
       "num_own_tokens": jnp.sum(own.astype(jnp.float32)),
-  }
+  })
+  # The share of imitated tokens outside TrSFT's trust region (the paper's training-dynamics figure).
+  alphas = [dict(t.params)["alpha"] for t in objective.terms if t.loss == "trsft"]
+  if alphas:
+    metrics["expert_frac_below_alpha"] = _masked_mean((p < alphas[0]).astype(jnp.float32), imitated)
   return loss, metrics

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from trapo_jax import config as config_lib
+from trapo_jax.errors import ConfigError, require
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -35,14 +35,29 @@ DEFAULT_RULES = (
 )
 
 
+def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) from `cfg.mesh`, a -1 entry resolved to the devices left over."""
+  shape = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  require(shape.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {tuple(shape)}")
+  for name, s in zip(MESH_AXES, shape):
+    require(s == -1 or s >= 1, f"mesh.{name}", f"must be >= 1 or -1, got {s}")
+  known = int(np.prod([s for s in shape if s > 0]))
+  if -1 in shape:
+    require(num_devices % known == 0, "mesh", f"{tuple(shape)} cannot fill {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  require(int(np.prod(shape)) == num_devices, "mesh",
+          f"shape {tuple(shape)} needs {int(np.prod(shape))} devices, {num_devices} present")
+  return tuple(shape)
+
+
 def make_mesh(cfg=None, devices: Sequence[jax.Device] | None = None,
               shape: tuple[int, int, int] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (all by default), shaped by `cfg.mesh` or `shape`."""
   devices = list(jax.devices() if devices is None else devices)
   if shape is None:
-    shape = config_lib.mesh_shape(cfg, len(devices)) if cfg is not None else (1, len(devices), 1)
+    shape = mesh_shape(cfg, len(devices)) if cfg is not None else (1, len(devices), 1)
   if int(np.prod(shape)) != len(devices):
-    raise config_lib.ConfigError(f"mesh: shape {shape} needs {int(np.prod(shape))} devices, {len(devices)} present")
+    raise ConfigError(f"mesh: shape {shape} needs {int(np.prod(shape))} devices, {len(devices)} present")
   if len(devices) == len(jax.devices()):
     # Let JAX order the devices for the physical topology (ICI rings on TPU, NVLink on GPU).
     # Auto axes: XLA's partitioner propagates shardings from the inputs and the logical constraints.

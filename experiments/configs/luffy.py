@@ -1,4 +1,4 @@
-"""LUFFY on the default synthetic task (spec §5): 7 rollouts + the whole demo #1, advantage x p/(p+0.1) on it."""
+"""LUFFY on the default synthetic task (docs/algorithm.md#luffy): 7 rollouts + one whole demonstration per prompt."""
 
 from experiments.configs import default
 
@@ -6,5 +6,4 @@ from experiments.configs import default
 def get_config():
   c = default.get_config()
   c.algo = "luffy"
-  c.loss.prefix_loss = "luffy"
   return c

@@ -1,4 +1,4 @@
-"""SFT on the default synthetic task: token-mean NLL on both expert demos of every prompt."""
+"""SFT on the default synthetic task (docs/algorithm.md#sft): token-mean NLL on one whole demonstration per prompt."""
 
 from experiments.configs import default
 

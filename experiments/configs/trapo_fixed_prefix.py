@@ -5,5 +5,5 @@ from experiments.configs import default
 
 def get_config():
   c = default.get_config()
-  c.rollout.fixed_prefix_ratio = 0.5
+  c.trapo.fixed_prefix_ratio = 0.5
   return c

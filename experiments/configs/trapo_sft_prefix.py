@@ -5,5 +5,5 @@ from experiments.configs import default
 
 def get_config():
   c = default.get_config()
-  c.loss.prefix_loss = "sft"
+  c.trapo.prefix_loss = "sft"
   return c

@@ -22,5 +22,5 @@ def get_sweep():
       {"name": "TRAPO", "config": c + "default.py"},
       {"name": "GRPO", "config": c + "grpo.py"},
       {"name": "LUFFY", "config": c + "luffy.py"},
-      {"name": "TRAPO_alpha1.0", "config": c + "default.py", "loss.alpha": 1.0},
+      {"name": "TRAPO_alpha1.0", "config": c + "default.py", "trapo.alpha": 1.0},
   ]

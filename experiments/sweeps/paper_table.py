@@ -30,7 +30,7 @@ def get_sweep():
       {"name": "LUFFY", "config": c + "luffy.py"},
       {"name": "TRAPO_sft_on_prefix", "config": c + "trapo_sft_prefix.py"},
       {"name": "TRAPO_fixed_50pct_prefix", "config": c + "trapo_fixed_prefix.py"},
-      {"name": "TRAPO_alpha0.02", "config": c + "default.py", "loss.alpha": 0.02},
-      {"name": "TRAPO_alpha0.3", "config": c + "default.py", "loss.alpha": 0.3},
-      {"name": "TRAPO_alpha1.0", "config": c + "default.py", "loss.alpha": 1.0},
+      {"name": "TRAPO_alpha0.02", "config": c + "default.py", "trapo.alpha": 0.02},
+      {"name": "TRAPO_alpha0.3", "config": c + "default.py", "trapo.alpha": 0.3},
+      {"name": "TRAPO_alpha1.0", "config": c + "default.py", "trapo.alpha": 1.0},
   ]

@@ -7,8 +7,9 @@
 - OpenR1-Math: `problem`, `answer`, `generations` (the R1 solutions), optional `correctness_math_verify` (only the
   generations it marks correct are kept), optional `uuid`.
 
-Each solution becomes its thought (`extract_thought`). A row's `uid` is its index in the source (rows numbered across
-files in name order for a directory): unique per prompt, so GRPO groups never merge (spec §2 "Groups/uids").
+Solutions are stored whole; a method takes the part it trains on (`demo_text`) when batches are built. A row's `uid`
+is its index in the source (rows numbered across files in name order for a directory): unique per prompt, so GRPO
+groups never merge (spec §2 "Groups/uids").
 Rows that cannot be used are skipped and reported together in one warning per build.
 """
 
@@ -70,6 +71,26 @@ def extract_thought(solution: str) -> str:
   if match:
     return match.group(1).strip()
   return solution.split("</think>", 1)[0].strip().removeprefix("<think>").strip()
+
+
+DEMO_FORMS = ("thought", "response", "response_after_think")
+_THINK_OPEN = "<think>\n"
+
+
+def demo_text(solution: str, form: str) -> str:
+  """The text of a demonstration that a method's rows hold (docs/algorithm.md, "Demonstrations").
+
+  thought: `extract_thought` (TRAPO's prefixes and full expert sample); response: the whole solution, thought and
+  what follows it (LUFFY's target); response_after_think: the same without a leading "<think>\n" (the SFT target,
+  and LUFFY's when the prompt already opens the thought).
+  """
+  if form == "thought":
+    return extract_thought(solution)
+  if form == "response":
+    return solution
+  if form == "response_after_think":
+    return solution.removeprefix(_THINK_OPEN)
+  raise ValueError(f"demonstration form {form!r} is unknown (known: {', '.join(DEMO_FORMS)})")
 
 
 def source_files(path: str) -> list[str]:
@@ -170,10 +191,9 @@ def _solutions(value: Any, correct: Any) -> list[str]:
     value = [s for s, ok in zip(value, correct) if ok]
   if len(value) < MIN_SOLUTIONS:
     raise _BadRow(f"fewer than {MIN_SOLUTIONS} solutions")
-  thoughts = [extract_thought(s) for s in value]
-  if not all(thoughts):
+  if not all(extract_thought(s) for s in value):
     raise _BadRow("empty solution")
-  return thoughts
+  return list(value)
 
 
 def _source_id(value: Any) -> str:
@@ -273,8 +293,9 @@ def demos_config(path: str) -> DemosConfig:
 class Demos(ArrayRecordBuilder):
   """Problems with ≥2 expert solutions from a local parquet/jsonl source; one split, "train"."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "TRAPO/verl and OpenR1-Math layouts; thoughts extracted from <think> tags."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "TRAPO/verl and OpenR1-Math layouts; thoughts extracted from <think> tags.",
+                   "2.0.0": "Whole solutions stored (thought and answer); the thought is taken when batches are built."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({

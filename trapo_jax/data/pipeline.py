@@ -26,7 +26,7 @@ class Example:
   uid: int
   problem: str
   answer: str
-  demos: tuple[str, ...] = ()  # empty for benchmark rows
+  demos: tuple[str, ...] = ()  # whole solutions (demos.demo_text takes a part); empty for benchmark rows
   level: int = 0  # difficulty, where the dataset has one (synthetic task)
 
 
@@ -90,7 +90,7 @@ class PromptBatch:
   uids: np.ndarray  # [G] int64
   prompt_ids: np.ndarray  # [G, P] int32
   prompt_lens: np.ndarray  # [G] int32
-  demo_ids: np.ndarray  # [G, 2, Ld] int32: demo #0 (partial prefixes), demo #1 (full expert sample), EOS appended
+  demo_ids: np.ndarray  # [G, 2, Ld] int32: demos #0 and #1 in the run's form (demos.demo_text), EOS appended
   demo_lens: np.ndarray  # [G, 2] int32, EOS included; 0 where an example has no such demo
   answers: list[str]
   problems: list[str]
@@ -101,12 +101,12 @@ class PromptLoader:
 
   Training (`drop_remainder=True`): each epoch is a fresh permutation and its last incomplete batch is dropped.
   Evaluation (`require_demos=False, drop_remainder=False`): one pass; in source order when `seed` is None; the last
-  batch may be smaller.
+  batch may be smaller. `demo_form`: the part of each demonstration the batches hold (demos.demo_text).
   """
 
   def __init__(self, examples: Sequence[Example], tokenizer, *, batch_size: int, max_prompt_len: int,
                max_response_len: int, template: str, seed: int | None, require_demos: bool = True,
-               drop_remainder: bool = True):
+               drop_remainder: bool = True, demo_form: str = "thought"):
     if batch_size < 1 or max_prompt_len < 1 or max_response_len < 1:
       raise ValueError(f"batch_size ({batch_size}), max_prompt_len ({max_prompt_len}) and max_response_len "
                        f"({max_response_len}) must be positive")
@@ -119,6 +119,9 @@ class PromptLoader:
       for e in examples:
         if len(e.demos) < 2:
           raise ValueError(f"example uid {e.uid}: has {len(e.demos)} demonstrations, needs 2")
+    if demo_form not in demos_lib.DEMO_FORMS:
+      raise ValueError(f"demo_form {demo_form!r} is unknown (known: {', '.join(demos_lib.DEMO_FORMS)})")
+    self.demo_form = demo_form
     self._tokenizer = tokenizer
     self.batch_size = batch_size
     self.max_prompt_len = max_prompt_len
@@ -174,8 +177,9 @@ class PromptLoader:
     return self._batch(rows)
 
   def _demo_ids(self, examples: Sequence[Example]) -> list[list[np.ndarray]]:
-    """Per example, demos #0 and #1 tokenised alone, truncated to max_response_len - 1, EOS appended."""
-    texts = [d for e in examples for d in e.demos[:2]]
+    """Per example, demos #0 and #1 in the loader's form, tokenised alone, truncated to max_response_len - 1, EOS
+    appended."""
+    texts = [demos_lib.demo_text(d, self.demo_form) for e in examples for d in e.demos[:2]]
     ids = iter(self._tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     out = []
     for e in examples:

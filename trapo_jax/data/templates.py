@@ -31,3 +31,9 @@ def format_prompt(problem: str, template: str) -> str:
   if template not in TEMPLATES:
     raise ValueError(f"template {template!r} is unknown (known: {', '.join(TEMPLATES)})")
   return TEMPLATES[template].replace(_PLACEHOLDER, problem, 1)
+
+
+def opens_think(template: str) -> bool:
+  """Whether the prompt under `template` already opens the thought ("<think>\n" at its end): a demonstration that
+  starts with one then continues it instead of repeating it."""
+  return format_prompt("", template).endswith("<think>\n")

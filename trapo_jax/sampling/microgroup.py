@@ -64,6 +64,16 @@ class Plan:
     return sum(self.stages)
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoRows:
+  """Rows that are demonstrations as whole responses, nothing sampled or graded (SFT): `which` of each prompt."""
+  which: tuple[int, ...] = (0,)
+
+  @property
+  def n(self) -> int:
+    return len(self.which)
+
+
 def stage_ratios(plan: Plan, stage: int, levels: np.ndarray) -> np.ndarray:
   """Prefix ratio per prompt for 0-based `stage` given current levels [G]; 0 means a pure rollout."""
   if stage == 0 or plan.mode == "none":

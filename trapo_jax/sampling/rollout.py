@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from trapo_jax import losses
 from trapo_jax.sampling import microgroup
 
 
@@ -28,6 +29,7 @@ class RolloutBatch:
   stage: np.ndarray  # [N] int32
   ratio: np.ndarray  # [N] float32: prefix ratio of the row's stage (0 = pure, 1 = full expert)
   levels: np.ndarray  # [G, stages] int32: guidance level of each stage
+  kind: np.ndarray  # [N] int32: losses.ROW_OWN | ROW_GUIDED | ROW_DEMO
 
   @property
   def lengths(self) -> np.ndarray:
@@ -39,6 +41,11 @@ class RolloutBatch:
 SampleFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 # grade_fn(tokens [M, L], response_mask [M, L], answers list[str] of length M) -> rewards [M]
 GradeFn = Callable[[np.ndarray, np.ndarray, list], np.ndarray]
+
+
+def row_kinds(ratio: np.ndarray) -> np.ndarray:
+  """[N] prefix ratios -> row kinds: 0 is the model's own rollout, a ratio >= 1 a whole demonstration."""
+  return np.where(ratio <= 0, losses.ROW_OWN, np.where(ratio >= 1, losses.ROW_DEMO, losses.ROW_GUIDED)).astype(np.int32)
 
 
 def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn,
@@ -71,7 +78,8 @@ def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn
   merged = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
   n = plan.n
   return RolloutBatch(prompt_ids=np.repeat(batch.prompt_ids, n, 0), prompt_lens=np.repeat(batch.prompt_lens, n),
-                      group_ids=np.repeat(np.arange(g, dtype=np.int32), n), levels=np.stack(level_log, 1), **merged)
+                      group_ids=np.repeat(np.arange(g, dtype=np.int32), n), levels=np.stack(level_log, 1),
+                      kind=row_kinds(merged["ratio"]), **merged)
 
 
 def _offsets(plan: microgroup.Plan, g: int) -> list[int]:
@@ -79,8 +87,11 @@ def _offsets(plan: microgroup.Plan, g: int) -> list[int]:
   return list(np.cumsum([0] + sizes[:-1]))
 
 
-def demo_batch(batch, which: tuple[int, ...] = (0, 1), max_len: int | None = None) -> RolloutBatch:
-  """Expert demos as whole responses (SFT): every token is a prefix token that gets the prefix loss."""
+def demo_batch(batch, which: tuple[int, ...] = (0,), max_len: int | None = None) -> RolloutBatch:
+  """Expert demos as whole responses, nothing sampled (SFT): every token is an expert token chosen for imitation.
+
+  `which`: the demonstrations of each prompt that become rows, in this order.
+  """
   g, _, width = batch.demo_ids.shape
   max_len = max_len or width
   k = len(which)
@@ -96,4 +107,4 @@ def demo_batch(batch, which: tuple[int, ...] = (0, 1), max_len: int | None = Non
                       tokens=tokens, prefix_mask=mask, off_loss_mask=mask, response_mask=mask,
                       rewards=np.zeros((g * k,), np.float32), group_ids=np.repeat(np.arange(g, dtype=np.int32), k),
                       stage=np.zeros((g * k,), np.int32), ratio=np.ones((g * k,), np.float32),
-                      levels=np.zeros((g, 1), np.int32))
+                      levels=np.zeros((g, 1), np.int32), kind=np.full((g * k,), losses.ROW_DEMO, np.int32))

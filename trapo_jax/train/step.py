@@ -1,4 +1,4 @@
-"""The jitted update: token log-probs on packed sequences, the configured loss, gradient accumulation, AdamW.
+"""The jitted update: token log-probs on packed sequences, the phase's objective, gradient accumulation, AdamW.
 
 Sequences are packed right-padded, prompt then response ([N, T]); the loss reads the hidden state before each
 response token (a per-row gather), so every loss array is response-aligned [N, L] like the sampler's output.
@@ -13,6 +13,7 @@ micro-batch, as there.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -38,6 +39,8 @@ class PackedBatch:
   off_loss_mask: np.ndarray
   response_mask: np.ndarray
   advantages: np.ndarray  # [M, mb]
+  rewards: np.ndarray  # [M, mb]
+  kind: np.ndarray  # [M, mb] int32: losses.ROW_OWN | ROW_GUIDED | ROW_DEMO
 
   def arrays(self) -> dict[str, np.ndarray]:
     return dataclasses.asdict(self)
@@ -76,7 +79,8 @@ def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: 
       seq_tokens=seq.reshape(m, mb, t), seq_mask=mask.reshape(m, mb, t),
       resp_start=rb.prompt_lens.astype(np.int32).reshape(m, mb), resp_tokens=fit(rb.tokens.astype(np.int32)),
       prefix_mask=fit(rb.prefix_mask), off_loss_mask=fit(rb.off_loss_mask), response_mask=fit(rb.response_mask),
-      advantages=advantages.astype(np.float32).reshape(m, mb))
+      advantages=advantages.astype(np.float32).reshape(m, mb), rewards=rb.rewards.astype(np.float32).reshape(m, mb),
+      kind=rb.kind.astype(np.int32).reshape(m, mb))
 
 
 def response_logprobs(params, model_cfg: tfm.ModelConfig, mb: dict, chunk_size: int, temperature: float = 1.0):
@@ -91,13 +95,17 @@ def response_logprobs(params, model_cfg: tfm.ModelConfig, mb: dict, chunk_size: 
                                temperature=temperature)
 
 
-def loss_fn(params, mb: dict, *, model_cfg: tfm.ModelConfig, loss_cfg: losses.LossConfig, chunk_size: int):
-  logp, entropy = response_logprobs(params, model_cfg, mb, chunk_size)
+def loss_fn(params, mb: dict, weights: jax.Array, *, model_cfg: tfm.ModelConfig, objective: losses.Objective,
+            chunk_size: int, temperature: float = 1.0):
+  """The objective of one micro-batch -> (loss, metrics). weights [num_terms]: each term's weight this step."""
+  logp, entropy = response_logprobs(params, model_cfg, mb, chunk_size, temperature)
   # One update per batch (ppo_epochs=1, one mini-batch): old log-probs are the current ones, ratio = 1 with the
-  # gradient of log pi, exactly as the official recomputation right before the update (spec §1.2).
-  old_logp = jax.lax.stop_gradient(logp)
-  return losses.trapo_loss(logp, old_logp, entropy, mb["advantages"], mb["prefix_mask"], mb["off_loss_mask"],
-                           mb["response_mask"], loss_cfg)
+  # gradient of log pi, exactly as the official recomputation right before the update (docs/algorithm.md).
+  inputs = losses.TokenInputs(
+      logp=logp, old_logp=jax.lax.stop_gradient(logp), entropy=entropy, advantages=mb["advantages"],
+      rewards=mb["rewards"], kind=mb["kind"], prefix_mask=mb["prefix_mask"], off_loss_mask=mb["off_loss_mask"],
+      response_mask=mb["response_mask"])
+  return losses.objective_loss(inputs, objective, weights)
 
 
 # Masked means over tokens, with the count that weights them: a micro-batch's mean counts by its tokens, so the step
@@ -119,26 +127,36 @@ def combine_metrics(summed: dict, num_micro: int) -> dict:
   return out
 
 
-def train_step(state: TrainState, batch: dict, *, tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig,
-               loss_cfg: losses.LossConfig, chunk_size: int) -> tuple[TrainState, dict]:
-  """One optimizer step over [M, mb, ...] micro-batches. A non-finite loss or gradient skips the update."""
-  grad_fn = jax.value_and_grad(
-      lambda p, mb: loss_fn(p, mb, model_cfg=model_cfg, loss_cfg=loss_cfg, chunk_size=chunk_size), has_aux=True)
+def accumulate_gradients(params, batch: dict, weights: jax.Array, *, model_cfg: tfm.ModelConfig,
+                         objective: losses.Objective, chunk_size: int, temperature: float = 1.0) -> tuple[Any, dict]:
+  """The step's gradient and metrics over [M, mb, ...] micro-batches: the mean of the micro-batch gradients."""
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg, objective=objective,
+                                                 chunk_size=chunk_size, temperature=temperature), has_aux=True)
   num_micro = batch["advantages"].shape[0]
 
   def accumulate(carry, mb):
     grads, metrics = carry
-    (_, m), g = grad_fn(state.params, mb)
+    (_, m), g = grad_fn(params, mb, weights)
     m = {k: v * m[_TOKEN_WEIGHTED[k]] if k in _TOKEN_WEIGHTED else v for k, v in m.items()}
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
   first = jax.tree.map(lambda x: x[0], batch)
-  metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(grad_fn, state.params,
-                                                                                          first)[0][1])
+  metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                              jax.eval_shape(grad_fn, params, first, weights)[0][1])
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), batch)
-  grads = jax.tree.map(lambda g: g / num_micro, grads)
-  metrics = combine_metrics(metrics, num_micro)
+  return jax.tree.map(lambda g: g / num_micro, grads), combine_metrics(metrics, num_micro)
+
+
+def train_step(state: TrainState, batch: dict, weights: jax.Array, *, tx: optax.GradientTransformation,
+               model_cfg: tfm.ModelConfig, objective: losses.Objective, chunk_size: int,
+               temperature: float = 1.0) -> tuple[TrainState, dict]:
+  """One optimizer step over [M, mb, ...] micro-batches. A non-finite loss or gradient skips the update.
+
+  weights [num_terms] float32: the objective's term weights at this step (an input, so schedules never recompile).
+  """
+  grads, metrics = accumulate_gradients(state.params, batch, weights, model_cfg=model_cfg, objective=objective,
+                                        chunk_size=chunk_size, temperature=temperature)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

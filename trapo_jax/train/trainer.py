@@ -1,7 +1,8 @@
-"""The one training loop: TRAPO, GRPO, LUFFY, SFT and SFT->RL differ only by rollout plan and loss config.
+"""The one training loop: every registered method (trapo_jax/algorithms/) differs only by the rows and objective of
+its phases.
 
-A step: stages of rollouts (sampler, grader between stages) -> group advantages -> jitted, sharded loss + AdamW
-update -> metrics. Checkpoints (orbax) hold the train state and the data position; a run started on a workdir with
+A step: the phase's rows (stages of rollouts with the grader between them, or demonstrations) -> group advantages
+-> jitted, sharded objective + AdamW update -> metrics. Checkpoints (orbax) hold the train state and the data position; a run started on a workdir with
 a checkpoint resumes from it exactly; SIGTERM saves and exits.
 """
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from trapo_jax import algorithms
 from trapo_jax import distributed
 from trapo_jax import losses
 from trapo_jax import sharding
@@ -27,7 +29,7 @@ from trapo_jax.sampling import microgroup
 from trapo_jax.sampling.sampler import Sampler
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
-from trapo_jax.train import rollout as rollout_lib
+from trapo_jax.sampling import rollout as rollout_lib
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 
@@ -36,44 +38,12 @@ class TrainingError(RuntimeError):
   pass
 
 
-def plan_for(cfg, phase: str) -> microgroup.Plan | None:
-  """The rollout plan of an algorithm phase; None for SFT (demos only, nothing sampled)."""
-  r = cfg.rollout
-  if phase == "sft":
-    return None
-  if cfg.algo in ("grpo", "sft_then_rl"):
-    return microgroup.Plan(stages=(r.n,), mode="none")
-  if cfg.algo == "luffy":
-    # n-1 on-policy rollouts + the whole demo #1, every prompt (spec §5).
-    return microgroup.Plan(stages=(r.n - 1, 1), mode="fixed", fixed_ratio=1.0)
-  mode = "fixed" if r.fixed_prefix_ratio >= 0 else "adaptive"
-  return microgroup.Plan(stages=tuple(r.stages), mode=mode, thresholds=tuple(r.thresholds),
-                         prefix_ratios=tuple(r.prefix_ratios), fixed_ratio=max(r.fixed_prefix_ratio, 0.0),
-                         window=r.cut_window)
-
-
-def loss_config_for(cfg, phase: str) -> losses.LossConfig:
-  if phase == "sft":
-    # NLL on the demos, token-mean (standard SFT); no entropy bonus.
-    return losses.LossConfig(prefix_loss="sft", aggregation="token_mean", entropy_coef=0.0,
-                             max_len=cfg.data.max_response_len, seq_scale=1.0)
-  lc = losses.LossConfig.from_config(cfg.loss, cfg.data.max_response_len)
-  if cfg.algo in ("grpo", "sft_then_rl"):
-    lc = dataclasses.replace(lc, prefix_loss="none")
-  return lc
-
-
-def phase_at(cfg, step: int) -> str:
-  if cfg.algo == "sft" or (cfg.algo == "sft_then_rl" and step < cfg.train.sft_steps):
-    return "sft"
-  return "rl"
-
-
 @dataclasses.dataclass
 class Context:
-  """Everything a run builds once: mesh, model, tokenizer, data, sampler, jitted steps."""
+  """Everything a run builds once: mesh, model, tokenizer, method, sampler."""
   cfg: Any
   workdir: str
+  method: algorithms.Method
   mesh: Any
   model_cfg: Any
   tokenizer: Any
@@ -100,7 +70,8 @@ def build_context(cfg, workdir: str) -> Context:
   if len(tokenizer) > model_cfg.vocab_size:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  return Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
+  return Context(cfg=cfg, workdir=workdir, method=algorithms.from_config(cfg), mesh=mesh, model_cfg=model_cfg,
+                 tokenizer=tokenizer,
                  tx=state_lib.make_optimizer(cfg.optim), sampler=Sampler(model_cfg, mesh=mesh),
                  eos_ids=(int(tokenizer.eos_token_id),), pad_id=int(pad_id),
                  split_ids=microgroup.split_token_ids(tokenizer))
@@ -208,9 +179,10 @@ class _Preemption:
     return False
 
 
-def _jit_step(ctx: Context, phase: str):
-  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg,
-                                   loss_cfg=loss_config_for(ctx.cfg, phase), chunk_size=ctx.cfg.train.logprob_chunk),
+def jit_step(ctx: Context, phase: algorithms.Phase):
+  """The phase's train step, compiled on first use: (state, packed batch, term weights) -> (state, metrics)."""
+  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg, objective=phase.objective,
+                                   chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
                  donate_argnums=(0,))
 
 
@@ -225,7 +197,8 @@ def _loader(ctx: Context, split: str = "train"):
       raise TrainingError(f"data.levels: no {split} example has a level in {tuple(cfg.data.levels)}")
   return pipeline.PromptLoader(examples, ctx.tokenizer, batch_size=cfg.train.batch_prompts,
                                max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len,
-                               template=cfg.data.template, seed=cfg.data.shuffle_seed)
+                               template=cfg.data.template, seed=cfg.data.shuffle_seed,
+                               demo_form=ctx.method.demo_form(cfg))
 
 
 def data_dir(cfg, workdir: str) -> str:
@@ -250,27 +223,29 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics."""
   cfg = ctx.cfg
   step = int(state.step)
-  phase = phase_at(cfg, step)
+  phase = ctx.method.phase_at(cfg, step)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   local = local_share(batch, jax.process_index(), jax.process_count())
-  plan = plan_for(cfg, phase)
-  if plan is None:
-    rb = rollout_lib.demo_batch(local, max_len=cfg.data.max_response_len)
-  else:
+  if phase.samples:
     rng = jax.random.fold_in(state.rng, step)
     sample_fn, grade_fn = make_rollout_fns(ctx, state.params, rng, timings)
-    rb = rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids)
+    rb = rollout_lib.collect(phase.rows, local, sample_fn, grade_fn, ctx.split_ids)
+  else:
+    rb = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=cfg.data.max_response_len)
   advantages = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),
                                                   use_std=cfg.loss.use_std))
   packed = step_lib.pack(rb, advantages, token_budget=cfg.train.micro_batch_tokens, shards=ctx.shards,
                          pad_id=ctx.pad_id)
   t1 = time.perf_counter()
+  if phase.name not in step_fns:
+    step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
-    state, step_metrics = step_fns[phase](state, step_lib.put_packed(ctx.mesh, packed))
+    state, step_metrics = step_fns[phase.name](state, step_lib.put_packed(ctx.mesh, packed),
+                                               phase.objective.weights_at(step))
   step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   t2 = time.perf_counter()
-  m = rollout_metrics(rb, len(plan.stages) if plan else 1) if plan else {}
+  m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
   m.update(step_metrics)
   m["lr"] = state_lib.learning_rate(cfg.optim, step)
   m["time/sampling"] = timings.get("sampling", 0.0)
@@ -280,7 +255,7 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   m["time/update"] = t2 - t1
   m["time/step"] = t2 - t0
   m["tokens_per_s"] = float(packed.seq_mask.sum()) / max(t2 - t0, 1e-9)
-  m["phase_sft"] = float(phase == "sft")
+  m.update({f"phase_{p.name}": float(p.name == phase.name) for p in ctx.method.phases(cfg)})
   return state, m
 
 
@@ -300,7 +275,7 @@ def run(cfg, workdir: str) -> dict:
   results: dict[str, Any] = {}
   if start == 0 and cfg.eval.at_start:
     results["before"] = _evaluate(ctx, state.params, "before")
-  step_fns = {phase: _jit_step(ctx, phase) for phase in {phase_at(cfg, s) for s in range(start, cfg.train.steps)}}
+  step_fns: dict[str, Any] = {}  # phase name -> its compiled step
   writer = metrics_lib.MetricWriter(workdir, cfg.train.steps, start)
   bad_in_a_row = 0
   try:

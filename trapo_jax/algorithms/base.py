@@ -1,0 +1,156 @@
+"""What a training method declares, in one place (docs/algorithm.md): its config group with the official defaults,
+its phases over the run, each phase's rows and objective, and its own config checks.
+
+The trainer, config validation and the compile benchmark ask the registry; nothing else branches on a method's
+name. A method is a frozen dataclass: its fields are the config group `cfg.<name>`, so `--config.<name>.<field>`
+sets them and `--config.algo=<name>` alone selects the whole method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import ml_collections
+
+from trapo_jax import losses
+from trapo_jax.errors import ConfigError, require
+from trapo_jax.sampling import microgroup
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A stretch of training with one way of making rows and one objective (one compiled step)."""
+  name: str
+  rows: microgroup.Plan | microgroup.DemoRows  # sampled stages, or demonstrations alone
+  objective: losses.Objective
+  # The update's log-probs are of softmax(logits / temperature), the distribution the rows were sampled from, as the
+  # official actor divides by rollout.temperature in both its old-log-prob pass and its update.
+  temperature: float = 1.0
+
+  @property
+  def rows_per_prompt(self) -> int:
+    return self.rows.n
+
+  @property
+  def samples(self) -> bool:
+    return isinstance(self.rows, microgroup.Plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Base of every registered method; see the module docstring."""
+  name: ClassVar[str] = ""
+
+  @classmethod
+  def config_group(cls) -> ml_collections.ConfigDict:
+    """The config group `cfg.<name>`: every field with its default."""
+    return ml_collections.ConfigDict({f.name: _default(f) for f in dataclasses.fields(cls)})
+
+  @classmethod
+  def from_config(cls, cfg) -> "Method":
+    group = cfg[cls.name]
+    return cls(**{f.name: _frozen(group[f.name]) for f in dataclasses.fields(cls)})
+
+  def demo_form(self, cfg) -> str:
+    """Which text of a demonstration this method's rows hold (`trapo_jax.data.demos.demo_text`)."""
+    del cfg
+    return "thought"
+
+  def phases(self, cfg) -> tuple[Phase, ...]:
+    """Every phase the run may enter, in order (each is compiled once)."""
+    raise NotImplementedError
+
+  def phase_at(self, cfg, step: int) -> Phase:
+    """The phase of optimizer step `step` (0-based). Default: the method's only phase."""
+    del step
+    (phase,) = self.phases(cfg)
+    return phase
+
+  def check(self, cfg) -> None:
+    """Raises ConfigError naming the key of a value this method cannot work with."""
+    del cfg
+
+
+def _default(f: dataclasses.Field) -> Any:
+  if f.default is not dataclasses.MISSING:
+    return f.default
+  if f.default_factory is not dataclasses.MISSING:
+    return f.default_factory()
+  raise TypeError(f"method field {f.name} needs a default (the official value)")
+
+
+def _frozen(value: Any) -> Any:
+  """Config values -> hashable dataclass fields (lists from flags become tuples)."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry.
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+  """Class decorator: makes a method findable by its `name`."""
+  if not cls.name or cls.name in _REGISTRY:
+    raise ValueError(f"method {cls.__name__}: name {cls.name!r} is empty or registered twice")
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def get(name: str) -> type[Method]:
+  if name not in _REGISTRY:
+    raise ConfigError(f"algo: unknown method {name!r} (registered: {', '.join(names())})")
+  return _REGISTRY[name]
+
+
+def from_config(cfg) -> Method:
+  """The method `cfg.algo` names, built from its config group."""
+  return get(cfg.algo).from_config(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Terms and plans the methods share.
+
+
+def objective(cfg, *terms: losses.Term) -> losses.Objective:
+  """The terms over the run's fixed response length and sequence scale (docs/algorithm.md, normalisation)."""
+  return losses.Objective(terms=tuple(terms), max_len=int(cfg.data.max_response_len),
+                          seq_scale=float(cfg.loss.seq_scale))
+
+
+def policy_gradient(cfg) -> losses.Term:
+  """-A * ratio on the tokens the model generated itself; PPO clip only if loss.clip_eps >= 0 (official: none)."""
+  clip = None if cfg.loss.clip_eps < 0 else float(cfg.loss.clip_eps)
+  return losses.Term("pg", tokens="own", loss="policy_gradient", aggregation=cfg.loss.aggregation,
+                     params=(("clip_eps", clip),))
+
+
+def entropy_bonus(cfg) -> losses.Term:
+  """-entropy_coef x the token-mean entropy of every response token, prefixes and demonstrations included."""
+  return losses.Term("entropy", tokens="response", loss="entropy", weight=-float(cfg.loss.entropy_coef),
+                     aggregation="token_mean")
+
+
+def own_rollouts(cfg) -> microgroup.Plan:
+  """n rollouts of the model's own per prompt, no guidance."""
+  return microgroup.Plan(stages=(cfg.rollout.n,), mode="none")
+
+
+def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
+  """Every phase's rows per step split evenly over the batch shards; every term can be evaluated."""
+  for phase in phases:
+    rows = cfg.train.batch_prompts * phase.rows_per_prompt
+    require(rows % batch_shards == 0, "train.batch_prompts",
+            f"{rows} sequences per step ({phase.name} phase) do not split over the {batch_shards} batch shards "
+            "(mesh data x fsdp)")
+    for term in phase.objective.terms:
+      try:
+        losses.check_term(term)
+      except ValueError as e:
+        raise ConfigError(f"algo: {cfg.algo}, {phase.name} phase: {e}") from None
