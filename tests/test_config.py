@@ -96,3 +96,21 @@ def test_sft_then_rl_splits_the_overridden_budget_in_half():
     out = run(*args)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == expected
+
+
+def test_model_keys_must_agree_with_the_model_type():
+  from trapo_jax.models import rope
+  from trapo_jax.models import transformer as tfm
+  cfg = config_lib.base_config()
+  cfg.model.model_type = "qwen3"
+  cfg.model.qkv_bias = False
+  with pytest.raises(config_lib.ConfigError, match=r"^model\.qk_norm: qwen3 has query/key norm"):
+    config_lib.validate(cfg)
+  cfg.model.qk_norm = True
+  cfg.model.rope_scaling.rope_type = "llama3"
+  with pytest.raises(config_lib.ConfigError, match=r"^model\.rope_scaling\.original_max_position_embeddings"):
+    config_lib.validate(cfg)
+  cfg.model.rope_scaling.original_max_position_embeddings = 8192
+  config_lib.validate(cfg)
+  assert tfm.ModelConfig.from_config(cfg.model).rope_scaling == rope.RopeScaling(
+      "llama3", original_max_position_embeddings=8192)

@@ -40,6 +40,23 @@ def test_templates_byte_exact():
   assert "within\\boxed{{}}." in format_prompt("P", "eval_official")
 
 
+def test_model_family_templates_byte_exact():
+  user = "<|im_start|>user\nP\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+  # Qwen3's chat template with add_generation_prompt writes "<|im_start|>assistant\n", and with
+  # enable_thinking=False also "<think>\n\n</think>\n\n"; our thinking template opens the block itself.
+  assert format_prompt("P", "qwen3") == user + "<|im_start|>assistant\n<think>\n"
+  assert format_prompt("P", "qwen3_no_think") == user + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+  assert format_prompt("P", "llama3") == (
+      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nP\n"
+      "Please reason step by step, and put your final answer within \\boxed{}.<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_config_schema_knows_every_template():
+  from trapo_jax import config as config_lib
+  assert config_lib.TEMPLATES == tuple(TEMPLATES)
+
+
 def test_templates_keep_braces_of_problem():
   problem = "Find {x} in $\\{1, 2\\}$ and {problem} literally."
   for name in TEMPLATES:
