@@ -1,21 +1,24 @@
 """Lower and compile the paper's 7B TRAPO train step for abstract shapes on a device mesh (no weights needed).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m benchmarks.compile_7b
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m benchmarks.compile_7b \
+      [--config=experiments/configs/trapo_qwen3_8b.py] [--layers=2]
 
-Uses experiments/configs/trapo_qwen25_math_7b.py with Qwen2.5-Math-7B's shapes: 8 prompts x 8 samples, prompt
-1024 + response 8192 tokens, micro-batches from the per-device token budget. Prints the compile time and the
-per-device memory XLA plans for the step (arguments, outputs, temporaries).
+Uses an experiment config (default experiments/configs/trapo_qwen25_math_7b.py) with the model shapes it names:
+8 prompts x 8 samples, prompt 1024 + response 8192 tokens, micro-batches from the per-device token budget. Prints the
+compile time and the per-device memory XLA plans for the step (arguments, outputs, temporaries).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
@@ -24,14 +27,9 @@ from trapo_jax.models import transformer as tfm
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 
-# Qwen2.5-Math-7B (config.json of the public checkpoint).
-QWEN25_MATH_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                      num_kv_heads=4, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=True,
-                      tie_embeddings=False, max_position_embeddings=16384, model_type="qwen2")
-
-
-def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None, phase=None):
-  """(compiled step, seconds to compile, micro-batch layout) for abstract 7B inputs on all devices.
+def lower_train_step(cfg, num_layers: int | None = None, seq_len: int | None = None, phase=None):
+  """(compiled step, seconds to compile, micro-batch layout) for the abstract inputs of `cfg`'s model (with
+  `num_layers` layers, default the model's) on all devices.
 
   phase: one of the configured method's phases (default: its phase at step 0).
   """
@@ -39,8 +37,7 @@ def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None, phas
                       num_devices=jax.device_count())
   mesh = sharding.make_mesh(cfg)
   m = cfg.model
-  model_cfg = tfm.ModelConfig(**dict(QWEN25_MATH_7B, num_layers=num_layers), dtype=m.dtype,
-                              param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+  model_cfg = tfm.ModelConfig.from_config(m).replace(num_layers=num_layers or m.num_layers)
   tx = state_lib.make_optimizer(cfg.optim)
   param_sh = state_lib.param_shardings(model_cfg, mesh)
   params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -80,13 +77,14 @@ def lower_train_step(cfg, num_layers: int = 28, seq_len: int | None = None, phas
 def main(argv):
   del argv
   f = flags.FLAGS
-  from experiments.configs import trapo_qwen25_math_7b
-  cfg = trapo_qwen25_math_7b.get_config()
+  cfg = f.config
   cfg.model.hf_dir, cfg.data.path = "/abstract", "/abstract"  # shapes only: nothing is read
-  compiled, seconds, layout = lower_train_step(cfg, f.layers, None if f.seq < 0 else f.seq)
+  layers = f.layers if f.layers > 0 else cfg.model.num_layers
+  compiled, seconds, layout = lower_train_step(cfg, layers, None if f.seq < 0 else f.seq)
   mem = compiled.memory_analysis()
   gib = lambda x: x / 2**30
-  print(f"7B TRAPO train step, {f.layers} layers ({layout['params_b']:.2f}B params), {jax.device_count()} "
+  print(f"{config_flags.get_config_filename(f['config'])}: {cfg.algo} train step of a {cfg.model.model_type}, "
+        f"{layers} layers ({layout['params_b']:.2f}B params), {jax.device_count()} "
         f"{jax.default_backend()} devices, mesh {dict(sharding.make_mesh(cfg).shape)}")
   print(f"  {layout['rows']} sequences of {layout['seq']} tokens in {layout['micro_batches']} micro-batches of "
         f"{layout['rows_per_micro_batch']}")
@@ -98,7 +96,10 @@ def main(argv):
 
 def define_flags():
   """Command-line flags, defined only when run as a script: other benchmarks import this module."""
-  flags.DEFINE_integer("layers", 28, "Decoder layers (28 = the real model).")
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs",
+                         "trapo_qwen25_math_7b.py")
+  config_flags.DEFINE_config_file("config", default, "Experiment config whose model shapes are compiled.")
+  flags.DEFINE_integer("layers", -1, "Decoder layers (-1: the model's).")
   flags.DEFINE_integer("seq", -1, "Packed sequence length (-1: max_prompt_len + max_response_len).")
 
 

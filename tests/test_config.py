@@ -20,8 +20,8 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "c
 def test_every_experiment_config_validates(name):
   import importlib
   cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
-  if name == "trapo_qwen25_math_7b":
-    cfg.model.hf_dir, cfg.data.path = "/some/qwen", "/some/data.parquet"  # left to the command line
+  if cfg.data.source == "demos" and not cfg.data.path:  # the real-model runs leave both to the command line
+    cfg.model.hf_dir, cfg.data.path = "/some/model", "/some/data.parquet"
   config_lib.validate(cfg, num_devices=8)
 
 
@@ -100,3 +100,41 @@ def test_sft_then_rl_splits_the_overridden_budget_in_half():
     out = run(*args)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == expected
+
+
+def test_model_keys_must_agree_with_the_model_type():
+  from trapo_jax.models import rope
+  from trapo_jax.models import transformer as tfm
+  cfg = config_lib.base_config()
+  cfg.model.model_type = "qwen3"
+  cfg.model.qkv_bias = False
+  with pytest.raises(config_lib.ConfigError, match=r"^model\.qk_norm: qwen3 has query/key norm"):
+    config_lib.validate(cfg)
+  cfg.model.qk_norm = True
+  cfg.model.rope_scaling.rope_type = "llama3"
+  with pytest.raises(config_lib.ConfigError, match=r"^model\.rope_scaling\.original_max_position_embeddings"):
+    config_lib.validate(cfg)
+  cfg.model.rope_scaling.original_max_position_embeddings = 8192
+  config_lib.validate(cfg)
+  assert tfm.ModelConfig.from_config(cfg.model).rope_scaling == rope.RopeScaling(
+      "llama3", original_max_position_embeddings=8192)
+
+
+# Parameter counts of the public checkpoints (Llama-3.1-8B: 8,030,261,248 as Meta states it; the Qwen model cards
+# give 7.61B, 1.54B and 8.2B): the shapes an experiment config names are its model's.
+CONFIG_PARAMS = {"trapo_qwen25_math_7b": (7.61e9, 0.01e9), "trapo_qwen25_math_1p5b": (1.54e9, 0.01e9),
+                 "trapo_llama31_8b": (8_030_261_248, 0), "trapo_qwen3_8b": (8.2e9, 0.05e9)}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_PARAMS))
+def test_real_model_configs_name_their_model(name):
+  import importlib
+  from trapo_jax.models import hf
+  from trapo_jax.models import transformer as tfm
+  cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+  cfg.model.hf_dir = cfg.data.path = "/abstract"
+  config_lib.validate(cfg)
+  model_cfg = tfm.ModelConfig.from_config(cfg.model)
+  expected, tol = CONFIG_PARAMS[name]
+  assert abs(model_cfg.num_params - expected) <= tol
+  assert hf.hf_config_dict(model_cfg)["model_type"] == cfg.model.model_type  # exportable as it stands

@@ -40,6 +40,23 @@ def test_templates_byte_exact():
   assert "within\\boxed{{}}." in format_prompt("P", "eval_official")
 
 
+def test_model_family_templates_byte_exact():
+  user = "<|im_start|>user\nP\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+  # Qwen3's chat template with add_generation_prompt writes "<|im_start|>assistant\n", and with
+  # enable_thinking=False also "<think>\n\n</think>\n\n"; our thinking template opens the block itself.
+  assert format_prompt("P", "qwen3") == user + "<|im_start|>assistant\n<think>\n"
+  assert format_prompt("P", "qwen3_no_think") == user + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+  assert format_prompt("P", "llama3") == (
+      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nP\n"
+      "Please reason step by step, and put your final answer within \\boxed{}.<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_config_schema_knows_every_template():
+  from trapo_jax import config as config_lib
+  assert config_lib.TEMPLATES == tuple(TEMPLATES)
+
+
 def test_templates_keep_braces_of_problem():
   problem = "Find {x} in $\\{1, 2\\}$ and {problem} literally."
   for name in TEMPLATES:
@@ -65,6 +82,15 @@ def test_unknown_template():
 ])
 def test_extract_thought(solution, thought):
   assert demos.extract_thought(solution) == thought
+
+
+def test_demo_forms():
+  r1 = "<think>\nFirst 2 + 2.\n</think>\n\nSo \\boxed{4}."
+  assert demos.demo_text(r1, "thought") == "First 2 + 2."
+  assert demos.demo_text(r1, "response") == r1  # LUFFY's target: thought and solution
+  assert demos.demo_text(r1, "response_after_think") == "First 2 + 2.\n</think>\n\nSo \\boxed{4}."  # SFT's
+  with pytest.raises(ValueError, match="'summary' is unknown"):
+    demos.demo_text(r1, "summary")
 
 
 # ----------------------------------------------------------------------------------------------- demonstration data
@@ -123,7 +149,8 @@ def test_fixture_rows(name, tmp_path, caplog):
   for e in examples:
     source_row = next(r for r in good if row_of[r] == e.uid)
     _, problem, answer, thoughts = good[source_row]
-    assert (e.problem, e.answer, e.demos) == (problem, answer, thoughts)
+    # The whole solutions are kept; the thought is what TRAPO's rows take of them.
+    assert (e.problem, e.answer, tuple(demos.demo_text(d, "thought") for d in e.demos)) == (problem, answer, thoughts)
   assert len(warnings) == 1
   n_bad = sum(len(ids) for ids in bad.values())
   assert warnings[0].startswith(f"skipped {n_bad} of {total} rows of {os.path.realpath(path)}: ")
@@ -251,8 +278,8 @@ def _pow2_bucket(length: int, cap: int) -> int:
 def _check_batch(batch, tokenizer, examples_by_uid, *, template, max_prompt_len, max_response_len, pad_id, eos_id):
   g = len(batch.uids)
   prompts = [_ids(tokenizer, format_prompt(examples_by_uid[u].problem, template)) for u in batch.uids]
-  demo_refs = [[_ids(tokenizer, d)[:max_response_len - 1] + [eos_id] for d in examples_by_uid[u].demos[:2]]
-               for u in batch.uids]
+  demo_refs = [[_ids(tokenizer, demos.demo_text(d, "thought"))[:max_response_len - 1] + [eos_id]
+                for d in examples_by_uid[u].demos[:2]] for u in batch.uids]
   p = _pow2_bucket(max(len(x) for x in prompts), max_prompt_len)
   ld = _pow2_bucket(max(len(d) for pair in demo_refs for d in pair), max_response_len)
   assert batch.prompt_ids.shape == (g, p) and batch.prompt_ids.dtype == np.int32
@@ -295,7 +322,7 @@ def test_loader_truncates_demos_and_keeps_eos(tokenizer):
   assert batch.demo_ids.shape[-1] == max_response_len  # the bucket (32) is capped
   for i, e in enumerate(examples):
     for j in range(2):
-      full = _ids(tokenizer, e.demos[j])
+      full = _ids(tokenizer, demos.demo_text(e.demos[j], "thought"))
       n = min(len(full), max_response_len - 1) + 1
       assert batch.demo_lens[i, j] == n
       assert batch.demo_ids[i, j, :n - 1].tolist() == full[:n - 1]

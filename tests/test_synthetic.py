@@ -148,7 +148,8 @@ def test_tokenizer_steps_digits_and_round_trip(tokenizer, examples):
       bounds = [-1] + [i for i, t in enumerate(enc) if t == nn[0]] + [len(enc)]
       assert [tokenizer.decode(enc[a + 1:b]) for a, b in zip(bounds, bounds[1:])] == demo.split("\n\n")
   for name in TEMPLATES:
-    assert len(tokenizer.encode(format_prompt("", name), add_special_tokens=False)) < 40
+    if "<|im_start|>" in TEMPLATES[name]:  # the chat format whose special tokens this tokenizer has (not llama3's)
+      assert len(tokenizer.encode(format_prompt("", name), add_special_tokens=False)) < 40
 
 
 def test_hard_level_prefixes_end_on_a_step(tokenizer):

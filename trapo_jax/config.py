@@ -16,6 +16,9 @@ from trapo_jax.errors import ConfigError, require as _require  # noqa: F401  (Co
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+MODEL_TYPES = ("qwen2", "qwen3", "llama")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # trapo_jax/models/rope.py
+TEMPLATES = ("train", "eval", "eval_official", "qwen3", "qwen3_no_think", "llama3")  # trapo_jax/data/templates.py
 mesh_shape = sharding.mesh_shape
 
 
@@ -28,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       hf_dir="",
       tokenizer_dir="",  # defaults to hf_dir
-      model_type="qwen2",  # qwen2 | llama (only used without hf_dir)
+      # Without hf_dir the model is described by the keys below (random init, or shapes to compile); with hf_dir
+      # they are all read from its config.json.
+      model_type="qwen2",  # qwen2 | qwen3 | llama
       vocab_size=256,
       hidden_size=64,
       intermediate_size=128,
@@ -37,9 +42,21 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2,
       head_dim=16,
       rope_theta=10000.0,
+      # config.json's rope_scaling: rope_type default | linear | llama3 | yarn, and the keys that type reads.
+      rope_scaling=ml_collections.ConfigDict(dict(
+          rope_type="default",
+          factor=1.0,  # linear, llama3, yarn
+          low_freq_factor=1.0,  # llama3
+          high_freq_factor=4.0,  # llama3
+          original_max_position_embeddings=0,  # llama3, yarn
+          beta_fast=32.0,  # yarn
+          beta_slow=1.0,  # yarn
+          attention_factor=0.0,  # yarn: 0 = 0.1 ln(factor) + 1
+      )),
       rms_norm_eps=1e-6,
       tie_embeddings=False,
-      qkv_bias=True,
+      qkv_bias=True,  # qwen2: true; qwen3, llama: false
+      qk_norm=False,  # qwen3: true (RMSNorm of each query and key head)
       max_position_embeddings=4096,
       dtype="float32",  # compute dtype
       param_dtype="float32",
@@ -57,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir="",  # where TFDS writes prepared data; empty = <workdir>/tfds
       max_prompt_len=1024,
       max_response_len=8192,
-      template="train",  # train | eval | eval_official
+      template="train",  # train | eval | eval_official | qwen3 | qwen3_no_think | llama3
       levels=(),  # synthetic task: keep only these difficulty levels (empty = all)
       shuffle_seed=0,
   ))
@@ -150,8 +167,16 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
   _require(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
   _require(m.remat in REMAT, "model.remat", f"must be one of {REMAT}")
-  _require(m.model_type in ("qwen2", "llama"), "model.model_type", "must be qwen2 or llama")
+  _require(m.model_type in MODEL_TYPES, "model.model_type", f"must be one of {MODEL_TYPES}")
   if not m.hf_dir:
+    _require(m.qkv_bias == (m.model_type == "qwen2"), "model.qkv_bias",
+             f"{m.model_type} has {'' if m.model_type == 'qwen2' else 'no '}q/k/v bias")
+    _require(m.qk_norm == (m.model_type == "qwen3"), "model.qk_norm",
+             f"{m.model_type} has {'' if m.model_type == 'qwen3' else 'no '}query/key norm")
+    rs = m.rope_scaling
+    _require(rs.rope_type in ROPE_TYPES, "model.rope_scaling.rope_type", f"must be one of {ROPE_TYPES}")
+    _require(rs.rope_type not in ("llama3", "yarn") or rs.original_max_position_embeddings >= 1,
+             "model.rope_scaling.original_max_position_embeddings", f"{rs.rope_type} needs the pretraining context")
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
              f"must divide num_heads={m.num_heads}")
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
@@ -159,8 +184,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
   d = cfg.data
   _require(d.source in ("synthetic", "demos"), "data.source", "must be synthetic or demos")
   _require(d.source != "demos" or bool(d.path), "data.path", "data.source='demos' needs a path")
-  _require(d.template in ("train", "eval", "eval_official"), "data.template",
-           "must be train, eval or eval_official")
+  _require(d.template in TEMPLATES, "data.template", f"must be one of {TEMPLATES}")
   _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
   _require(d.max_response_len >= 2, "data.max_response_len", "must be >= 2")
   r = cfg.rollout
@@ -185,7 +209,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(name in e.samples, "eval.benchmarks", f"no sample count for {name!r} in eval.samples")
   _require(e.temperature >= 0, "eval.temperature", "must be >= 0")
   _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
-  _require(e.template in ("train", "eval", "eval_official"), "eval.template", "must be train, eval or eval_official")
+  _require(e.template in TEMPLATES, "eval.template", f"must be one of {TEMPLATES}")
   # The method last: its checks may read any key above.
   method.check(cfg)
   if num_devices is not None:

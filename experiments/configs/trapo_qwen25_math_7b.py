@@ -11,6 +11,21 @@ def get_config():
   c = config_lib.base_config()
   c.algo = "trapo"
   c.model.hf_dir = ""  # set on the command line: a local Qwen2.5-Math-7B(-16k-think) directory
+  # The model's shapes, so that the config compiles without weights (benchmarks/compile_7b.py); a run reads them
+  # from hf_dir's config.json instead. Qwen2.5-Math-7B's config.json:
+  c.model.model_type = "qwen2"
+  c.model.vocab_size = 152064
+  c.model.hidden_size = 3584
+  c.model.intermediate_size = 18944
+  c.model.num_layers = 28
+  c.model.num_heads = 28
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 128
+  c.model.rope_theta = 10000.0  # the -16k-think variant raises it (spec §3: value unverified)
+  c.model.rms_norm_eps = 1e-6
+  c.model.qkv_bias = True
+  c.model.tie_embeddings = False
+  c.model.max_position_embeddings = 16384  # the -16k-think variant's; Qwen2.5-Math-7B itself declares 4096
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"  # gradient checkpointing, as the official FSDP run

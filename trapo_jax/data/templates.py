@@ -6,6 +6,14 @@
   evaluation drops the system message of the data file, then this template writes its own) and its typo
   `within\\boxed{{}}`: no space and literal double braces, because the official string is a plain concatenation,
   not an f-string.
+- `qwen3`: Qwen3's chat format in thinking mode (its own template adds no system turn), with the assistant turn
+  opened by `<think>\\n`. Qwen3's chat template ends the prompt at `<|im_start|>assistant\\n` and the model writes
+  `<think>` itself; opening the block here puts an expert prefix (the thought of a demonstration, tags stripped, §2)
+  inside the thinking block, where Qwen3 writes its reasoning. A rollout closes it with `</think>` and answers.
+- `qwen3_no_think`: what Qwen3's chat template writes with `enable_thinking=False`: an empty thinking block, so the
+  model answers at once.
+- `llama3`: the Llama 3 chat format (Llama 3.x instruct checkpoints; base checkpoints know its special tokens). The
+  prompt opens with `<|begin_of_text|>` because prompts are tokenised without added special tokens.
 
 Substitution is by `str.replace` on `{problem}`, so literal braces in a template or in a problem survive.
 """
@@ -23,6 +31,10 @@ TEMPLATES: dict[str, str] = {
     "eval": _USER + _INSTRUCTION + _ASSISTANT,
     "eval_official": _SYSTEM + _USER + "\nPlease reason step by step, and put your final answer within\\boxed{{}}."
                      + _ASSISTANT,
+    "qwen3": _USER + _INSTRUCTION + _ASSISTANT + "<think>\n",
+    "qwen3_no_think": _USER + _INSTRUCTION + _ASSISTANT + "<think>\n\n</think>\n\n",
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + _PLACEHOLDER + _INSTRUCTION
+              + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
 }
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> trapo_jax parameters (Qwen2 and Llama).
+"""Hugging Face checkpoints <-> trapo_jax parameters (Qwen2 and Qwen2.5, Qwen3 dense, Llama 2 and 3.x).
 
 Reads and writes `config.json` + `*.safetensors` (single file or sharded with `model.safetensors.index.json`),
 so that `transformers.AutoModelForCausalLM.from_pretrained` loads what `save_hf` writes. Nothing loads partially:
@@ -16,10 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trapo_jax.models import rope
 from trapo_jax.models.transformer import ModelConfig
 
-SUPPORTED = ("qwen2", "llama")
+# The families this decoder implements, and what each fixes that a config.json does not state.
+FAMILIES = {
+    "qwen2": dict(qkv_bias=True, qk_norm=False),
+    "qwen3": dict(qkv_bias=False, qk_norm=True),
+    "llama": dict(qkv_bias=False, qk_norm=False),
+}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
+# config.json fields of architectures this decoder does not have.
+_MULTIMODAL = ("vision_config", "audio_config", "text_config")
+_MOE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
 class CheckpointError(ValueError):
@@ -33,33 +42,54 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
+def _refuse_unsupported(raw: dict, hf, path: str) -> None:
+  """One line naming the config.json field of the first feature this decoder does not implement."""
+  for key in ("attention_bias", "mlp_bias"):
+    if raw["model_type"] != "qwen2" and raw.get(key):  # qwen2's q/k/v bias is implied by the family, not a field
+      raise CheckpointError(f"{path}: {key}=true is not supported (no bias on attention or MLP projections)")
+  if getattr(hf, "use_sliding_window", False):
+    raise CheckpointError(f"{path}: use_sliding_window=true: sliding-window attention layers are not supported")
+  for i, layer in enumerate(getattr(hf, "layer_types", None) or ()):
+    if layer != "full_attention":
+      raise CheckpointError(f"{path}: layer_types[{i}]={layer!r}: only full-attention layers are supported")
+  if raw.get("dual_chunk_attention_config"):
+    raise CheckpointError(f"{path}: dual_chunk_attention_config: dual chunk attention is not supported")
+  if hf.hidden_act != "silu":
+    raise CheckpointError(f"{path}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
+
+
 def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
   """ModelConfig from `<hf_dir>/config.json`; `overrides` sets compute options (dtype, remat, ...)."""
   path = os.path.join(hf_dir, "config.json")
   raw = _read_json(path)
+  for key in _MULTIMODAL:
+    if raw.get(key) is not None:
+      raise CheckpointError(f"{path}: {key}: multimodal configs are not supported (text-only decoders only)")
+  for key in _MOE:
+    if raw.get(key):
+      raise CheckpointError(f"{path}: {key}={raw[key]}: mixture-of-experts models are not supported")
   model_type = raw.get("model_type")
-  if model_type not in SUPPORTED:
-    raise CheckpointError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+  if model_type not in FAMILIES:
+    raise CheckpointError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
   import transformers  # normalises fields across transformers versions (rope_theta vs rope_parameters, ...)
-  hf = transformers.AutoConfig.for_model(**raw)
-  rope = getattr(hf, "rope_parameters", None) or {}
-  rope_type = rope.get("rope_type", "default")
-  if rope_type != "default":
-    raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (only default RoPE)")
-  theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-  if model_type == "qwen2" and getattr(hf, "use_sliding_window", False):
-    raise CheckpointError(f"{path}: use_sliding_window=true is not supported")
-  if model_type == "llama" and (getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False)):
-    raise CheckpointError(f"{path}: llama attention_bias/mlp_bias are not supported")
-  if hf.hidden_act != "silu":
-    raise CheckpointError(f"{path}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
+  try:
+    hf = transformers.AutoConfig.for_model(**raw)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: not a valid {model_type} config: {e.args[0] if e.args else e}") from None
+  _refuse_unsupported(raw, hf, path)
+  params = dict(getattr(hf, "rope_parameters", None) or {})
+  theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+  try:
+    scaling = rope.from_hf(params, hf.max_position_embeddings)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
   head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
   kwargs = dict(
       vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
       num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
       num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim, rope_theta=float(theta),
-      rms_norm_eps=hf.rms_norm_eps, qkv_bias=model_type == "qwen2", tie_embeddings=bool(hf.tie_word_embeddings),
-      max_position_embeddings=hf.max_position_embeddings, model_type=model_type)
+      rope_scaling=scaling, rms_norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings),
+      max_position_embeddings=hf.max_position_embeddings, model_type=model_type, **FAMILIES[model_type])
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
 
@@ -80,6 +110,9 @@ def _layout(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None
       yield pre + f"self_attn.{name}.weight", ("layers", "self_attn", name, "kernel"), i, True, (out, d)
       if cfg.qkv_bias:
         yield pre + f"self_attn.{name}.bias", ("layers", "self_attn", name, "bias"), i, False, (out,)
+    if cfg.qk_norm:
+      yield pre + "self_attn.q_norm.weight", ("layers", "self_attn", "q_norm", "scale"), i, False, (hd,)
+      yield pre + "self_attn.k_norm.weight", ("layers", "self_attn", "k_norm", "scale"), i, False, (hd,)
     yield pre + "self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"), i, True, (d, q)
     yield pre + "mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), i, True, (f, d)
     yield pre + "mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), i, True, (f, d)
@@ -191,21 +224,25 @@ def stack_layers(params: dict, num_layers: int) -> dict:
 
 def hf_config_dict(cfg: ModelConfig, **extra) -> dict:
   import transformers
+  family = FAMILIES.get(cfg.model_type)
+  if family is None:
+    raise CheckpointError(f"model_type {cfg.model_type!r} has no Hugging Face export (known: {', '.join(FAMILIES)})")
+  for key, value in family.items():
+    if getattr(cfg, key) != value:
+      raise CheckpointError(f"{cfg.model_type} has {key}={value} in Hugging Face, this model {key}="
+                            f"{getattr(cfg, key)}; pick the model_type of its architecture ({', '.join(FAMILIES)})")
   common = dict(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
       max_position_embeddings=cfg.max_position_embeddings, hidden_act="silu",
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-      dtype=cfg.param_dtype, **extra)
+      rope_parameters=rope.to_hf(cfg.rope_scaling, cfg.rope_theta), dtype=cfg.param_dtype, **extra)
   if cfg.model_type == "qwen2":
     hf = transformers.Qwen2Config(**common)
+  elif cfg.model_type == "qwen3":
+    hf = transformers.Qwen3Config(attention_bias=False, **common)
   else:
     hf = transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
-  if cfg.model_type == "llama" and cfg.qkv_bias:
-    raise CheckpointError("llama with qkv_bias has no Hugging Face equivalent; use model_type=qwen2")
-  if cfg.model_type == "qwen2" and not cfg.qkv_bias:
-    raise CheckpointError("qwen2 always has q/k/v bias in Hugging Face; use model_type=llama for none")
   return hf.to_dict()
 
 

@@ -1,7 +1,8 @@
-"""A decoder-only transformer covering the Qwen2 and Llama families from one `ModelConfig`.
+"""A decoder-only transformer covering the Qwen2, Qwen3 and Llama families from one `ModelConfig`.
 
-RMSNorm, rotary embeddings (θ configurable), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
-untied embeddings. Layers are one `nn.scan` (one compiled layer, fast compiles for 28-layer models) or a Python loop.
+RMSNorm, rotary embeddings (θ and the frequency scalings of `rope.py`), grouped-query attention with optional q/k/v
+bias and optional per-head RMSNorm of queries and keys (Qwen3), SwiGLU MLP, tied or untied embeddings. Layers are
+one `nn.scan` (one compiled layer, fast compiles for 28-layer models) or a Python loop.
 
 One call serves training, prefill and decode: keys live in slots, a query at slot s sees the valid keys at slots
 <= s. Without a cache the slots are the input positions; with a `KVCache` the input is written at slot `cache.end`.
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trapo_jax.models import rope
+
 Params = Any
 
 
@@ -33,8 +36,10 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10000.0
+  rope_scaling: rope.RopeScaling = rope.RopeScaling()  # Llama 3.x: llama3; long-context Qwen: yarn
   rms_norm_eps: float = 1e-6
-  qkv_bias: bool = True  # Qwen2: bias on q/k/v; Llama: none
+  qkv_bias: bool = True  # Qwen2: bias on q/k/v; Llama, Qwen3: none
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of every query and key head, before RoPE
   tie_embeddings: bool = False
   max_position_embeddings: int = 4096
   model_type: str = "qwen2"
@@ -49,6 +54,8 @@ class ModelConfig:
     """From the `model` group of an experiment config (random-init sizes)."""
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: model_cfg[k] for k in model_cfg.keys() if k in names}
+    if "rope_scaling" in kwargs:
+      kwargs["rope_scaling"] = rope.RopeScaling(**kwargs["rope_scaling"])
     return cls(**kwargs)
 
   def replace(self, **kw) -> "ModelConfig":
@@ -58,7 +65,7 @@ class ModelConfig:
   def num_params(self) -> int:
     d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
     attn = d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.qkv_bias else 0)
-    layer = attn + 3 * d * f + 2 * d
+    layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.num_layers * layer + emb + d
 
@@ -99,22 +106,6 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * x32.astype(self.dtype)
-
-
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """positions [B, T] -> sin, cos [B, T, head_dim] (fp32), halves repeated as in `rotate_half` RoPE."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-  freqs = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.sin(freqs), jnp.cos(freqs)
-
-
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """x [B, T, H, Dh] rotated by sin/cos [B, T, Dh]."""
-  half = x.shape[-1] // 2
-  x32 = x.astype(jnp.float32)
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
 def attention_mask(kv_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
@@ -176,9 +167,14 @@ class Attention(nn.Module):
     q = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", cfg.qkv_bias)(x)
     k = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", cfg.qkv_bias)(x)
     v = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", cfg.qkv_bias)(x)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      norm = functools.partial(RMSNorm, cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
+      q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
     heads = ("activation_batch", "activation_length", "activation_heads", None)
-    q = nn.with_logical_constraint(apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), sin, cos), heads)
-    k = nn.with_logical_constraint(apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), sin, cos), heads)
+    q = nn.with_logical_constraint(rope.apply_rope(q, sin, cos), heads)
+    k = nn.with_logical_constraint(rope.apply_rope(k, sin, cos), heads)
     v = nn.with_logical_constraint(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), heads)
     if cache is None and isinstance(mask, tuple):
       out = blockwise_attention(q, k, v, *mask, block=cfg.attention_block)
@@ -267,7 +263,7 @@ class Decoder(nn.Module):
     cfg = self.cfg
     t = tokens.shape[1]
     x = self.embed(tokens)
-    sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    sin, cos = rope.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     if cache is None:
       write_at = jnp.zeros((), jnp.int32)
       kv_valid, layer_caches = mask, None
