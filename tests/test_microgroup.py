@@ -1,4 +1,4 @@
-"""The micro-group schedule (spec §2): cut points, levels, the four sample layouts from scripted rewards."""
+"""The micro-group schedule (docs/algorithm.md#trapo): cut points, levels, the four sample layouts from scripted rewards."""
 
 from __future__ import annotations
 

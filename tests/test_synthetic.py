@@ -153,7 +153,7 @@ def test_tokenizer_steps_digits_and_round_trip(tokenizer, examples):
 
 
 def test_hard_level_prefixes_end_on_a_step(tokenizer):
-  """The 25%/50% prefixes of demo #0 (spec §2 cut rule, EOS appended) end on "\\n\\n" at the hard levels."""
+  """The 25%/50% prefixes of demo #0 (docs/algorithm.md cut rule, EOS appended) end on "\\n\\n" at the hard levels."""
   cc = microgroup.split_token_ids(tokenizer)
   for ex in synthetic.generate_split("train", 200, levels=synthetic.HARD_LEVELS, seed=4):
     ids = tokenizer.encode(ex["demos"][0], add_special_tokens=False) + [tokenizer.eos_token_id]

@@ -21,6 +21,7 @@ from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 from trapo_jax.data import synthetic
 from trapo_jax.train import checkpoint as ckpt_lib
+from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 from trapo_jax.train import trainer
@@ -69,6 +70,9 @@ def _params(workdir: str, cfg):
 def test_every_algorithm_runs_three_steps(name, tmp_path):
   workdir = str(tmp_path)
   cfg = tiny(_config(name), workdir)
+  if name == "default":
+    with cfg.unlocked():
+      cfg.train.dump_token_probs = True
   trainer.run(cfg, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [1, 2, 3]
@@ -85,8 +89,19 @@ def test_every_algorithm_runs_three_steps(name, tmp_path):
     assert sum(r["num_prefix_tokens"] for r in rows) > 0  # expert prefixes were imitated
   if name == "grpo":
     assert all(r["num_prefix_tokens"] == 0 for r in rows)
+  if name == "luffy":  # the config sets nothing but algo: the shaped loss is LUFFY's own
+    assert all("loss/luffy" in r and "loss/trsft" not in r for r in rows)
   if name == "sft_then_rl":
     assert [r["phase_sft"] for r in rows] == [1.0, 0.0, 0.0]
+  if name == "default":  # the dumps hold every imitated and own token of each step, as the step counted them
+    dumps = metrics_lib.read_token_probs(workdir)
+    assert [d[0] for d in dumps] == [1, 2, 3]
+    for (_, expert, own), r in zip(dumps, rows):
+      assert (expert.size, own.size) == (r["num_prefix_tokens"], r["num_own_tokens"])
+      assert ((0 < own) & (own <= 1)).all()
+      if expert.size:  # the step's mean of the same probabilities, summed in another order
+        assert abs(expert.mean() - r["expert_prob"]) <= numerics.float32_sum_bound(expert.mean(), expert.size)
+    assert os.path.exists(os.path.join(workdir, "token_probs.png"))
 
 
 def test_exact_resume(tmp_path):

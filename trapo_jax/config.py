@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic",  # synthetic | demos
-      path="",  # demos: a local parquet/jsonl file or directory in the OpenR1 layout (spec §2/§3)
+      path="",  # demos: a local parquet/jsonl file or directory in the OpenR1 layout (trapo_jax/data/demos.py)
       data_dir="",  # where TFDS writes prepared data; empty = <workdir>/tfds
       max_prompt_len=1024,
       max_response_len=8192,
@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=64,
       grader_timeout_s=10.0,
       grader_workers=2,
-      template="eval_official",  # the official evaluation prompt, typo included (spec §3); "eval" fixes it
+      template="eval_official",  # the official evaluation prompt, typo included (docs/algorithm.md#evaluation); "eval" fixes it
       every=0,  # also evaluate during training every N steps (0 = never)
       at_start=False,  # evaluate the initial policy before training
       at_end=True,  # evaluate after training

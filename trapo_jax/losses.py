@@ -1,4 +1,4 @@
-"""Loss kernels: pure functions of arrays, one per term of the objective (spec §1, §5).
+"""Loss kernels: pure functions of arrays, one per term of the objective (docs/algorithm.md).
 
 Every per-token loss is [B, T] and response-aligned; masks select where it applies and `aggregate` reduces it.
 Shapes: B sequences, T response tokens, D hidden size, V vocabulary.
@@ -111,7 +111,7 @@ def token_logprobs(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, *,
 
 
 def trsft_loss(logp: jax.Array, alpha: float = 0.1) -> jax.Array:
-  """TrSFT (spec §1.1): -p / sg(max(p, alpha)).
+  """TrSFT (docs/algorithm.md#trapo): -p / sg(max(p, alpha)).
 
   Value -1 where p >= alpha (gradient -grad log p, exactly SFT) and -p/alpha below (gradient -grad p / alpha: the
   SFT gradient scaled down by p/alpha, mode-seeking instead of mass-covering).
@@ -127,7 +127,7 @@ def sft_loss(logp: jax.Array) -> jax.Array:
 
 def policy_gradient_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, *,
                          clip_eps: float | None = None) -> jax.Array:
-  """-A * exp(logp - old_logp) (spec §1.2, no clip by default); with clip_eps the PPO clipped surrogate."""
+  """-A * exp(logp - old_logp) (no clip by default, docs/algorithm.md); with clip_eps the PPO clipped surrogate."""
   ratio = jnp.exp(logp - old_logp)
   loss = -advantages * ratio
   if clip_eps is None:
@@ -136,7 +136,7 @@ def policy_gradient_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.A
 
 
 def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 0.1) -> jax.Array:
-  """LUFFY's policy shaping on demonstration tokens (spec §5): -A * p / (p + gamma), no stop-gradient."""
+  """LUFFY's policy shaping on demonstration tokens (docs/algorithm.md#luffy): -A * p / (p + gamma), no stop-gradient."""
   p = jnp.exp(logp)
   return -advantages * p / (p + gamma)
 
@@ -147,7 +147,7 @@ def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 
 
 def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False,
                      eps: float = 1e-6) -> jax.Array:
-  """rewards [N], group ids [N] (ints in [0, N)) -> reward minus its group mean [N] (GRPO, spec §1.2).
+  """rewards [N], group ids [N] (ints in [0, N)) -> reward minus its group mean [N] (GRPO, docs/algorithm.md#advantages).
 
   With use_std, divided by (group std + eps); the std is unbiased (ddof=1) as torch.std in the official code. A
   group of one keeps its reward (the official estimator takes mean 0 and std 1 for it).

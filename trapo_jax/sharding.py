@@ -109,12 +109,12 @@ def local_batch_shards(mesh: Mesh) -> int:
   return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
 
 
-def to_host(mesh: Mesh, tree: Any) -> Any:
-  """Global batch-sharded arrays -> this process's rows as numpy (all rows on one process)."""
+def to_host(mesh: Mesh, tree: Any, batch_axis: int = 0) -> Any:
+  """Global arrays with rows over (data, fsdp) on `batch_axis` -> this process's rows as numpy (all on one process)."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   from jax.experimental import multihost_utils
-  local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(BATCH_AXES))
+  local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(*([None] * batch_axis), BATCH_AXES))
   return jax.tree.map(np.asarray, local)
 
 

@@ -19,7 +19,7 @@ def get_config():
   c.train.ckpt_every = 20
   c.train.micro_batch_tokens = 1 << 16
   c.train.logprob_chunk = 128
-  # Tiny models need a larger step than 7B ones; everything else is the official run (spec §3).
+  # Tiny models need a larger step than 7B ones; everything else is the official run (docs/algorithm.md).
   c.optim.lr = 1e-4
   c.eval.benchmarks = ("synthetic",)
   c.eval.samples.synthetic = 4

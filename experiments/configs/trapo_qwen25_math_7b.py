@@ -1,4 +1,4 @@
-"""The paper's main run (spec §3): TRAPO on Qwen2.5-Math-7B with OpenR1-Math demonstrations.
+"""The paper's main run (docs/algorithm.md#trapo): TRAPO on Qwen2.5-Math-7B with OpenR1-Math demonstrations.
 
   python -m trapo_jax.main --config=experiments/configs/trapo_qwen25_math_7b.py --workdir=gs://bucket/run1 \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
@@ -21,7 +21,7 @@ def get_config():
   c.model.num_heads = 28
   c.model.num_kv_heads = 4
   c.model.head_dim = 128
-  c.model.rope_theta = 10000.0  # the -16k-think variant raises it (spec §3: value unverified)
+  c.model.rope_theta = 10000.0  # the -16k-think variant raises it (value unverified)
   c.model.rms_norm_eps = 1e-6
   c.model.qkv_bias = True
   c.model.tie_embeddings = False

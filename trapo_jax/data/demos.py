@@ -1,4 +1,4 @@
-"""Expert-demonstration data: problems, reference answers and ≥2 DeepSeek-R1 solutions each (docs/trapo_spec.md §2-3).
+"""Expert-demonstration data: problems, reference answers and ≥2 DeepSeek-R1 solutions each (docs/algorithm.md).
 
 `Demos` is a TFDS builder over a local parquet or jsonl file, or a directory of them, in one of two layouts
 (detected per file):
@@ -9,7 +9,7 @@
 
 Solutions are stored whole; a method takes the part it trains on (`demo_text`) when batches are built. A row's `uid`
 is its index in the source (rows numbered across files in name order for a directory): unique per prompt, so GRPO
-groups never merge (spec §2 "Groups/uids").
+groups never merge.
 Rows that cannot be used are skipped and reported together in one warning per build.
 """
 
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
 SPLIT = "train"
-MIN_SOLUTIONS = 2  # demo #0 gives the partial prefixes, demo #1 the full expert sample (spec §2)
+MIN_SOLUTIONS = 2  # demo #0 gives the partial prefixes, demo #1 the full expert sample (docs/algorithm.md#trapo)
 SUFFIXES = (".parquet", ".jsonl")
 LAYOUTS = {
     "TRAPO/verl": ("prompt", "reward_model.ground_truth", "extra_info.answer_list"),

@@ -1,4 +1,4 @@
-"""Prompt templates (docs/trapo_spec.md §3, §6.12).
+"""Prompt templates (docs/algorithm.md#evaluation).
 
 - `train`: the training prompt of the official dataset (`our_get_prompt_text`), system turn included.
 - `eval`: the training prompt without the system turn.

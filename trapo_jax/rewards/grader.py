@@ -1,4 +1,4 @@
-"""Math answer grading: the TRAPO reward (docs/trapo_spec.md §2) and evaluation grader (§3).
+"""Math answer grading: the training reward and the evaluation grader (docs/algorithm.md#evaluation).
 
 `grade` is the official evaluation's two-stage check:
   1. math-verify: `verify(parse("$" + answer + "$"), parse(response))` on the response (its last

@@ -1,10 +1,10 @@
-"""Micro-group adaptive prefixes (spec §2): which samples of a prompt get which expert prefix, and which get TrSFT.
+"""Micro-group adaptive prefixes (docs/algorithm.md#trapo): which samples of a prompt get which expert prefix, and which get TrSFT.
 
 Per prompt, samples come in stages (default 4, 2, 1, 1). After stage s the cumulative reward S of the prompt sets
 the guidance level of stage s+1: level s if S < thresholds[s-1], else 0 (so a prompt may jump 0 -> 2). A stage at
 level l continues from a prefix of prefix_ratios[l-1] of demo #0; a ratio of 1.0 is the whole of demo #1, taken as
 the response with no generation. Inside a guided stage only the last sample's prefix gets the prefix loss, so a
-prefix is imitated once (spec §2 `off_seq_loss_mask`: [0, 1] for the two 25% samples, [1] for the single ones).
+prefix is imitated once (the official `off_seq_loss_mask`: [0, 1] for the two 25% samples, [1] for the single ones).
 
 All functions here are pure and host-side (numpy); the trainer calls them between sampler and grader calls.
 """
@@ -25,7 +25,7 @@ def split_token_ids(tokenizer) -> np.ndarray:
 
 
 def prefix_cut(demo_ids: Sequence[int], ratio: float, split_token_ids: Sequence[int], window: float = 0.3) -> int:
-  """Number of demo tokens in a `ratio` prefix (spec §2, official get_prefix_end_idx).
+  """Number of demo tokens in a `ratio` prefix (docs/algorithm.md#trapo, official get_prefix_end_idx).
 
   thr = floor(len * ratio); the prefix ends just after the first "\\n\\n"-token at an index j > thr if
   j < len * (ratio + window), so it ends on a step boundary; otherwise it is cut at thr.

@@ -87,3 +87,75 @@ def plot_curves(rows: list[dict], out_png: str, keys: Iterable[tuple[str, str]] 
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-probability dumps (train.dump_token_probs): the official code's per-step npz dumps of the probabilities the
+# policy gives expert-prefix tokens and its own tokens, and the paper's training-dynamics figure made from them.
+
+TOKEN_PROBS_DIR = "token_probs"
+
+
+def write_token_probs(workdir: str, step: int, expert: np.ndarray, own: np.ndarray) -> str:
+  """Writes <workdir>/token_probs/step_<step>.npz with 1-D arrays `expert` (imitated expert tokens) and `own`."""
+  out = os.path.join(workdir, TOKEN_PROBS_DIR)
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f"step_{step:07d}.npz")
+  np.savez_compressed(path, expert=np.asarray(expert, np.float32), own=np.asarray(own, np.float32))
+  return path
+
+
+def read_token_probs(workdir: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+  """[(step, expert probabilities, own probabilities)] of a run's dumps, in step order."""
+  out = os.path.join(workdir, TOKEN_PROBS_DIR)
+  names = sorted(n for n in os.listdir(out) if n.startswith("step_") and n.endswith(".npz")) if os.path.isdir(
+      out) else []
+  rows = []
+  for name in names:
+    with np.load(os.path.join(out, name)) as f:
+      rows.append((int(name[5:-4]), f["expert"], f["own"]))
+  return rows
+
+
+def plot_token_probs(workdir: str, out_png: str, alpha: float = 0.1) -> bool:
+  """The training-dynamics figure: per step, the distribution of expert-token probabilities (median and the
+  10-90 % band; own tokens alongside) and the share of expert tokens below alpha. False if the run has no dumps."""
+  rows = read_token_probs(workdir)
+  if not rows:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  steps = np.asarray([s for s, _, _ in rows])
+  fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+  for k, (label, colour) in enumerate((("expert tokens", "C0"), ("own tokens", "C1"))):
+    q = np.asarray([np.quantile(r[1 + k], (0.1, 0.5, 0.9)) if r[1 + k].size else (np.nan,) * 3 for r in rows])
+    left.fill_between(steps, q[:, 0], q[:, 2], color=colour, alpha=0.2)
+    left.plot(steps, q[:, 1], color=colour, label=f"{label} (median, 10-90 %)")
+  left.set_title("token probability under the policy")
+  left.set_xlabel("step")
+  left.legend(fontsize=7)
+  below = [float((e < alpha).mean()) if e.size else np.nan for _, e, _ in rows]
+  right.plot(steps, below)
+  right.set_title(f"expert tokens with p < {alpha:g}")
+  right.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def main(argv: list[str]) -> None:
+  """python -m trapo_jax.train.metrics WORKDIR [ALPHA]: token_probs.png from the run's dumps."""
+  if len(argv) not in (2, 3):
+    raise SystemExit("usage: python -m trapo_jax.train.metrics WORKDIR [ALPHA]")
+  out = os.path.join(argv[1], "token_probs.png")
+  if not plot_token_probs(argv[1], out, float(argv[2]) if len(argv) == 3 else 0.1):
+    raise SystemExit(f"{os.path.join(argv[1], TOKEN_PROBS_DIR)}: no token-probability dumps "
+                     "(train with --config.train.dump_token_probs=True)")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  import sys
+  main(sys.argv)

@@ -6,7 +6,7 @@ response token (a per-row gather), so every loss array is response-aligned [N, L
 Micro-batches: the N rows are split into M equal micro-batches scanned inside one jitted step; gradients are
 averaged, so with the sequence-mean aggregations the step's gradient equals the full-batch gradient. (The official
 code sums the gradients of token-budgeted micro-batches of one GPU's 8 sequences and averages over GPUs; with
-`loss.seq_scale` = sequences per GPU this gives the same objective, spec §1.3. The entropy term is a token mean per
+`loss.seq_scale` = sequences per GPU this gives the same objective, docs/algorithm.md. The entropy term is a token mean per
 micro-batch, as there.)
 """
 
@@ -93,6 +93,12 @@ def response_logprobs(params, model_cfg: tfm.ModelConfig, mb: dict, chunk_size: 
   h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
   return losses.token_logprobs(h, tfm.unembed(params, model_cfg), mb["resp_tokens"], chunk_size=chunk_size,
                                temperature=temperature)
+
+
+def packed_logprobs(params, batch: dict, *, model_cfg: tfm.ModelConfig, chunk_size: int,
+                    temperature: float = 1.0) -> jax.Array:
+  """logp [M, mb, Lb] of every response token of a packed batch under `params` (no gradient)."""
+  return jax.lax.map(lambda mb: response_logprobs(params, model_cfg, mb, chunk_size, temperature)[0], batch)
 
 
 def loss_fn(params, mb: dict, weights: jax.Array, *, model_cfg: tfm.ModelConfig, objective: losses.Objective,

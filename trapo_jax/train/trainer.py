@@ -127,7 +127,7 @@ def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
 
 
 def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
-  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (spec §4 analysis hooks)."""
+  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation)."""
   rb = global_rollouts(rb)
   m: dict[str, float] = {"reward/mean": float(rb.rewards.mean())}
   for s in range(num_stages):
@@ -219,6 +219,22 @@ def local_share(batch, index: int, count: int):
       problems=batch.problems[sl])
 
 
+def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorithms.Phase, step: int,
+                     step_fns: dict) -> None:
+  """The probabilities the policy about to be updated gives imitated expert tokens and its own tokens, written to
+  <workdir>/token_probs/ (this process's rows; process 0 writes)."""
+  key = f"{phase.name}/logprobs"
+  if key not in step_fns:
+    step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
+                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature))
+  p = np.exp(np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1)))
+  resp = packed.response_mask.astype(bool)
+  prefix = resp & packed.prefix_mask.astype(bool)
+  if jax.process_index() == 0:
+    metrics_lib.write_token_probs(ctx.workdir, step, p[prefix & packed.off_loss_mask.astype(bool)],
+                                  p[resp & ~prefix])
+
+
 def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict) -> tuple[Any, dict]:
   """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics."""
   cfg = ctx.cfg
@@ -241,8 +257,10 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
-    state, step_metrics = step_fns[phase.name](state, step_lib.put_packed(ctx.mesh, packed),
-                                               phase.objective.weights_at(step))
+    placed = step_lib.put_packed(ctx.mesh, packed)
+    if cfg.train.dump_token_probs:
+      dump_token_probs(ctx, state.params, placed, packed, phase, step + 1, step_fns)
+    state, step_metrics = step_fns[phase.name](state, placed, phase.objective.weights_at(step))
   step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   t2 = time.perf_counter()
   m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
@@ -303,12 +321,20 @@ def run(cfg, workdir: str) -> dict:
     checkpointer.close()
   if jax.process_index() == 0 and os.path.exists(writer.path):
     metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "curves.png"))
+    metrics_lib.plot_token_probs(workdir, os.path.join(workdir, "token_probs.png"), alpha=trust_region(ctx))
   if cfg.eval.at_end:
     results["after"] = _evaluate(ctx, state.params, "after")
   if "before" in results and "after" in results and jax.process_index() == 0:
     from trapo_jax.eval import evaluate
     print(evaluate.before_after_table(results["before"], results["after"]))
   return results
+
+
+def trust_region(ctx: Context) -> float:
+  """TrSFT's alpha when the method has such a term (the figure's threshold), else the official 0.1."""
+  alphas = [dict(t.params)["alpha"] for ph in ctx.method.phases(ctx.cfg) for t in ph.objective.terms
+            if t.loss == "trsft"]
+  return alphas[0] if alphas else 0.1
 
 
 def _evaluate(ctx: Context, params, name: str) -> dict:

@@ -1,0 +1,233 @@
+"""The registry's contract, for every registered method: the config alone selects it, its rows per prompt, row kinds
+and masks, which terms see which tokens, and its loss against an independent float64 reference, term by term."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import default
+from tests.test_microgroup import SPLIT, _batch, _fake_sampler
+from trapo_jax import algorithms
+from trapo_jax import losses
+from trapo_jax.errors import ConfigError
+from trapo_jax.sampling import microgroup
+from trapo_jax.sampling import rollout
+
+NAMES = algorithms.names()
+CONFIG_FILE = {"trapo": "default"}  # experiments/configs/<file>.py of each method, where it is not the method's name
+
+# What each method's phases compute: phase -> {term: (selector, per-token loss)}. A method missing here fails
+# test_terms_see_the_declared_tokens: declaring a method means declaring this.
+TERMS = {
+    "trapo": {"rl": {"trsft": ("imitated", "trsft"), "pg": ("own", "policy_gradient"),
+                     "entropy": ("response", "entropy")}},
+    "grpo": {"rl": {"pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")}},
+    "luffy": {"rl": {"luffy": ("imitated", "luffy_shaped"), "pg": ("own", "policy_gradient"),
+                     "entropy": ("response", "entropy")}},
+    "sft": {"sft": {"nll": ("imitated", "nll")}},
+    "sft_then_rl": {"sft": {"nll": ("imitated", "nll")},
+                    "rl": {"pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")}},
+}
+# The kinds of rows a prompt yields in each phase (own rollouts, guided continuations, whole demonstrations).
+KINDS = {
+    ("trapo", "rl"): {"own", "guided", "demo"},
+    ("grpo", "rl"): {"own"},
+    ("luffy", "rl"): {"own", "demo"},
+    ("sft", "sft"): {"demo"},
+    ("sft_then_rl", "sft"): {"demo"},
+    ("sft_then_rl", "rl"): {"own"},
+}
+
+
+def _config(name: str):
+  cfg = default.get_config()
+  cfg.algo = name
+  return cfg
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_algo_alone_is_the_experiment_config(name):
+  """--config.algo=NAME on the default experiment is exactly experiments/configs/NAME.py: nothing else to set."""
+  module = importlib.import_module(f"experiments.configs.{CONFIG_FILE.get(name, name)}")
+  assert _config(name).to_dict() == module.get_config().to_dict()
+
+
+def test_unknown_method_lists_the_registered_ones():
+  with pytest.raises(ConfigError, match=r"algo: unknown method 'ppo' \(registered: grpo, luffy"):
+    algorithms.from_config(_config("ppo"))
+
+
+def _rows(phase, g: int, seed: int) -> rollout.RolloutBatch:
+  """The phase's rows for g prompts, sampled by a fake sampler and graded at random (every schedule branch shows
+  up over a few seeds)."""
+  if not phase.samples:
+    return rollout.demo_batch(_batch(g), which=phase.rows.which, max_len=40)
+  rng = np.random.default_rng(seed)
+  grade = lambda tokens, mask, answers: rng.integers(0, 2, len(answers)).astype(np.float32)
+  return rollout.collect(phase.rows, _batch(g), _fake_sampler([]), grade, np.asarray([SPLIT]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rows_per_prompt_kinds_and_masks(name):
+  cfg = _config(name)
+  method = algorithms.from_config(cfg)
+  for phase in method.phases(cfg):
+    seen = set()
+    for seed in range(6):
+      rb = _rows(phase, 3, seed)
+      n = phase.rows_per_prompt
+      assert rb.tokens.shape[0] == 3 * n and rb.group_ids.tolist() == [i for i in range(3) for _ in range(n)]
+      resp, prefix, off = rb.response_mask, rb.prefix_mask, rb.off_loss_mask
+      assert not (off & ~prefix).any() and not (prefix & ~resp).any()
+      own, guided, demo = (rb.kind == k for k in (losses.ROW_OWN, losses.ROW_GUIDED, losses.ROW_DEMO))
+      assert not prefix[own].any()  # own rollouts hold no expert token
+      assert all(prefix[r].any() and (resp[r] & ~prefix[r]).any() for r in np.flatnonzero(guided))
+      assert all((prefix[r] == resp[r]).all() and resp[r].any() for r in np.flatnonzero(demo))
+      seen |= {k for k, rows in zip(("own", "guided", "demo"), (own, guided, demo)) if rows.any()}
+    assert seen == KINDS[(name, phase.name)]
+
+
+def _inputs(rb: rollout.RolloutBatch, seed: int) -> losses.TokenInputs:
+  rng = np.random.default_rng(seed)
+  shape = rb.tokens.shape
+  logp = rng.uniform(-5.0, -0.01, shape).astype(np.float32)
+  return losses.TokenInputs(
+      logp=jnp.asarray(logp), old_logp=jnp.asarray(logp), entropy=jnp.asarray(rng.uniform(0, 3, shape), jnp.float32),
+      advantages=jnp.asarray(rng.normal(size=shape[0]), jnp.float32), rewards=jnp.asarray(rb.rewards),
+      kind=jnp.asarray(rb.kind), prefix_mask=jnp.asarray(rb.prefix_mask), off_loss_mask=jnp.asarray(rb.off_loss_mask),
+      response_mask=jnp.asarray(rb.response_mask))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_terms_see_the_declared_tokens(name):
+  cfg = _config(name)
+  for phase in algorithms.from_config(cfg).phases(cfg):
+    declared = {t.name: (t.tokens, t.loss) for t in phase.objective.terms}
+    assert declared == TERMS[name][phase.name]
+    x = _inputs(_rows(phase, 3, 0), 0)
+    resp, prefix = np.asarray(x.response_mask), np.asarray(x.prefix_mask) & np.asarray(x.response_mask)
+    for term in phase.objective.terms:
+      selected = np.asarray(losses.SELECTORS[term.tokens](x))
+      assert not (selected & ~resp).any()
+      if term.tokens == "own":
+        assert (selected == (resp & ~prefix)).all()
+      if term.tokens == "imitated":
+        assert (selected == (prefix & np.asarray(x.off_loss_mask))).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An independent float64 reference of every selector, per-token loss and aggregation: value and d/dlogp.
+
+def _np_selected(name: str, x: dict) -> np.ndarray:
+  resp, prefix, off = x["response_mask"], x["prefix_mask"] & x["response_mask"], x["off_loss_mask"]
+  return {"own": resp & ~prefix, "imitated": prefix & off, "response": resp,
+          "demo_rows": resp & (x["kind"] == losses.ROW_DEMO)[:, None]}[name]
+
+
+def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(per-token value, its derivative w.r.t. logp) [B, T]."""
+  logp = x["logp"]
+  p, a = np.exp(logp), x["advantages"][:, None]
+  if name == "policy_gradient":
+    ratio = np.exp(logp - x["old_logp"])  # old_logp carries no gradient
+    eps = params["clip_eps"]
+    if eps is None:
+      return -a * ratio, -a * ratio
+    unclipped, clipped = -a * ratio, -a * np.clip(ratio, 1 - eps, 1 + eps)
+    live = (unclipped >= clipped) | ((ratio > 1 - eps) & (ratio < 1 + eps))
+    return np.maximum(unclipped, clipped), np.where(live, -a * ratio, 0.0)
+  if name == "trsft":  # -p / sg(max(p, alpha))
+    scale = np.maximum(p, params["alpha"])
+    return -p / scale, -p / scale
+  if name == "nll":
+    return -logp, -np.ones_like(logp)
+  if name == "luffy_shaped":
+    g = params["gamma"]
+    return -a * p / (p + g), -a * g * p / (p + g) ** 2
+  if name == "entropy":  # an input of the loss, not a function of logp here
+    return x["entropy"], np.zeros_like(logp)
+  raise KeyError(f"no reference for per-token loss {name!r}: add one with the loss")
+
+
+def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarray:
+  """The aggregation is linear: aggregate(v) = sum(weights * v); these are the weights [B, T]."""
+  m = mask.astype(np.float64)
+  if mode == "seq_sum_over_max_len":
+    return m / (max_len * m.shape[0])
+  if mode == "token_mean":
+    return m / max(m.sum(), 1.0)
+  if mode == "seq_mean_token_mean":
+    tokens = m.sum(-1, keepdims=True)
+    return m / np.maximum(tokens, 1.0) / max((tokens > 0).sum(), 1)
+  raise KeyError(mode)
+
+
+def _np_objective(objective: losses.Objective, x: dict, step: int) -> tuple[float, np.ndarray]:
+  value, grad = 0.0, np.zeros_like(x["logp"])
+  for term in objective.terms:
+    selected = _np_selected(term.tokens, x)
+    v, dv = _np_loss(term.loss, x, dict(term.params))
+    over = x["response_mask"] if term.over == "response" else selected
+    w = _np_aggregate_weights(over, term.aggregation, objective.max_len)
+    scale = objective.seq_scale if term.aggregation == "seq_sum_over_max_len" else 1.0
+    coef = term.weight_at(step) * scale
+    value += coef * float(np.sum(w * np.where(selected, v, 0.0)))
+    grad += coef * w * np.where(selected, dv, 0.0)
+  return value, grad
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_equals_the_per_term_reference(name):
+  cfg = _config(name)
+  for phase in algorithms.from_config(cfg).phases(cfg):
+    for seed in range(3):
+      x = _inputs(_rows(phase, 3, seed), seed)
+      # A ratio away from 1 exercises the clip branches where a method has them.
+      shift = np.random.default_rng(seed).uniform(-0.3, 0.3, x.logp.shape)
+      x = dataclasses.replace(x, old_logp=x.logp + jnp.asarray(shift, jnp.float32))
+      weights = phase.objective.weights_at(7)
+      f = lambda logp: losses.objective_loss(dataclasses.replace(x, logp=logp), phase.objective, weights)[0]
+      value, grad = jax.value_and_grad(f)(x.logp)
+      arrays = {f.name: np.asarray(getattr(x, f.name)) for f in dataclasses.fields(x)}
+      ref_value, ref_grad = _np_objective(
+          phase.objective, {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}, 7)
+      # float32 sums of at most B * T terms: relative error within B * T * eps of the magnitudes.
+      n = x.logp.size
+      assert abs(float(value) - ref_value) <= 2 * n * np.finfo(np.float32).eps * (1 + abs(ref_value))
+      np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, rtol=1e-5,
+                                 atol=1e-6 * max(1.0, float(np.abs(ref_grad).max())))
+
+
+def test_luffy_demo_is_the_whole_response_and_grades_correct(tmp_path):
+  """LUFFY's demonstration row is the whole R1 response (thought and answer), graded like any rollout: 1 for a
+  correct one. TRAPO's full-expert row keeps the thought alone, as the official TRAPO code builds it."""
+  from trapo_jax import rewards
+  from trapo_jax.data import pipeline
+  from trapo_jax.data import synthetic
+  from trapo_jax.models import hf
+  cfg = _config("luffy")
+  with cfg.unlocked():
+    cfg.data.update(source="demos", path="tests/fixtures/openr1_layout.jsonl", max_prompt_len=128, max_response_len=64)
+  examples = pipeline.load_examples(cfg.data, "train", data_dir=str(tmp_path))
+  tokenizer = hf.load_tokenizer(synthetic.TOKENIZER_DIR)
+  texts = {}
+  for name in ("luffy", "trapo"):
+    method = algorithms.from_config(_config(name))
+    loader = pipeline.PromptLoader(examples[:1], tokenizer, batch_size=1, max_prompt_len=128, max_response_len=64,
+                                   template="train", seed=None, demo_form=method.demo_form(cfg))
+    batch = next(loader)
+    plan = microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0)  # LUFFY's rows; TRAPO's level-3 row alike
+    rb = rollout.collect(plan, batch, _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
+                         np.asarray([SPLIT]))
+    demo_row = int(np.flatnonzero(rb.kind == losses.ROW_DEMO)[0])
+    texts[name] = tokenizer.decode(rb.tokens[demo_row][rb.response_mask[demo_row]], skip_special_tokens=True)
+  assert texts["luffy"] == "<think>7*6=42</think>\\boxed{42}"  # demo #1 of the fixture's first problem, whole
+  assert texts["trapo"] == "7*6=42"
+  assert rewards.grade_batch([texts["luffy"]], [examples[0].answer], timeout_s=10.0, workers=1,
+                             fallback=False) == [1.0]
