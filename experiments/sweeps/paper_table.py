@@ -1,5 +1,5 @@
 """The paper's comparison on the default synthetic task, at equal budget: every method trains on the same prompts
-(8 per step, same order) for the same number of steps with 8 samples per prompt (SFT: the prompt's 2 demos), from
+(8 per step, same order) for the same number of steps with 8 samples per prompt (SFT: one demo per prompt), from
 the same shipped base policy; 3 seeds each (the seed drives sampling).
 
 Fixed before any method was compared: the task (trapo_jax/data/synthetic.py, multi-step arithmetic, levels 1-6,
