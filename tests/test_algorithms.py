@@ -231,3 +231,33 @@ def test_luffy_demo_is_the_whole_response_and_grades_correct(tmp_path):
   assert texts["trapo"] == "7*6=42"
   assert rewards.grade_batch([texts["luffy"]], [examples[0].answer], timeout_s=10.0, workers=1,
                              fallback=False) == [1.0]
+
+
+def test_the_readme_example_method_is_a_working_method():
+  """The README's "Adding a method" code registers a method that validates and whose loss matches the reference."""
+  import os
+  import re
+  import sys
+  import types
+  from trapo_jax import config as config_lib
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+  code = re.search(r"## Adding a method.*?```python\n(.*?)```", readme, re.S).group(1)
+  module = types.ModuleType("readme_method")
+  sys.modules[module.__name__] = module  # dataclasses look their module up
+  try:
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    cfg = config_lib.base_config()  # now with the new method's group
+    cfg.update(default.get_config().to_dict())
+    cfg.algo = "grpo_nll"
+    config_lib.validate(cfg, num_devices=8)
+    (phase,) = algorithms.from_config(cfg).phases(cfg)
+    x = _inputs(_rows(phase, 3, 0), 0)
+    assert (np.asarray(x.kind).reshape(3, -1)[:, -1] == losses.ROW_DEMO).all()
+    value = losses.objective_loss(x, phase.objective, phase.objective.weights_at(0))[0]
+    arrays = {f.name: np.asarray(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    ref, _ = _np_objective(phase.objective, {k: v.astype(np.float64) if v.dtype.kind == "f" else v
+                                             for k, v in arrays.items()}, 0)
+    assert abs(float(value) - ref) <= 2 * x.logp.size * np.finfo(np.float32).eps * (1 + abs(ref))
+  finally:
+    algorithms.base._REGISTRY.pop("grpo_nll", None)
+    sys.modules.pop(module.__name__, None)
