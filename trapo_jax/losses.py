@@ -268,6 +268,12 @@ class Objective:
   max_len: int = 8192  # L_max of the seq_sum_over_max_len aggregation
   seq_scale: float = 8.0  # official: sum / (L_max * 8) over 64 sequences = 8 x the sequence mean of sum / L_max
 
+  @property
+  def trust_region(self) -> float | None:
+    """alpha of the objective's TrSFT term, if it has one."""
+    alphas = [dict(t.params)["alpha"] for t in self.terms if t.loss == "trsft"]
+    return alphas[0] if alphas else None
+
   def weights_at(self, step: int) -> jax.Array:
     """[num_terms] float32: each term's weight at optimizer step `step` (an input of the jitted step)."""
     return jnp.asarray([t.weight_at(step) for t in self.terms], jnp.float32)
@@ -329,7 +335,6 @@ def objective_loss(x: TokenInputs, objective: Objective,
       "num_own_tokens": jnp.sum(own.astype(jnp.float32)),
   })
   # The share of imitated tokens outside TrSFT's trust region (the paper's training-dynamics figure).
-  alphas = [dict(t.params)["alpha"] for t in objective.terms if t.loss == "trsft"]
-  if alphas:
-    metrics["expert_frac_below_alpha"] = _masked_mean((p < alphas[0]).astype(jnp.float32), imitated)
+  if objective.trust_region is not None:
+    metrics["expert_frac_below_alpha"] = _masked_mean((p < objective.trust_region).astype(jnp.float32), imitated)
   return loss, metrics

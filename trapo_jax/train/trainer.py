@@ -332,8 +332,7 @@ def run(cfg, workdir: str) -> dict:
 
 def trust_region(ctx: Context) -> float:
   """TrSFT's alpha when the method has such a term (the figure's threshold), else the official 0.1."""
-  alphas = [dict(t.params)["alpha"] for ph in ctx.method.phases(ctx.cfg) for t in ph.objective.terms
-            if t.loss == "trsft"]
+  alphas = [ph.objective.trust_region for ph in ctx.method.phases(ctx.cfg) if ph.objective.trust_region is not None]
   return alphas[0] if alphas else 0.1
 
 
