@@ -1,0 +1,12 @@
+"""Errors the user can act on from their message alone (a path, a config key, a data row, a checkpoint).
+
+`python -m trapo_jax.main` prints such an error as one line, without a traceback, and exits with
+`EXIT_USER_ERROR`; `--verbose` (or TRAPO_VERBOSE=1) shows the traceback. Anything else is a bug and keeps its traceback.
+"""
+
+EXIT_USER_ERROR = 2  # the command, its config, paths, data or checkpoints need fixing: rerunning alone will not help
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint; rerunning resumes
+
+
+class UserError(Exception):
+  """A problem with the command, config, paths, data or checkpoints, explained by its message."""
