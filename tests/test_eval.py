@@ -23,7 +23,7 @@ def _main(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_eval_mode_writes_the_four_outputs(tmp_path):
-  out = _main("--mode=eval", f"--workdir={tmp_path}", "--config.model.hf_dir=",
+  out = _main("--mode=eval", "--allow_initial_policy", f"--workdir={tmp_path}", "--config.model.hf_dir=",
               f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}", "--config.model.vocab_size=384",
               "--config.model.num_layers=1", "--config.data.max_prompt_len=1024",
               f"--config.eval.benchmarks=({','.join(repr(b) for b in BENCHMARKS)})", "--config.eval.max_problems=3",

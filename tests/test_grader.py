@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import math_verify
@@ -13,6 +15,8 @@ import pytest
 from trapo_jax.rewards import grader
 from trapo_jax.rewards.grader import (GraderPool, answers_match, boxed_fallback, grade, grade_batch, last_boxed_content,
                                       last_stats, normalize_answer)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def boxed(answer: str) -> str:
@@ -298,3 +302,77 @@ def test_crashed_and_hung_workers_are_replaced(workers):
     assert pool.map([boxed("\\frac12")], ["0.5"], TIMEOUT_S)[0] == [1.0]
   finally:
     pool.close()
+
+
+# --- reliability: bounded off the main thread, symbolic equivalence in the fallback -----------------------------
+
+
+def test_grade_off_the_main_thread_is_bounded():
+  """grade() in a thread (no signal alarm there) on an input that math-verify alone never finishes: the thread holds
+  the GIL in a big-integer power, so a fresh interpreter is used and must finish in time."""
+  code = "\n".join([
+      "import threading",
+      "from trapo_jax.rewards import grader",
+      "out = []",
+      "def work():",
+      "  out.append(grader.grade('\\\\boxed{9^{9^{9^{9}}}}', '1', timeout_s=1))",
+      "  out.append(grader.grade('so \\\\boxed{\\\\sqrt{8}}', '2\\\\sqrt{2}', timeout_s=1))",
+      "t = threading.Thread(target=work)",
+      "t.start()",
+      "t.join()",
+      "print(out)",
+  ])
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[-2] == "[0.0, 1.0]"
+  assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("given, reference", [
+    ("\\frac{1}{2}", "0.5"), ("0.5", "1/2"), ("1/2", "\\frac{1}{2}"),
+    ("2\\sqrt{2}", "\\sqrt{8}"), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}"), ("(x+1)^2", "x^2+2x+1"),
+    ("[\\frac{1}{2}, 3)", "[0.5, 3)"), ("(-\\infty, \\sqrt{4}]", "(-\\infty, 2]"),
+    ("\\{1, \\sqrt{4}\\}", "\\{2, 1\\}"), ("\\{\\frac{1}{2}, 3\\}", "\\{3, 0.5\\}"),
+    ("2\\sqrt{2}\\text{ cm}", "\\sqrt{8}"),
+])
+def test_boxed_fallback_symbolic_equivalence(given, reference):
+  assert boxed_fallback(boxed(given), reference) == 1.0
+
+
+@pytest.mark.parametrize("given, reference", [
+    ("2\\sqrt{3}", "\\sqrt{8}"), ("[0.5, 3]", "[0.5, 3)"), ("(0.5, 3)", "[\\frac{1}{2}, 3)"),
+    ("\\{1, 3\\}", "\\{1, 2\\}"), ("\\{1, 2, 2\\}", "\\{1, 2, 3\\}"), ("(1, 2)", "(2, 1)"), ("x", "y"),
+    ("x^2+2x", "(x+1)^2"), ("\\frac{1}{3}", "0.33"), ("\\infty", "-\\infty"),
+])
+def test_boxed_fallback_symbolic_rejects(given, reference):
+  assert boxed_fallback(boxed(given), reference) == 0.0
+
+
+def fallback_only(response: str, answer: str, **options) -> float:
+  """The boxed fallback alone (its symbolic stage is reached without math-verify's first look at the response)."""
+  return boxed_fallback(response, answer, timeout_s=options["timeout_s"])
+
+
+def test_boxed_fallback_symbolic_survives_hostile_inputs(tmp_path):
+  marker = tmp_path / "ran"
+  hostile = [
+      "9^{9^{9^{9}}}", "10^{10^{10^{10}}}", "1000000!", "(10^{100})!", "99999999999^{99999999999}",
+      "\\sqrt[10^{100}]{2}", "\\sum_{n=1}^{10^{12}} n^{n}", "\\prod_{k=1}^{10^{9}} k", "\\int_0^1 e^{x^{x^{x}}} dx",
+      "\\binom{10^{9}}{5 \\cdot 10^{8}}", "\\lim_{x\\to\\infty} x^{x^{x}}", "\\tan(10^{100})",
+      "{" * 400 + "1" + "}" * 400, "\\frac{1}{" * 150 + "2" + "}" * 150, "\\sqrt{" * 300 + "2" + "}" * 300,
+      "x^" * 400 + "2", "(" * 450 + "1" + ")" * 450, "\\{" + ",".join(str(i) for i in range(300)) + "\\}",
+      f"__import__('os').system('touch {marker}')", f"\\text{{__import__('os').system('touch {marker}')}}",
+      f"eval(\"open('{marker}', 'w')\")", "\\input{/etc/passwd}", "\\ud800", "\x00", "\\frac{}{}", "\\frac{1}{0}",
+      "[1, \\infty", "\\{1, 2", "0^0", "\\infty - \\infty",
+  ]
+  pool = GraderPool(workers=2, grade_fn=fallback_only)
+  try:
+    start = time.monotonic()
+    scores, _ = pool.map([boxed(h) for h in hostile], ["\\frac{1}{2}"] * len(hostile), TIMEOUT_S)
+    assert time.monotonic() - start <= math.ceil(len(hostile) / 2) * (TIMEOUT_S + 1)
+    assert scores == [0.0] * len(hostile)
+    assert pool.map([boxed("\\sqrt{8}")], ["2\\sqrt{2}"], TIMEOUT_S)[0] == [1.0]  # the pool still grades
+  finally:
+    pool.close()
+  assert not marker.exists()

@@ -1,9 +1,21 @@
-"""Errors every layer may raise about the run's configuration; the bottom of the import graph."""
+"""Errors the user can act on from their message alone (a path, a config key, a data row, a checkpoint); the bottom
+of the import graph, so every layer may raise them.
+
+`python -m trapo_jax.main` prints such an error as one line, without a traceback, and exits with
+`EXIT_USER_ERROR`; `--verbose` (or TRAPO_VERBOSE=1) shows the traceback. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2  # the command, its config, paths, data or checkpoints need fixing: rerunning alone will not help
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint; rerunning resumes
 
-class ConfigError(ValueError):
+
+class UserError(Exception):
+  """A problem with the command, config, paths, data or checkpoints, explained by its message."""
+
+
+class ConfigError(UserError, ValueError):
   """A config key has a value that cannot work; the message starts with the key."""
 
 

@@ -5,12 +5,17 @@ r"""trapo_jax entry point.
       --workdir=gs://bucket/run1 --config.model.hf_dir=/path/to/Qwen2.5-Math-7B
   python -m trapo_jax.main --mode=eval --workdir=...         # evaluate the workdir's latest checkpoint
   python -m trapo_jax.main --mode=export --workdir=...       # write the policy as a Hugging Face directory
+
+Exit codes: 0 done; 2 a user-facing error (config, paths, data, checkpoints, a locked workdir), printed as one line
+(`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM after saving a checkpoint (rerun to
+resume); anything else (1) is a crash, with its traceback.
 """
 
 from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -18,18 +23,45 @@ import ml_collections
 from ml_collections import config_flags
 
 from trapo_jax import config as config_lib
+from trapo_jax import errors
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "experiments", "configs", "default.py")
 
 
 
+def _verbose() -> bool:
+  """--verbose (also read before flags are parsed: a config file fails while its flag is defined)."""
+  return "--verbose" in sys.argv or os.environ.get("TRAPO_VERBOSE", "") not in ("", "0")
+
+
+def fail(message: str) -> None:
+  """Exits with a one-line user-facing error (EXIT_USER_ERROR); with --verbose the current traceback comes first."""
+  if _verbose() and sys.exc_info()[0] is not None:
+    import traceback
+    traceback.print_exc()
+  print(message.replace("\n", " "), file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
 def _config_error(argv: list[str], error: Exception) -> str:
-  """One line naming the offending key: an unknown override, else the first line of the error."""
+  """One line naming the offending key: an unknown override, else the error's reason."""
   key = _unknown_override(argv)
   if key is not None:
     return f"config error: {key}: unknown key"
-  return f"config error: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+  return f"config error: {_reason(str(error)) or type(error).__name__}"
+
+
+def _reason(text: str) -> str:
+  """The first line of an error, or for a config file that raised (ml_collections puts the traceback into the
+  message) `<file>:<line>: <exception>`, the frame being the last one outside installed packages."""
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  if "Traceback (most recent call last):" not in text:
+    return lines[0] if lines else ""
+  frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+  own = [f for f in frames if "site-packages" not in f[0] and "dist-packages" not in f[0]]
+  where = f"{own[-1][0]}:{own[-1][1]}: " if own else ""
+  return f"{where}{lines[-1].strip()}"
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -51,10 +83,17 @@ try:
   # Without --config, the default file is loaded (and the overrides applied) right here, at definition.
   _CONFIG = config_flags.DEFINE_config_file("config", default=DEFAULT_CONFIG, help_string="Experiment config file.")
 except Exception as e:  # an override of the default config that cannot apply
-  sys.exit(_config_error(sys.argv, e))
+  fail(_config_error(sys.argv, e))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs (default: runs/<config name>).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export target (default: <workdir>/hf).")
+_ALLOW_INITIAL_POLICY = flags.DEFINE_bool(
+    "allow_initial_policy", False, "--mode=eval/export on a workdir without a checkpoint: use the initial policy "
+    "(otherwise that is an error: a mistyped workdir would evaluate the untrained model).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir although the config differs from its run's in keys that change "
+    "what a step computes (algorithm, model shape, loss, rollouts, data, optimizer, seed).")
+flags.DEFINE_bool("verbose", False, "Show the traceback of a user-facing error (also TRAPO_VERBOSE=1).")
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -71,7 +110,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # absl raises different types for a bad value and an unknown key
-    sys.exit(_config_error(argv, e))
+    fail(_config_error(argv, e))
 
 
 def enable_compilation_cache() -> None:
@@ -88,13 +127,13 @@ def load_config() -> ml_collections.ConfigDict:
   from trapo_jax import distributed
   cfg = _CONFIG.value
   if not isinstance(cfg, ml_collections.ConfigDict):
-    sys.exit(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
+    fail(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
   if "distributed" in cfg and isinstance(cfg.distributed, ml_collections.ConfigDict):
     distributed.initialize(cfg.distributed)
   try:
     config_lib.validate(cfg, num_devices=jax.device_count())
   except config_lib.ConfigError as e:
-    sys.exit(f"config error: {e}")
+    fail(f"config error: {e}")
   return cfg
 
 
@@ -106,20 +145,28 @@ def default_workdir() -> str:
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
   enable_compilation_cache()
   cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
-  if _MODE.value == "train":
-    from trapo_jax.train import trainer
-    trainer.run(cfg, workdir)
-  elif _MODE.value == "eval":
-    from trapo_jax.eval import evaluate
-    evaluate.run(cfg, workdir)
-  else:
-    from trapo_jax.train import trainer
-    trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"))
+  from trapo_jax.train import trainer
+  try:
+    if _MODE.value == "train":
+      results = trainer.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+      if "preempted" in results:
+        logging.warning("exiting with %d so that a scheduler requeues the run", errors.EXIT_PREEMPTED)
+        sys.exit(errors.EXIT_PREEMPTED)
+    elif _MODE.value == "eval":
+      from trapo_jax.eval import evaluate
+      evaluate.run(cfg, workdir, allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
+    else:
+      trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"),
+                     allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
+  except (errors.UserError, config_lib.ConfigError) as e:
+    fail(f"error: {_reason(str(e))}")
+  except trainer.TrainingError as e:
+    fail(f"training error: {_reason(str(e))}")
 
 
 def entry() -> None:

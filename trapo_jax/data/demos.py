@@ -9,8 +9,9 @@
 
 Solutions are stored whole; a method takes the part it trains on (`demo_text`) when batches are built. A row's `uid`
 is its index in the source (rows numbered across files in name order for a directory): unique per prompt, so GRPO
-groups never merge.
-Rows that cannot be used are skipped and reported together in one warning per build.
+groups never merge. Rows that cannot be used (a missing field, too few solutions, a line that is not JSON or not
+UTF-8) are skipped and reported together in one warning per build; a source without a usable row, or a file that
+cannot be read at all, is a `DataError` naming the file (and the row, where there is one).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
+from trapo_jax import errors
+
 SPLIT = "train"
 MIN_SOLUTIONS = 2  # demo #0 gives the partial prefixes, demo #1 the full expert sample (docs/algorithm.md#trapo)
 SUFFIXES = (".parquet", ".jsonl")
@@ -42,7 +45,15 @@ _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _MAX_LISTED_IDS = 20
 
 
-class LayoutError(ValueError):
+class DataError(errors.UserError, ValueError):
+  """The demonstration data cannot be used; the message names the file (and the row, where there is one)."""
+
+
+class DataNotFound(errors.UserError, FileNotFoundError):
+  """The demonstration path does not exist or holds no data file."""
+
+
+class LayoutError(DataError):
   """A source file has neither layout; the message names the file and the missing field."""
 
 
@@ -98,12 +109,12 @@ def source_files(path: str) -> list[str]:
   if os.path.isdir(path):
     files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(SUFFIXES))
     if not files:
-      raise FileNotFoundError(f"{path}: directory has no {' or '.join(SUFFIXES)} files")
+      raise DataNotFound(f"{path}: directory has no {' or '.join(SUFFIXES)} files")
     return files
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: demonstration data not found")
+    raise DataNotFound(f"{path}: demonstration data not found")
   if not path.endswith(SUFFIXES):
-    raise ValueError(f"{path}: expected a {' or '.join(SUFFIXES)} file")
+    raise DataError(f"{path}: expected a {' or '.join(SUFFIXES)} file")
   return [path]
 
 
@@ -218,13 +229,19 @@ def parse_row(row: Any, layout: str) -> dict:
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str | None, Any]]:
-  """(layout, row) for each non-blank line of a jsonl file; the row is a `_BadRow` for a line that is not JSON.
+  """(layout, row) for each non-blank line of a jsonl file; the row is a `_BadRow` for a line that is not UTF-8 or
+  not JSON.
 
   The first object decides the layout of the file.
   """
   layout = None
-  with open(path, encoding="utf-8") as f:
-    for line in f:
+  with open(path, "rb") as f:
+    for raw in f:
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        yield None, _BadRow("not UTF-8")
+        continue
       if not line.strip():
         continue
       try:
@@ -238,12 +255,29 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str | None, Any]]:
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
-  """(layout, row) for each row of a parquet file; the schema decides the layout."""
-  file = pq.ParquetFile(path)
+  """(layout, row) for each row of a parquet file; the schema decides the layout. A file or row group that cannot be
+  read is a DataError naming the file (and the first row of the unreadable batch)."""
+  try:
+    file = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from e
   layout = _detect_layout(path, _schema_tree(file.schema_arrow))
-  for batch in file.iter_batches(batch_size=256):
-    for row in batch.to_pylist():
-      yield layout, row
+  batches, row = file.iter_batches(batch_size=256), 0
+  while True:
+    try:
+      batch = next(batches, None)
+    except (pa.ArrowException, OSError) as e:
+      raise DataError(f"{path}: rows from {row} on cannot be read ({_first_line(e)})") from e
+    if batch is None:
+      return
+    for record in batch.to_pylist():
+      yield layout, record
+    row += batch.num_rows
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
 
 
 def read_demonstrations(path: str) -> Iterator[tuple[int, dict]]:
@@ -266,16 +300,21 @@ def read_demonstrations(path: str) -> Iterator[tuple[int, dict]]:
         yield uid, dict(uid=uid, **record)
       uid += 1
     ranges.append(f"{os.path.basename(file)} {first}-{uid - 1}")
+  ranges = ranges if len(files) > 1 else []
+  usable = uid - sum(len(ids) for ids in skipped.values())
+  if not usable:
+    reasons = _reasons(skipped, ranges) if skipped else "it has no rows"
+    raise DataError(f"0 of {uid} rows usable in {path}: {reasons}")
   if skipped:
-    logging.warning("%s", _skip_report(path, uid, skipped, ranges if len(files) > 1 else []))
+    logging.warning("%s", f"skipped {uid - usable} of {uid} rows of {path}: {_reasons(skipped, ranges)}")
 
 
-def _skip_report(path: str, total: int, skipped: dict[str, list[int]], ranges: list[str]) -> str:
+def _reasons(skipped: dict[str, list[int]], ranges: list[str]) -> str:
+  """`reason: [row ids]; ...`, the first ids of each reason (and how rows are numbered across files)."""
   def listed(ids: list[int]) -> str:
     more = len(ids) - _MAX_LISTED_IDS
     return str(ids[:_MAX_LISTED_IDS]) + (f" (+{more} more)" if more > 0 else "")
-  n = sum(len(ids) for ids in skipped.values())
-  text = f"skipped {n} of {total} rows of {path}: " + "; ".join(f"{r}: {listed(ids)}" for r, ids in skipped.items())
+  text = "; ".join(f"{r}: {listed(ids)}" for r, ids in skipped.items())
   if ranges:
     text += f" (rows numbered across files: {', '.join(ranges)})"
   return text
@@ -315,5 +354,5 @@ class Demos(ArrayRecordBuilder):
 
 
 def demos_builder(path: str, *, data_dir: str) -> Demos:
-  """The builder of the demonstrations at `path`, prepared under `data_dir` (FileNotFoundError names a missing path)."""
+  """The builder of the demonstrations at `path`, prepared under `data_dir` (DataNotFound names a missing path)."""
   return Demos(config=demos_config(path), data_dir=data_dir)

@@ -7,8 +7,11 @@ resume a run on exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+import fcntl
+import os
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -39,11 +42,34 @@ def _example(record: dict) -> Example:
                  demos=tuple(_text(d) for d in record.get("demos", ())), level=int(record.get("level", 0)))
 
 
+@contextlib.contextmanager
+def _exclusive(directory: str) -> Iterator[None]:
+  """One process at a time on this machine (runs sharing a data_dir would race in TFDS's preparation)."""
+  if "://" in directory:  # an object store: no file locks
+    yield
+    return
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, ".prepare.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepared(make_builder: Callable[[], Any], data_dir: str):
+  """`make_builder()`, prepared under data_dir if it is not yet; one process at a time (a builder made while another
+  process prepares the same data would not see it)."""
+  with _exclusive(data_dir):
+    builder = make_builder()
+    builder.download_and_prepare()
+  return builder
+
+
 def read_split(builder, split: str) -> list[Example]:
-  """Every example of `split` of a TFDS builder (prepared first if needed), in uid order."""
-  builder.download_and_prepare()
+  """Every example of `split` of a prepared TFDS builder, in uid order."""
   if split not in builder.info.splits:
-    raise ValueError(f"split {split!r} is not in {builder.name}/{builder.builder_config.name} "
+    raise demos_lib.DataError(f"split {split!r} is not in {builder.name}/{builder.builder_config.name} "
                      f"(splits: {', '.join(builder.info.splits)})")
   source = builder.as_data_source(split)
   records = []
@@ -57,20 +83,20 @@ def load_examples(data_cfg, split: str, *, data_dir: str) -> list[Example]:
   """The examples of `split` of the dataset `data_cfg` names (`source`: demos | synthetic), prepared under data_dir."""
   if data_cfg.source == "demos":
     if not data_cfg.path:
-      raise ValueError("data.path: empty; the demos source needs a parquet/jsonl file or directory")
-    builder = demos_lib.demos_builder(data_cfg.path, data_dir=data_dir)
+      raise demos_lib.DataError("data.path: empty; the demos source needs a parquet/jsonl file or directory")
+    make = lambda: demos_lib.demos_builder(data_cfg.path, data_dir=data_dir)
   elif data_cfg.source == "synthetic":
     from trapo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    builder = synthetic.Synthetic(data_dir=data_dir)
+    make = lambda: synthetic.Synthetic(data_dir=data_dir)
   else:
-    raise ValueError(f"data.source: {data_cfg.source!r} is unknown (known: demos, synthetic)")
-  return read_split(builder, split)
+    raise demos_lib.DataError(f"data.source: {data_cfg.source!r} is unknown (known: demos, synthetic)")
+  return read_split(prepared(make, data_dir), split)
 
 
 def load_benchmark_examples(name: str, *, data_dir: str) -> list[Example]:
   """The problems of benchmark `name` (aime24, math500, ...) in file order, prepared under data_dir."""
   from trapo_jax.data import benchmarks_tfds  # pylint: disable=g-import-not-at-top
-  builder = benchmarks_tfds.benchmarks_builder(name, data_dir=data_dir)
+  builder = prepared(lambda: benchmarks_tfds.benchmarks_builder(name, data_dir=data_dir), data_dir)
   return read_split(builder, benchmarks_tfds.SPLIT)
 
 
@@ -118,7 +144,7 @@ class PromptLoader:
     if require_demos:
       for e in examples:
         if len(e.demos) < 2:
-          raise ValueError(f"example uid {e.uid}: has {len(e.demos)} demonstrations, needs 2")
+          raise demos_lib.DataError(f"example uid {e.uid}: has {len(e.demos)} demonstrations, needs 2")
     if demo_form not in demos_lib.DEMO_FORMS:
       raise ValueError(f"demo_form {demo_form!r} is unknown (known: {', '.join(demos_lib.DEMO_FORMS)})")
     self.demo_form = demo_form
@@ -139,7 +165,7 @@ class PromptLoader:
     self.examples: tuple[Example, ...] = tuple(examples[i] for i in keep)
     self._prompts = [np.asarray(ids[i], np.int32) for i in keep]
     if drop_remainder and len(self.examples) < batch_size:
-      raise ValueError(f"batch_size {batch_size}: only {len(self.examples)} examples fit max_prompt_len "
+      raise demos_lib.DataError(f"batch_size {batch_size}: only {len(self.examples)} examples fit max_prompt_len "
                        f"{max_prompt_len}; a training loader needs at least one full batch")
     self._epoch = 0
     self._index = 0

@@ -1,8 +1,8 @@
 """Benchmark evaluation: sample n answers per problem, grade them, report avg@n and unbiased pass@k.
 
 Writes into its output directory: results.json (all figures), results.md (a table), pass_at_k.png and
-generations.jsonl (every generation with its grade). `--mode=eval` evaluates a workdir's latest checkpoint (or the
-configured initial policy) on `eval.benchmarks`.
+generations.jsonl (every generation with its grade). `--mode=eval` evaluates a workdir's newest checkpoint (the
+configured initial policy only with `--allow_initial_policy`) on `eval.benchmarks`.
 """
 
 from __future__ import annotations
@@ -189,10 +189,10 @@ def before_after_table(before: dict, after: dict) -> str:
   return "\n".join(lines)
 
 
-def run(cfg, workdir: str) -> dict:
-  """--mode=eval: the workdir's latest checkpoint (or the initial policy) on eval.benchmarks."""
+def run(cfg, workdir: str, *, allow_initial_policy: bool = False) -> dict:
+  """--mode=eval: the workdir's newest checkpoint (the initial policy only if allowed) on eval.benchmarks."""
   from trapo_jax.train import trainer
-  ctx, params = trainer.load_policy_for_inference(cfg, workdir)
+  ctx, params = trainer.load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
   results = evaluate(cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=os.path.join(workdir, "eval"),
                      data_dir=trainer.data_dir(cfg, workdir))
   if jax.process_index() == 0:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trapo_jax import errors
 from trapo_jax.models import rope
 from trapo_jax.models.transformer import ModelConfig
 
@@ -31,7 +32,7 @@ _MULTIMODAL = ("vision_config", "audio_config", "text_config")
 _MOE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A Hugging Face directory cannot be loaded exactly; the message names the file or tensor."""
 
 
@@ -246,11 +247,34 @@ def hf_config_dict(cfg: ModelConfig, **extra) -> dict:
   return hf.to_dict()
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+  """eos/pad/bos ids for config.json and generation_config.json: pad defaults to eos, as in training."""
+  if tokenizer.eos_token_id is None:
+    raise CheckpointError("the tokenizer has no eos token: generation could not stop")
+  ids = {"eos_token_id": int(tokenizer.eos_token_id),
+         "pad_token_id": int(tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id)}
+  if tokenizer.bos_token_id is not None:
+    ids["bos_token_id"] = int(tokenizer.bos_token_id)
+  return ids
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 5 * 2**30,
             tokenizer=None, **config_extra) -> None:
-  """Write params as a Hugging Face directory (config.json, safetensors shards + index when large)."""
+  """Write params as a Hugging Face directory (config.json, safetensors shards + index when large).
+
+  With a tokenizer, its files and its eos/pad/bos ids go along (config.json and generation_config.json), so that
+  transformers' `generate()` stops at EOS.
+  """
   from safetensors.flax import save_file
   os.makedirs(path, exist_ok=True)
+  if tokenizer is not None:
+    config_extra = {**special_token_ids(tokenizer), **config_extra}
   params = jax.device_get(params)
   params = stack_layers(params if "params" in params else {"params": params}, cfg.num_layers)["params"]
   tensors: dict[str, np.ndarray] = {}
@@ -272,6 +296,7 @@ def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 
   def write(shard, fname):
     with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
       save_file({k: jnp.asarray(v) for k, v in shard.items()}, os.path.join(path, fname), metadata={"format": "pt"})
+    os.chmod(os.path.join(path, fname), 0o666 & ~_umask())  # safetensors creates its files 0600
 
   if len(shards) == 1:
     write(shards[0], "model.safetensors")
@@ -288,6 +313,9 @@ def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)
   if tokenizer is not None:
+    import transformers
+    ids = {k: hf_cfg[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if hf_cfg.get(k) is not None}
+    transformers.GenerationConfig(**ids).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 

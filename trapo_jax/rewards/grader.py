@@ -5,13 +5,14 @@
      `MAX_PARSE_CHARS` characters), no think-format check. This alone is the official training reward
      (`fallback=False`).
   2. if that says no (or raises): the last `\\boxed{}` / `\\fbox{}` of the response against the answer after
-     MATH-style string normalisation (the official evaluation's second grader, OAT's `boxed_reward_fn`).
-     It compares strings and exact numbers only; it never evaluates model text.
+     MATH-style string normalisation (the official evaluation's second grader, OAT's `boxed_reward_fn` with
+     `fast=False`): equal strings, equal exact numbers, else symbolic equivalence of the two normalised texts
+     (math-verify's LaTeX parser into sympy, under the same timeouts). It never evaluates model text.
 
 `grade_batch` runs `grade` in worker processes. math-verify bounds its own work with `signal.alarm`, which only
 works in a process's main thread and cannot interrupt a long call into C (a regex, a big-integer operation), so
 each item also gets a wall-clock deadline enforced from the parent: past it the worker is killed and replaced and
-the item scores 0.
+the item scores 0. `grade` called off the main thread (where no alarm can fire) grades in that pool too.
 Workers are started through a forkserver (or spawn), never a plain fork, so the caller may already run JAX threads.
 The pool stays alive between calls; `close()` stops it (it is also stopped at interpreter exit).
 """
@@ -53,21 +54,27 @@ GradeFn = Callable[..., float]
 def grade(response: str, answer: str, *, timeout_s: int = 5, fallback: bool = True) -> float:
   """1.0 if `response` answers `answer` (math-verify, then the boxed fallback), else 0.0.
 
-  timeout_s: math-verify's own limit per parse/comparison, whole seconds. It is signal-based, so it is only
-    applied in a process's main thread; elsewhere math-verify runs unbounded (use `grade_batch` for a bound).
-  fallback: also try the boxed-string grader (official evaluation); False gives the official training reward.
+  timeout_s: math-verify's own limit per parse/comparison, whole seconds. It is signal-based, so it only works in a
+    process's main thread: called from another thread, `grade` runs in the worker pool of `grade_batch` instead,
+    under a wall-clock deadline of 3 x timeout_s (and scores 0 past it).
+  fallback: also try the boxed grader (official evaluation); False gives the official training reward.
   """
+  if not _on_main_thread():
+    return grade_batch([response], [answer], timeout_s=3 * timeout_s, workers=1, fallback=fallback)[0]
   if _math_verify_correct(response, answer, timeout_s):
     return 1.0
-  return boxed_fallback(response, answer) if fallback else 0.0
+  return boxed_fallback(response, answer, timeout_s=timeout_s) if fallback else 0.0
+
+
+def _on_main_thread() -> bool:
+  return threading.current_thread() is threading.main_thread()
 
 
 def _math_verify_correct(response: str, answer: str, timeout_s: int) -> bool:
-  limit = timeout_s if threading.current_thread() is threading.main_thread() else None
   try:
-    gold = math_verify.parse("$" + answer + "$", parsing_timeout=limit)
-    pred = math_verify.parse(response[-MAX_PARSE_CHARS:], parsing_timeout=limit)
-    return bool(math_verify.verify(gold, pred, timeout_seconds=limit))
+    gold = math_verify.parse("$" + answer + "$", parsing_timeout=timeout_s)
+    pred = math_verify.parse(response[-MAX_PARSE_CHARS:], parsing_timeout=timeout_s)
+    return bool(math_verify.verify(gold, pred, timeout_seconds=timeout_s))
   except (Exception, TimeoutException):  # math-verify's TimeoutException is a BaseException
     return False
 
@@ -175,14 +182,34 @@ def answers_match(given: str, reference: str) -> bool:
   return a.isalpha() and a.lower() == b.lower()
 
 
-def boxed_fallback(response: str, answer: str) -> float:
-  """1.0 if the last boxed text of `response` equals `answer` after normalisation (OAT-style grader)."""
+def symbolically_equal(given: str, reference: str, timeout_s: int = 5) -> bool:
+  r"""Whether two answers are the same mathematical object after normalisation: `2\sqrt{2}` and `\sqrt{8}`,
+  `[\frac{1}{2}, 3)` and `[0.5, 3)`, `\{1, \sqrt{4}\}` and `\{2, 1\}`.
+
+  Parsed by math-verify's LaTeX parser (latex2sympy, no `eval`) and compared by its `verify`, each step limited to
+  timeout_s seconds; that limit is a signal, so off the main thread nothing is tried (False).
+  """
+  a, b = normalize_answer(given), normalize_answer(reference)
+  if not a or not b or not _on_main_thread():
+    return False
+  latex = [math_verify.LatexExtractionConfig()]
+  try:
+    gold = math_verify.parse("$" + b + "$", extraction_config=latex, parsing_timeout=timeout_s)
+    pred = math_verify.parse("$" + a + "$", extraction_config=latex, parsing_timeout=timeout_s)
+    return bool(gold and pred and math_verify.verify(gold, pred, timeout_seconds=timeout_s))
+  except (Exception, TimeoutException):
+    return False
+
+
+def boxed_fallback(response: str, answer: str, *, timeout_s: int = 5) -> float:
+  """1.0 if the last boxed text of `response` matches `answer` (OAT's boxed grader with fast=False): equal after
+  normalisation (`answers_match`), else symbolically equal (`symbolically_equal`, limited to timeout_s per step)."""
   given = last_boxed_content(response)
   if given is None or len(given) > MAX_BOXED_CHARS:
     return 0.0
   if "\\boxed" in answer or "\\fbox" in answer:
     answer = last_boxed_content(answer) or answer
-  return 1.0 if answers_match(given, answer) else 0.0
+  return 1.0 if answers_match(given, answer) or symbolically_equal(given, answer, timeout_s) else 0.0
 
 
 # --- worker pool ------------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-"""Per-step metrics: JSONL + TensorBoard in the workdir (process 0 only), a progress bar, and training curves."""
+"""Per-step metrics: JSONL + TensorBoard in the workdir (process 0 only), a progress bar, and training curves.
+
+A run that starts at step s (0 for a fresh start, else its checkpoint's step) first cuts `metrics.jsonl` and the
+TensorBoard events back to step s, so that what a killed run logged after its last checkpoint is not shown twice.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+import struct
+import time
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -20,10 +26,10 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    if initial_step > 0 and os.path.exists(self.path):
-      _truncate_after(self.path, initial_step)  # a resumed run redoes the steps after its checkpoint
+    cut_back(workdir, initial_step)  # a resumed run redoes the steps after its checkpoint
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    # The default file name has whole seconds only: a run restarted within the second would overwrite the last one's.
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), filename_suffix=f".{os.getpid()}.{time.time_ns() % 10**9:09d}")
     self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -46,17 +52,78 @@ class MetricWriter:
       self.bar.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-  rows = read_jsonl(path)
-  with open(path, "w") as f:
-    for r in rows:
-      if r["step"] <= step:
-        f.write(json.dumps(r) + "\n")
+def cut_back(workdir: str, step: int) -> None:
+  """Drops every metrics.jsonl row and TensorBoard scalar of `workdir` after `step`."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    rows = [r for r in read_jsonl(path, tolerant=True) if r.get("step", 0) <= step]
+    _replace(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+  tb = os.path.join(workdir, "tb")
+  for name in sorted(os.listdir(tb)) if os.path.isdir(tb) else ():
+    if ".tfevents." in name:
+      _cut_events(os.path.join(tb, name), step)
 
 
-def read_jsonl(path: str) -> list[dict]:
+def _replace(path: str, data: bytes) -> None:
+  """Writes `path` atomically: a kill leaves the old file or the new one, never half of it."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _records(data: bytes) -> Iterator[bytes]:
+  """The payloads of a TFRecord file (length, crc, payload, crc); a torn last record (a killed writer) ends it."""
+  pos = 0
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    end = pos + 12 + length + 4
+    if end > len(data):
+      return
+    yield data[pos + 12:end - 4]
+    pos = end
+
+
+def _cut_events(path: str, step: int) -> None:
+  """Rewrites a TensorBoard events file without the summaries after `step`; removes it if none is left."""
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+  with open(path, "rb") as f:
+    data = f.read()
+  kept, summaries, dropped = [], 0, 0
+  for payload in _records(data):
+    event = event_pb2.Event.FromString(payload)
+    if event.HasField("summary"):
+      if event.step > step:
+        dropped += 1
+        continue
+      summaries += 1
+    kept.append(payload)
+  if not summaries:
+    os.remove(path)
+    return
+  if not dropped and sum(len(p) + 16 for p in kept) == len(data):
+    return
+  out = bytearray()
+  for payload in kept:
+    header = struct.pack("<Q", len(payload))
+    out += header + struct.pack("<I", masked_crc32c(header)) + payload + struct.pack("<I", masked_crc32c(payload))
+  _replace(path, bytes(out))
+
+
+def read_jsonl(path: str, tolerant: bool = False) -> list[dict]:
+  """The rows of a JSONL file; `tolerant` skips a line that is not JSON (the torn last row of a killed run)."""
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        if not tolerant:
+          raise
+  return rows
 
 
 CURVES = (("reward/mean", "reward"), ("expert_prob", "expert-token probability"), ("entropy", "entropy"),

@@ -32,6 +32,7 @@ from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.sampling import rollout as rollout_lib
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
+from trapo_jax.train import workdir as workdir_lib
 
 
 class TrainingError(RuntimeError):
@@ -277,17 +278,25 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   return state, m
 
 
-def run(cfg, workdir: str) -> dict:
-  """Trains per `cfg` in `workdir` (resuming from its latest checkpoint) and evaluates at the end if asked."""
-  os.makedirs(workdir, exist_ok=True)
+def run(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Trains per `cfg` in `workdir` (resuming from its newest checkpoint that restores) and evaluates at the end if
+  asked; {"preempted": step} if SIGTERM stopped it. The workdir is locked while it runs (train/workdir.py)."""
+  with workdir_lib.hold(workdir):
+    return _run(cfg, workdir, allow_config_change)
+
+
+def _run(cfg, workdir: str, allow_config_change: bool) -> dict:
   ctx = build_context(cfg, workdir)
   logging.info("policy: %s, %.1fM parameters; mesh %s", ctx.model_cfg.model_type, ctx.model_cfg.num_params / 1e6,
                dict(ctx.mesh.shape))
   loader = _loader(ctx)
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, every=cfg.train.ckpt_every)
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
+  identity = workdir_lib.run_identity(cfg, ctx.model_cfg)
+  restored = checkpointer.restore_newest(state, move_unreadable=True, check_meta=functools.partial(
+      workdir_lib.check_resume, current=identity, workdir=workdir, allow_change=allow_config_change))
+  if restored is not None:
+    state, meta = restored
     loader.restore(meta["data"])
   start = int(state.step)
   results: dict[str, Any] = {}
@@ -305,7 +314,7 @@ def run(cfg, workdir: str) -> dict:
         if m["skipped"]:
           logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
         writer.write(step, m)
-        meta = {"data": loader.state(), "algo": cfg.algo}
+        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity}
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)
@@ -342,22 +351,29 @@ def _evaluate(ctx: Context, params, name: str) -> dict:
                            out_dir=os.path.join(ctx.workdir, "eval", name), data_dir=data_dir(ctx.cfg, ctx.workdir))
 
 
-def load_policy_for_inference(cfg, workdir: str):
-  """(context, params): the workdir's latest checkpoint if any, else the configured initial policy."""
+def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool = False):
+  """(context, params): the workdir's newest checkpoint that restores; the configured initial policy only if
+  `allow_initial_policy` and the workdir has no checkpoint (a mistyped workdir is an error, and is not created)."""
+  if not allow_initial_policy and not ckpt_lib.has_checkpoint(workdir):
+    raise ckpt_lib.NoCheckpoint(f"{workdir}: no checkpoint to evaluate or export (--allow_initial_policy uses the "
+                                f"initial policy)")
   ctx = build_context(cfg, workdir)
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   try:
-    params, step = ckpt_lib.restore_params(workdir, state)
-  except FileNotFoundError:
-    logging.info("no checkpoint in %s: using the initial policy", workdir)
+    params, step = ckpt_lib.restore_params(workdir, state, check_meta=functools.partial(
+        workdir_lib.check_model, current=workdir_lib.run_identity(cfg, ctx.model_cfg), workdir=workdir))
+  except ckpt_lib.NoCheckpoint:
+    if not allow_initial_policy:
+      raise
+    logging.warning("no checkpoint in %s: using the initial policy (--allow_initial_policy)", workdir)
     return ctx, state.params
   logging.info("using the checkpoint of step %d", step)
   return ctx, params
 
 
-def export(cfg, workdir: str, out_dir: str) -> None:
-  """Writes the workdir's latest policy as a Hugging Face directory (with the tokenizer)."""
-  ctx, params = load_policy_for_inference(cfg, workdir)
+def export(cfg, workdir: str, out_dir: str, *, allow_initial_policy: bool = False) -> None:
+  """Writes the workdir's newest policy as a Hugging Face directory (with the tokenizer and generation config)."""
+  ctx, params = load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
   if jax.process_index() == 0:
     hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer)
     logging.info("exported to %s", out_dir)
