@@ -13,6 +13,7 @@ resume); anything else (1) is a crash, with its traceback.
 
 from __future__ import annotations
 
+import functools
 import logging as py_logging
 import os
 import re
@@ -137,6 +138,15 @@ def load_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def evaluate_policy(ctx, params, name: str, *, subdir: bool) -> dict:
+  """The evaluation of a policy on eval.benchmarks, into <workdir>/eval/<name> (subdir) or <workdir>/eval."""
+  from trapo_jax.eval import evaluate
+  from trapo_jax.train import trainer
+  out_dir = os.path.join(ctx.workdir, "eval", name) if subdir else os.path.join(ctx.workdir, "eval")
+  return evaluate.evaluate(ctx.cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=out_dir,
+                           data_dir=trainer.data_dir(ctx.cfg, ctx.workdir))
+
+
 def default_workdir() -> str:
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   return os.path.join("runs", name)
@@ -150,16 +160,23 @@ def main(argv: list[str]) -> None:
   cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
+  import jax
+  from trapo_jax.eval import evaluate
   from trapo_jax.train import trainer
   try:
     if _MODE.value == "train":
-      results = trainer.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+      results = trainer.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                            evaluate=functools.partial(evaluate_policy, subdir=True))
       if "preempted" in results:
         logging.warning("exiting with %d so that a scheduler requeues the run", errors.EXIT_PREEMPTED)
         sys.exit(errors.EXIT_PREEMPTED)
+      if "before" in results and "after" in results and jax.process_index() == 0:
+        print(evaluate.before_after_table(results["before"], results["after"]))
     elif _MODE.value == "eval":
-      from trapo_jax.eval import evaluate
-      evaluate.run(cfg, workdir, allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
+      ctx, params = trainer.load_policy_for_inference(cfg, workdir, allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
+      results = evaluate_policy(ctx, params, "", subdir=False)
+      if jax.process_index() == 0:
+        print(evaluate.markdown_table(results))
     else:
       trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"),
                      allow_initial_policy=_ALLOW_INITIAL_POLICY.value)

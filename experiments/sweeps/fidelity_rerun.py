@@ -9,12 +9,7 @@ experiments/sweeps/paper_table.py.
   python launch/sweep.py --sweep=experiments/sweeps/fidelity_rerun.py --results_md=docs/results_fidelity_rerun.md
 """
 
-SEEDS = (0, 1, 2)
-COMMON = {
-    "train.steps": 40,
-    "eval.at_start": False,
-    "eval.samples.synthetic": 2,
-}
+from experiments.sweeps.paper_table import COMMON, SEEDS  # noqa: F401  (the budget and seeds of the table rerun)
 
 
 def get_sweep():

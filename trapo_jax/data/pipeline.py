@@ -18,9 +18,9 @@ import numpy as np
 
 from trapo_jax.data import demos as demos_lib
 from trapo_jax.data.templates import format_prompt
+from trapo_jax.shapes import bucket
 
 _READ_CHUNK = 1024
-_MIN_BUCKET = 16
 _MAX_LISTED_UIDS = 20
 
 
@@ -100,9 +100,14 @@ def load_benchmark_examples(name: str, *, data_dir: str) -> list[Example]:
   return read_split(builder, benchmarks_tfds.SPLIT)
 
 
-def bucket(length: int, cap: int) -> int:
-  """The padded width for a longest row of `length`: the next power of two ≥ length (at least 16), at most `cap`."""
-  return min(max(_MIN_BUCKET, 1 << max(length - 1, 0).bit_length()), cap)
+def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Rows of token ids [N, L] and their masks -> the texts the grader reads (special tokens dropped)."""
+  return tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
+
+
+def pad_id(tokenizer) -> int:
+  """The id padding is written with: the tokenizer's pad token, else its EOS (masked out wherever it pads)."""
+  return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def _listed(uids: list[int]) -> str:
@@ -120,6 +125,13 @@ class PromptBatch:
   demo_lens: np.ndarray  # [G, 2] int32, EOS included; 0 where an example has no such demo
   answers: list[str]
   problems: list[str]
+
+  def take(self, rows) -> "PromptBatch":
+    """The batch of the prompts at `rows` (a slice or an index array), in that order."""
+    rows = np.arange(len(self.uids))[rows]
+    return PromptBatch(uids=self.uids[rows], prompt_ids=self.prompt_ids[rows], prompt_lens=self.prompt_lens[rows],
+                       demo_ids=self.demo_ids[rows], demo_lens=self.demo_lens[rows],
+                       answers=[self.answers[i] for i in rows], problems=[self.problems[i] for i in rows])
 
 
 class PromptLoader:
@@ -140,7 +152,7 @@ class PromptLoader:
     if self.eos_id is None:
       raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: "
                        "has no eos_token_id")
-    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+    self.pad_id = pad_id(tokenizer)
     if require_demos:
       for e in examples:
         if len(e.demos) < 2:
@@ -221,8 +233,8 @@ class PromptLoader:
     prompts = [self._prompts[i] for i in rows]
     demos = self._demo_ids(examples)
     g = len(examples)
-    p = bucket(max(len(x) for x in prompts), self.max_prompt_len)
-    ld = bucket(max(len(d) for pair in demos for d in pair), self.max_response_len)
+    p = bucket(max(len(x) for x in prompts), cap=self.max_prompt_len)
+    ld = bucket(max(len(d) for pair in demos for d in pair), cap=self.max_response_len)
     prompt_ids = np.full((g, p), self.pad_id, np.int32)
     demo_ids = np.full((g, 2, ld), self.pad_id, np.int32)
     for i, (prompt, pair) in enumerate(zip(prompts, demos)):

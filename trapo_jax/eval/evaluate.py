@@ -2,12 +2,13 @@
 
 Writes into its output directory: results.json (all figures), results.md (a table), pass_at_k.png and
 generations.jsonl (every generation with its grade). `--mode=eval` evaluates a workdir's newest checkpoint (the
-configured initial policy only with `--allow_initial_policy`) on `eval.benchmarks`.
+configured initial policy only with `--allow_initial_policy`) on `eval.benchmarks`; trapo_jax.main composes it with
+the trainer's policy loading, and hands training an evaluation function: evaluation and training never import
+each other.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -41,14 +42,7 @@ def _batches(loader, batch_size: int):
   """Full-size batches (the last one padded by repeating its first row) and the count of real rows."""
   for batch in loader:
     g = batch.prompt_ids.shape[0]
-    if g == batch_size:
-      yield batch, g
-      continue
-    idx = np.concatenate([np.arange(g), np.zeros(batch_size - g, np.int64)])
-    yield dataclasses.replace(batch, uids=batch.uids[idx], prompt_ids=batch.prompt_ids[idx],
-                              prompt_lens=batch.prompt_lens[idx], demo_ids=batch.demo_ids[idx],
-                              demo_lens=batch.demo_lens[idx], answers=[batch.answers[i] for i in idx],
-                              problems=[batch.problems[i] for i in idx]), g
+    yield (batch if g == batch_size else batch.take(np.concatenate([np.arange(g), np.zeros(batch_size - g, int)]))), g
 
 
 def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: jax.Array, *,
@@ -56,13 +50,12 @@ def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: j
   """Correctness [problems][n] and one record per generation."""
   from trapo_jax import rewards
   from trapo_jax.data import pipeline
-  from trapo_jax.train.trainer import decode_responses
   e = cfg.eval
   loader = pipeline.PromptLoader(examples, tokenizer, batch_size=e.batch_size, max_prompt_len=cfg.data.max_prompt_len,
                                  max_response_len=e.max_new_tokens, template=e.template, seed=None,
                                  require_demos=False, drop_remainder=False)
   eos = (int(tokenizer.eos_token_id),)
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  pad = pipeline.pad_id(tokenizer)
   # Each process samples and grades its own share of every batch; row ids keep each row's samples what they are
   # on one process.
   procs, share = jax.process_count(), e.batch_size // jax.process_count()
@@ -78,7 +71,7 @@ def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: j
                          rng=jax.random.fold_in(rng, b), n=n, row_ids=np.arange(rows.start, rows.stop),
                          temperature=e.temperature, top_p=e.top_p, eos_ids=eos, pad_id=pad)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
-    texts = decode_responses(tokenizer, tokens, mask)
+    texts = pipeline.decode_responses(tokenizer, tokens, mask)
     answers = [a for a in batch.answers[rows] for _ in range(n)]
     scores = np.asarray(rewards.grade_batch(texts, answers, timeout_s=e.grader_timeout_s,
                                             workers=e.grader_workers), np.float32)
@@ -86,7 +79,7 @@ def evaluate_benchmark(cfg, params, tokenizer, sampler, examples, n: int, rng: j
       from jax.experimental import multihost_utils
       tokens, mask, scores = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
                               for x in (tokens, mask, scores))
-      texts = decode_responses(tokenizer, tokens, mask)
+      texts = pipeline.decode_responses(tokenizer, tokens, mask)
     tokens, mask, scores, texts = tokens[:real * n], mask[:real * n], scores[:real * n], texts[:real * n]
     for i in range(real):
       correct.append([float(s) for s in scores[i * n:(i + 1) * n]])
@@ -187,14 +180,3 @@ def before_after_table(before: dict, after: dict) -> str:
     lines.append(f"| {name} | {100 * accuracy(b):.1f} | {100 * accuracy(r):.1f} |" if b else
                  f"| {name} | - | {100 * accuracy(r):.1f} |")
   return "\n".join(lines)
-
-
-def run(cfg, workdir: str, *, allow_initial_policy: bool = False) -> dict:
-  """--mode=eval: the workdir's newest checkpoint (the initial policy only if allowed) on eval.benchmarks."""
-  from trapo_jax.train import trainer
-  ctx, params = trainer.load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
-  results = evaluate(cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=os.path.join(workdir, "eval"),
-                     data_dir=trainer.data_dir(cfg, workdir))
-  if jax.process_index() == 0:
-    print(markdown_table(results))
-  return results

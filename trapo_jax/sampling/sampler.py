@@ -28,15 +28,10 @@ import numpy as np
 
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
+from trapo_jax.shapes import bucket
 
 
 _DECODE_SEGMENTS = 4  # more segments read less cache but compile one more loop body each
-
-
-def bucket(n: int, minimum: int = 16, cap: int | None = None) -> int:
-  """The next power of two >= n (at least `minimum`, at most `cap`): few distinct shapes, few compiles."""
-  b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
-  return min(b, cap) if cap is not None else b
 
 
 @flax.struct.dataclass

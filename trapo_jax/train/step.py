@@ -24,7 +24,7 @@ import optax
 from trapo_jax import losses
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
-from trapo_jax.sampling.sampler import bucket
+from trapo_jax.shapes import bucket
 from trapo_jax.train.state import TrainState
 
 

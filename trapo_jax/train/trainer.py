@@ -13,7 +13,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,7 @@ class Context:
 
 
 def build_context(cfg, workdir: str) -> Context:
+  from trapo_jax.data import pipeline
   mesh = sharding.make_mesh(cfg)
   model_cfg = state_lib.model_config(cfg)
   tok_dir = state_lib.tokenizer_dir(cfg)
@@ -70,16 +71,11 @@ def build_context(cfg, workdir: str) -> Context:
     raise TrainingError(f"{tok_dir}: the tokenizer has no eos token")
   if len(tokenizer) > model_cfg.vocab_size:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   return Context(cfg=cfg, workdir=workdir, method=algorithms.from_config(cfg), mesh=mesh, model_cfg=model_cfg,
                  tokenizer=tokenizer,
                  tx=state_lib.make_optimizer(cfg.optim), sampler=Sampler(model_cfg, mesh=mesh),
-                 eos_ids=(int(tokenizer.eos_token_id),), pad_id=int(pad_id),
+                 eos_ids=(int(tokenizer.eos_token_id),), pad_id=pipeline.pad_id(tokenizer),
                  split_ids=microgroup.split_token_ids(tokenizer))
-
-
-def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-  return tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
 
 
 def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
@@ -103,7 +99,8 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
   def grade_fn(tokens, response_mask, answers):
     from trapo_jax import rewards
     t = time.perf_counter()
-    texts = decode_responses(ctx.tokenizer, tokens, response_mask)
+    from trapo_jax.data import pipeline
+    texts = pipeline.decode_responses(ctx.tokenizer, tokens, response_mask)
     # The official training reward is math-verify alone (no boxed fallback, which only the evaluation uses).
     scores = rewards.grade_batch(texts, answers, timeout_s=ctx.cfg.eval.grader_timeout_s,
                                  workers=ctx.cfg.eval.grader_workers, fallback=False)
@@ -213,11 +210,7 @@ def local_share(batch, index: int, count: int):
   g = batch.prompt_ids.shape[0]
   if g % count:
     raise TrainingError(f"train.batch_prompts={g} must be divisible by the {count} processes")
-  sl = slice(index * g // count, (index + 1) * g // count)
-  return dataclasses.replace(
-      batch, uids=batch.uids[sl], prompt_ids=batch.prompt_ids[sl], prompt_lens=batch.prompt_lens[sl],
-      demo_ids=batch.demo_ids[sl], demo_lens=batch.demo_lens[sl], answers=batch.answers[sl],
-      problems=batch.problems[sl])
+  return batch.take(slice(index * g // count, (index + 1) * g // count))
 
 
 def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorithms.Phase, step: int,
@@ -278,14 +271,19 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   return state, m
 
 
-def run(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
-  """Trains per `cfg` in `workdir` (resuming from its newest checkpoint that restores) and evaluates at the end if
-  asked; {"preempted": step} if SIGTERM stopped it. The workdir is locked while it runs (train/workdir.py)."""
+# evaluate(ctx, params, name) -> results: what the run reports at eval.at_start / every / at_end (main passes it).
+Evaluate = Callable[["Context", Any, str], dict]
+
+
+def run(cfg, workdir: str, *, allow_config_change: bool = False, evaluate: Evaluate | None = None) -> dict:
+  """Trains per `cfg` in `workdir` (resuming from its newest checkpoint that restores); {"preempted": step} if
+  SIGTERM stopped it. With `evaluate`, evaluates as eval.at_start / every / at_end ask, results under their names
+  ("before", "step_N", "after"). The workdir is locked while it runs (train/workdir.py)."""
   with workdir_lib.hold(workdir):
-    return _run(cfg, workdir, allow_config_change)
+    return _run(cfg, workdir, allow_config_change, evaluate)
 
 
-def _run(cfg, workdir: str, allow_config_change: bool) -> dict:
+def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None) -> dict:
   ctx = build_context(cfg, workdir)
   logging.info("policy: %s, %.1fM parameters; mesh %s", ctx.model_cfg.model_type, ctx.model_cfg.num_params / 1e6,
                dict(ctx.mesh.shape))
@@ -300,8 +298,11 @@ def _run(cfg, workdir: str, allow_config_change: bool) -> dict:
     loader.restore(meta["data"])
   start = int(state.step)
   results: dict[str, Any] = {}
+  if evaluate is None and (cfg.eval.at_start or cfg.eval.every or cfg.eval.at_end):
+    logging.info("no evaluation function given: eval.at_start / every / at_end are not run")
+    evaluate = lambda *args: None
   if start == 0 and cfg.eval.at_start:
-    results["before"] = _evaluate(ctx, state.params, "before")
+    results["before"] = evaluate(ctx, state.params, "before")
   step_fns: dict[str, Any] = {}  # phase name -> its compiled step
   writer = metrics_lib.MetricWriter(workdir, cfg.train.steps, start)
   bad_in_a_row = 0
@@ -324,7 +325,7 @@ def _run(cfg, workdir: str, allow_config_change: bool) -> dict:
           raise TrainingError(f"{bad_in_a_row} consecutive non-finite updates (train.max_bad_steps="
                               f"{cfg.train.max_bad_steps}); last good params are in the latest checkpoint")
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-          results[f"step_{step}"] = _evaluate(ctx, state.params, f"step_{step}")
+          results[f"step_{step}"] = evaluate(ctx, state.params, f"step_{step}")
   finally:
     writer.close()
     checkpointer.close()
@@ -332,23 +333,14 @@ def _run(cfg, workdir: str, allow_config_change: bool) -> dict:
     metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "curves.png"))
     metrics_lib.plot_token_probs(workdir, os.path.join(workdir, "token_probs.png"), alpha=trust_region(ctx))
   if cfg.eval.at_end:
-    results["after"] = _evaluate(ctx, state.params, "after")
-  if "before" in results and "after" in results and jax.process_index() == 0:
-    from trapo_jax.eval import evaluate
-    print(evaluate.before_after_table(results["before"], results["after"]))
-  return results
+    results["after"] = evaluate(ctx, state.params, "after")
+  return {k: v for k, v in results.items() if v is not None}
 
 
 def trust_region(ctx: Context) -> float:
   """TrSFT's alpha when the method has such a term (the figure's threshold), else the official 0.1."""
   alphas = [ph.objective.trust_region for ph in ctx.method.phases(ctx.cfg) if ph.objective.trust_region is not None]
   return alphas[0] if alphas else 0.1
-
-
-def _evaluate(ctx: Context, params, name: str) -> dict:
-  from trapo_jax.eval import evaluate
-  return evaluate.evaluate(ctx.cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler,
-                           out_dir=os.path.join(ctx.workdir, "eval", name), data_dir=data_dir(ctx.cfg, ctx.workdir))
 
 
 def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool = False):
