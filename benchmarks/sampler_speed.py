@@ -1,4 +1,5 @@
-"""Decode throughput of the in-graph sampler against transformers/torch `generate`, same weights, batch, lengths.
+"""Decode throughput of the in-graph sampler against transformers/torch `generate`, same weights, batch, lengths;
+and the sampling time of a TRAPO step in one decode pass against stage by stage (`trapo_step_sampling`).
 
   python -m benchmarks.sampler_speed                # CPU: ~10M-parameter model, batch 16, 128 new tokens
   python -m benchmarks.sampler_speed --preset=qwen2_0p5b --batch=64 --new_tokens=256   # GPU
@@ -96,6 +97,64 @@ def measure(preset: str = "tiny10m", batch: int = 16, prompt_len: int = 32, new_
           "torch_tokens_per_s": per_s([b for _, b in pairs]) if theirs else None,
           "ratio": float(np.median(ratios)) if theirs else None,
           "ratio_range": [min(ratios), max(ratios)] if theirs else None}
+
+
+def trapo_step_sampling(steps: int = 5, batch_prompts: int = 8) -> dict:
+  """Sampling per TRAPO step of the default experiment (its policy, task and lengths), in one decode pass
+  (`rollout.one_pass`) and stage by stage, and GRPO's single pass of as many rows per prompt, on the same prompts.
+
+  Each step's prompts go through every path twice, in alternating order, and the second, compiled run is timed.
+  Figures per path: median sampling seconds per step (the sampler's wall time, decode and host transfer), mean decode
+  passes, rows generated and generated rows used per step.
+  """
+  import dataclasses
+  from experiments.configs import default
+  from trapo_jax import config as config_lib
+  from trapo_jax import losses
+  from trapo_jax.data import pipeline, synthetic
+  from trapo_jax.sampling import microgroup
+  from trapo_jax.train import state as state_lib
+  from trapo_jax.train import trainer
+  cfg = default.get_config()
+  cfg.train.batch_prompts = batch_prompts
+  config_lib.validate(cfg, num_devices=jax.device_count())
+  with tempfile.TemporaryDirectory() as workdir:
+    ctx = trainer.build_context(cfg, workdir)
+  params = state_lib.init_params(cfg, ctx.model_cfg, ctx.mesh)
+  records = synthetic.generate_split("train", steps * batch_prompts, seed=1)
+  examples = [pipeline.Example(uid=i, problem=r["problem"], answer=r["answer"], demos=tuple(r["demos"]),
+                               level=r["level"]) for i, r in enumerate(records)]
+  loader = pipeline.PromptLoader(examples, ctx.tokenizer, batch_size=batch_prompts,
+                                 max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len,
+                                 template=cfg.data.template, seed=None)
+  trapo = ctx.method.phase_at(cfg, 0).rows
+  paths = {"one_pass": (trapo, True), "stages": (trapo, False),
+           "grpo": (microgroup.Plan(stages=(trapo.n,), mode="none"), False)}
+  runs = {k: [] for k in paths}
+  for step in range(steps):
+    batch = next(loader)
+    order = list(paths) if step % 2 == 0 else list(paths)[::-1]
+    for timed in (False, True):
+      for name in order:
+        plan, one_pass = paths[name]
+        run_cfg = cfg.copy_and_resolve_references()
+        run_cfg.rollout.one_pass = one_pass
+        timings: dict = {}
+        rb = trainer.collect_rollouts(dataclasses.replace(ctx, cfg=run_cfg), plan, batch, params,
+                                      jax.random.key(step), timings)
+        if timed:
+          runs[name].append((timings["sampling"], rb.decode_passes, rb.sampled_rows,
+                             int((rb.kind != losses.ROW_DEMO).sum())))
+  out = {"steps": steps, "batch_prompts": batch_prompts, "max_response_len": int(cfg.data.max_response_len),
+         "params_m": ctx.model_cfg.num_params / 1e6, "one_pass_rows_per_prompt": trapo.one_pass_rows}
+  for name, r in runs.items():
+    seconds, passes, sampled, used = (np.asarray(x, np.float64) for x in zip(*r))
+    out[name] = {"sampling_s": float(np.median(seconds)), "decode_passes": float(passes.mean()),
+                 "rows_sampled": float(sampled.mean()), "rows_used": float(used.mean())}
+  out["one_pass_over_stages"] = out["one_pass"]["sampling_s"] / out["stages"]["sampling_s"]
+  out["one_pass_over_grpo"] = out["one_pass"]["sampling_s"] / out["grpo"]["sampling_s"]
+  out["stages_over_grpo"] = out["stages"]["sampling_s"] / out["grpo"]["sampling_s"]
+  return out
 
 
 def main(argv):

@@ -72,8 +72,8 @@ def _batch(g: int) -> FakeBatch:
 
 def _fake_sampler(calls):
   """Continuation = prefix followed by three tokens 50, 51, 2 (EOS); inactive rows are their prefix."""
-  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n):
-    calls.append(dict(prefix_lens=prefix_lens.copy(), active=active.copy(), n=n))
+  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
+    calls.append(dict(prefix_lens=prefix_lens.copy(), active=active.copy(), n=n, row_ids=row_ids.copy()))
     g = prompt_ids.shape[0]
     tokens = np.zeros((g * n, L), np.int32)
     prefix = np.zeros((g * n, L), bool)
@@ -189,3 +189,136 @@ def test_demo_batch_for_sft():
   np.testing.assert_array_equal(one.tokens[1], DEMO0[:10])
   np.testing.assert_array_equal(rb.prefix_mask, rb.response_mask)
   np.testing.assert_array_equal(rb.off_loss_mask, rb.response_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One decode pass (docs/algorithm.md#one-pass): every alternative sampled at once, the stages' choice made after.
+
+ROW_MARK, SAMPLE_MARK = 1000, 500  # generated tokens that name a row's key: ROW_MARK + row id, SAMPLE_MARK + sample
+
+
+def _rows_to_arrays(rows):
+  """[(prefix, continuation)] -> tokens, prefix_mask, response_mask [len(rows), L]."""
+  tokens = np.zeros((len(rows), L), np.int32)
+  prefix = np.zeros((len(rows), L), bool)
+  resp = np.zeros((len(rows), L), bool)
+  for r, (pre, cont) in enumerate(rows):
+    tokens[r, :len(pre) + len(cont)] = list(pre) + list(cont)
+    prefix[r, :len(pre)] = True
+    resp[r, :len(pre) + len(cont)] = True
+  return tokens, prefix, resp
+
+
+def _keyed(row_id, sample):
+  return [ROW_MARK + int(row_id), SAMPLE_MARK + int(sample), 2]
+
+
+def _keyed_sampler(calls):
+  """Stage by stage: sample j of prompt i continues its prefix with the tokens of its key (row_ids[i], j)."""
+  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
+    calls.append(int(active.sum()) * n)
+    return _rows_to_arrays([(prefix_ids[i, :prefix_lens[i]], _keyed(row_ids[i], j) if active[i] else [])
+                            for i in range(len(prompt_lens)) for j in range(n)])
+  return sample_fn
+
+
+def _keyed_shared_sampler(calls):
+  """One pass: row r of prompt i continues its branch's prefix with the tokens of its key (row_ids, sample_ids)."""
+  def sample_fn(prompt_ids, prompt_lens, prefixes, prefix_lens, branches, row_ids, sample_ids):
+    calls.append(row_ids.size)
+    pre = lambda i, b: prefixes[i, b - 1, :prefix_lens[i, b - 1]] if b else []
+    return _rows_to_arrays([(pre(i, b), _keyed(row_ids[i, r], sample_ids[i, r]))
+                            for i in range(len(prompt_lens)) for r, b in enumerate(branches)])
+  return sample_fn
+
+
+def _keyed_grader(plan, table):
+  """Rewards from the key a row's tokens name: table[prompt][(stage, guided)][sample]; a row without a key (a
+  whole demonstration) gets table[prompt]["demo"]."""
+  def grade_fn(tokens, response_mask, answers):
+    out = []
+    for row, mask, answer in zip(tokens, response_mask, answers):
+      resp = row[mask].tolist()
+      marks = [t for t in resp if t >= ROW_MARK]
+      if not marks:
+        out.append(table[int(answer)]["demo"])
+        continue
+      prompt, rest = divmod(marks[0] - ROW_MARK, 2 * len(plan.stages))
+      assert prompt == int(answer), "a row keyed by another prompt"
+      out.append(table[prompt][divmod(rest, 2)][resp[resp.index(marks[0]) + 1] - SAMPLE_MARK])
+    return np.asarray(out, np.float32)
+  return grade_fn
+
+
+def _every_reward_combination(plan):
+  """One prompt per combination of 0/1 rewards of every row any stage may use: bit k of prompt p's index is the
+  reward of its k-th such row (generated rows in one-pass order, then the whole demonstration, which always gets the
+  same reward)."""
+  slots = [(a.stage, int(a.ratio > 0), j) for a in microgroup.alternatives(plan) if a.generated for j in range(a.size)]
+  has_demo = any(not a.generated for a in microgroup.alternatives(plan))
+  bits = len(slots) + has_demo
+  table = []
+  for p in range(2 ** bits):
+    rewards = {}
+    for k, (stage, guided, j) in enumerate(slots):
+      rewards.setdefault((stage, guided), {})[j] = float((p >> k) & 1)
+    rewards["demo"] = float((p >> len(slots)) & 1) if has_demo else None
+    table.append(rewards)
+  batch = _batch(1)
+  g = len(table)
+  batch = FakeBatch(prompt_ids=np.repeat(batch.prompt_ids, g, 0), prompt_lens=np.repeat(batch.prompt_lens, g),
+                    demo_ids=np.repeat(batch.demo_ids, g, 0), demo_lens=np.repeat(batch.demo_lens, g, 0),
+                    answers=[str(p) for p in range(g)])
+  return batch, table
+
+
+ONE_PASS_PLANS = {
+    "trapo": microgroup.Plan(),
+    "fixed_ratio": microgroup.Plan(mode="fixed", fixed_ratio=0.5),
+    "luffy": microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0),
+    # Here a guided stage's rewards can undo the guidance of the next one (TRAPO's thresholds never let them).
+    "other_thresholds": microgroup.Plan(stages=(2, 2, 2), thresholds=(2, 3), prefix_ratios=(0.5, 1.0)),
+    "no_guidance": microgroup.Plan(stages=(4, 4), mode="none"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_PASS_PLANS))
+def test_one_pass_keeps_the_rows_of_the_stages_for_every_reward_combination(name):
+  plan = ONE_PASS_PLANS[name]
+  batch, table = _every_reward_combination(plan)
+  g = len(table)
+  seq_calls, one_calls = [], []
+  seq = rollout.collect(plan, batch, _keyed_sampler(seq_calls), _keyed_grader(plan, table), [SPLIT], first_prompt=0)
+  one = rollout.collect_one_pass(plan, batch, _keyed_shared_sampler(one_calls), _keyed_grader(plan, table), [SPLIT],
+                                 first_prompt=0)
+  for f in dataclasses.fields(rollout.RolloutBatch):
+    if f.name not in ("sampled_rows", "decode_passes"):
+      np.testing.assert_array_equal(getattr(one, f.name), getattr(seq, f.name), err_msg=f.name)
+  assert one.decode_passes == 1 and one_calls == [g * plan.one_pass_rows] and one.sampled_rows == one_calls[0]
+  assert seq.decode_passes == sum(c > 0 for c in seq_calls) and seq.sampled_rows == sum(seq_calls)
+  if name == "trapo":
+    # The paths the thresholds allow, by hand: S1 < 2 forces 25 %, 50 % and the demonstration (S stays < 4, < 7);
+    # otherwise S2 < 4 forces 50 % and the demonstration; otherwise only 7/7 avoids the demonstration.
+    assert {tuple(x) for x in one.levels} == {(0, 1, 2, 3), (0, 0, 2, 3), (0, 0, 0, 3), (0, 0, 0, 0)}
+    assert seq.decode_passes == 4 and plan.one_pass_rows == 11 and one.sampled_rows == 11 * g
+
+
+def test_one_pass_rows_per_prompt():
+  # 4 own; 2 own + 2 at 25 %; 1 own + 1 at 50 %; 1 own (the demonstration is not generated).
+  assert [(a.stage, a.level, a.size, a.ratio) for a in microgroup.alternatives(microgroup.Plan())] == [
+      (0, 0, 4, 0.0), (1, 0, 2, 0.0), (1, 1, 2, 0.25), (2, 0, 1, 0.0), (2, 2, 1, 0.5), (3, 0, 1, 0.0), (3, 3, 1, 1.0)]
+  assert {k: p.one_pass_rows for k, p in ONE_PASS_PLANS.items()} == {
+      "trapo": 11, "fixed_ratio": 8, "luffy": 7, "other_thresholds": 2 + 4 + 2, "no_guidance": 8}
+
+
+def test_select_levels_on_the_scripted_layouts():
+  plan = microgroup.Plan()
+  for script, levels, _ in LAYOUTS.values():
+    s1, s2, s3, s4 = (np.asarray([x], np.float32) for x in script)
+    # Each later stage's rows are given for both levels; only the level the walk reaches may matter.
+    rewards = [s1, s2, s2, s3, s3, s4, s4]
+    assert microgroup.select_levels(plan, rewards).tolist() == [levels]
+    decoy = [s1, s2 if levels[1] == 0 else 1 - s2, s2 if levels[1] else 1 - s2,
+             s3 if levels[2] == 0 else 1 - s3, s3 if levels[2] else 1 - s3,
+             s4 if levels[3] == 0 else 1 - s4, s4 if levels[3] else 1 - s4]
+    assert microgroup.select_levels(plan, decoy).tolist() == [levels]

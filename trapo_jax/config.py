@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=1.0,  # also divides the logits of the update's log-probs, as the official actor
       top_p=1.0,
       top_k=-1,
+      # Sample every stage's alternatives in one decode pass and keep, after grading, the rows the stages would have
+      # chosen (docs/algorithm.md#one-pass); False runs the stages one after the other. The same rows either way.
+      one_pass=True,
   ))
 
   # What every RL objective shares (docs/algorithm.md, "Normalisation"); each method adds its own terms.

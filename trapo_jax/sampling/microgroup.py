@@ -63,6 +63,14 @@ class Plan:
   def n(self) -> int:
     return sum(self.stages)
 
+  @property
+  def one_pass_rows(self) -> int:
+    """Rows per prompt of a step's largest sampler call with `rollout.one_pass` on (the sampling batch is prompts x
+    this): every stage's alternatives where one pass applies (11 for TRAPO's 4, 2, 1, 1), else the largest stage."""
+    if not one_pass_applies(self):
+      return max(self.stages)
+    return sum(a.size for a in alternatives(self) if a.generated)
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoRows:
@@ -126,3 +134,91 @@ def prefix_loss_rows(plan: Plan, stage: int, guided: np.ndarray) -> np.ndarray:
   if plan.mode != "fixed" or stage == len(plan.stages) - 1:
     rows[:, -1] = guided
   return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One decode pass (docs/algorithm.md#one-pass): every alternative of every stage is sampled at once, all are graded,
+# and the thresholds are walked afterwards to keep exactly the rows the sequential schedule would have used.
+
+
+def stage_levels(plan: Plan, stage: int, cumulative: np.ndarray) -> np.ndarray:
+  """Levels [G] of stage+1 after 0-based `stage` with cumulative rewards [G]: the plan's rule, whatever its mode."""
+  if plan.mode == "adaptive":
+    return update_levels(plan, stage, cumulative)
+  return np.full(cumulative.shape, 1 if plan.mode == "fixed" else 0, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+  """`size` rows of 0-based `stage` at guidance `level` (0: the model's own); `ratio` is their prefix ratio."""
+  stage: int
+  level: int
+  size: int
+  ratio: float
+
+  @property
+  def generated(self) -> bool:
+    """A ratio of 1 is the whole demonstration, taken as the response: nothing to sample."""
+    return self.ratio < 1.0
+
+
+# Modes whose stages can all be sampled up front: a stage's rows depend on its level's prefix alone.
+ONE_PASS_MODES = ("adaptive", "fixed", "none")
+
+
+def one_pass_applies(plan: Plan) -> bool:
+  """Whether one decode pass replaces the plan's stages: it has more than one, of a mode whose levels are known."""
+  return len(plan.stages) > 1 and plan.mode in ONE_PASS_MODES
+
+
+def alternatives(plan: Plan) -> tuple[Alternative, ...]:
+  """Every block of rows a prompt may use, in one-pass order: stage 1, then per later stage the levels it can take.
+
+  A later stage's level is 0 or its own index (adaptive), always 1 (fixed) or always 0 (none), and its rows depend
+  only on the prompt and that level's prefix, not on earlier rows: so every alternative can be sampled up front.
+  """
+  if plan.mode not in ONE_PASS_MODES:
+    raise ValueError(f"plan mode {plan.mode!r}: its stages cannot be sampled in one pass (modes {ONE_PASS_MODES})")
+  out = []
+  for s, size in enumerate(plan.stages):
+    levels = (0,) if s == 0 or plan.mode == "none" else (1,) if plan.mode == "fixed" else (0, s)
+    for level in levels:
+      ratio = float(stage_ratios(plan, s, np.asarray([level]))[0])
+      out.append(Alternative(stage=s, level=level, size=size, ratio=ratio))
+  return tuple(out)
+
+
+def select_levels(plan: Plan, rewards: Sequence[np.ndarray]) -> np.ndarray:
+  """The levels [G, stages] the sequential schedule takes, from every alternative's rewards.
+
+  rewards: one [G, size] array per entry of `alternatives(plan)`, in that order. Pure: the same walk over the
+  thresholds as `rollout.collect`, only the rewards of the level not taken are never looked at.
+  """
+  by_choice = {(a.stage, a.level): np.asarray(r, np.float32) for a, r in zip(alternatives(plan), rewards)}
+  g = next(iter(by_choice.values())).shape[0]
+  levels = np.zeros((g, len(plan.stages)), np.int32)
+  cumulative = np.zeros((g,), np.float32)
+  for s in range(len(plan.stages)):
+    if s:
+      levels[:, s] = stage_levels(plan, s - 1, cumulative)
+    taken = np.zeros((g, plan.stages[s]), np.float32)
+    for (stage, level), r in by_choice.items():
+      if stage == s:
+        taken = np.where((levels[:, s] == level)[:, None], r, taken)
+    cumulative += taken.sum(1)
+  return levels
+
+
+def selected_rows(plan: Plan, levels: np.ndarray) -> np.ndarray:
+  """[G, n] indices into a prompt's one-pass rows (`alternatives(plan)` blocks laid end to end) of the rows it uses,
+  in stage order, given its levels [G, stages]."""
+  starts = np.cumsum([0] + [a.size for a in alternatives(plan)])
+  cols = []
+  for k, a in enumerate(alternatives(plan)):
+    take = levels[:, a.stage] == a.level
+    cols.append((a.stage, np.where(take[:, None], starts[k] + np.arange(a.size)[None], -1)))
+  rows = [np.max(np.stack([c for s, c in cols if s == stage]), axis=0) for stage in range(len(plan.stages))]
+  out = np.concatenate(rows, 1)
+  if (out < 0).any():
+    raise ValueError(f"levels {levels[(out < 0).any(1)][0].tolist()} name no alternative of the plan")
+  return out

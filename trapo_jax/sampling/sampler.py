@@ -10,6 +10,11 @@ nothing but pads (outputs are garbage but finite) and their outputs are never re
 tokens only (`cumsum(mask) - 1`), so left padding shifts no row's rotary phases and the trainer, which lays out the
 same tokens right-padded, computes the same log-probs.
 
+`sample_shared` decodes several contexts of each prompt in one pass (docs/algorithm.md#one-pass): the prompt is
+prefilled once, each of its prefixes extends that cache once, and every row starts from its context's copy. The
+prompt fills slots [0, P) and the prefix slots [P, P + X), each left-padded, so all contexts still end at one slot;
+the invalid slots in the middle are never attended, and positions continue over real tokens.
+
 The response buffer [B, L] starts with the prefix and the continuation is written behind it; a row stops at an EOS
 id or when prefix + continuation reaches L (the official assembly truncates prefix + continuation to L). Tokens
 after a row's end are `pad_id` and masked out by `response_mask`.
@@ -22,6 +27,7 @@ import functools
 from typing import Any, Sequence
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +38,7 @@ from trapo_jax.shapes import bucket
 
 
 _DECODE_SEGMENTS = 4  # more segments read less cache but compile one more loop body each
+_CACHE_AXES = (None, "activation_batch", "activation_heads", None, None)  # KVCache.k/v [layers, B, kv_heads, S, Dh]
 
 
 @flax.struct.dataclass
@@ -112,6 +119,8 @@ class Sampler:
     self.traces: dict[str, int] = {"prefill": 0, "decode": 0}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("width", "cache_size", "n", "sp"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("budget", "sp"), donate_argnames=("state",))
+    self._prefill_shared = jax.jit(self._prefill_shared_fn, static_argnames=(
+        "prompt_width", "prefix_width", "width", "cache_size", "branches", "sp"))
 
   # -- in-graph parts ---------------------------------------------------------------------------------------------
   def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, *, width,
@@ -138,6 +147,74 @@ class Sampler:
                   done=ends_eos | (prefix_lens >= resp_len) | ~rep(active), eos=ends_eos,
                   keys=jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(rng, rep(row_ids)),
                                                     jnp.tile(jnp.arange(n), row_ids.shape[0])))
+
+  def _prefill_shared_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, row_ids, sample_ids, rng, *,
+                         prompt_width, prefix_width, width, cache_size, branches, sp):
+    """Each prompt's KV once, each of its prefixes' KV once on top of it, then one row per entry of `branches`.
+
+    prompts [G, P], prompt_lens [G]; prefixes [G, X, L], prefix_lens [G, X]; row_ids, sample_ids [G, R]. The prompt
+    is prefilled left-padded into slots [0, prompt_width), each prefix, on a copy of its cache, left-padded into
+    [prompt_width, prompt_width + prefix_width). Then every context is packed into `width` slots, its real tokens
+    in order and ending at slot width - 1: a key and value do not depend on their slot (positions went into them),
+    so all rows decode in lockstep with no invalid slots inside a context, and no row reads more slots than the
+    longest context needs.
+    """
+    self.traces["prefill_shared"] = self.traces.get("prefill_shared", 0) + 1
+    cfg = self.cfg
+    g, x, resp_len = prefixes.shape
+    span = prompt_width + prefix_width
+    head = lambda h: jnp.einsum("bd,dv->bv", h, tfm.unembed(params, cfg).astype(h.dtype),
+                                preferred_element_type=jnp.float32)
+    no_prefix = jnp.zeros_like(prompt_lens)
+    ctx, mask = _left_align(prompts, prompt_lens, prompts[:, :1], no_prefix, prompt_width)
+    cache = tfm.KVCache.zeros(cfg, g, span)
+    hidden, cache = tfm.Decoder(cfg).apply(params, ctx, tfm.positions_from_mask(mask), mask, cache)
+    logits = head(hidden[:, -1])
+    ks, vs, all_logits = [cache.k[:, :, None]], [cache.v[:, :, None]], [logits[:, None]]
+    if x:
+      rep = lambda a, axis=0: jnp.repeat(a, x, axis=axis)
+      flat, flat_lens = prefixes.reshape(g * x, resp_len), prefix_lens.reshape(g * x)
+      pctx, pmask = _left_align(flat, flat_lens, flat[:, :1], jnp.zeros_like(flat_lens), prefix_width)
+      positions = rep(prompt_lens)[:, None] + tfm.positions_from_mask(pmask)
+      ext = tfm.KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid), end=cache.end)
+      hidden, ext = tfm.Decoder(cfg).apply(params, pctx, positions, pmask, ext)
+      # An empty prefix leaves its context the bare prompt: the last slot then holds a pad, not a token.
+      ext_logits = jnp.where(flat_lens[:, None] > 0, head(hidden[:, -1]), rep(logits))
+      split = lambda a, axis: a.reshape(a.shape[:axis] + (g, x) + a.shape[axis + 1:])
+      ks.append(split(ext.k, 1))
+      vs.append(split(ext.v, 1))
+      all_logits.append(split(ext_logits, 0))
+    # Pack each context [G, 1 + X]: slot j of `width` (e = width - 1 - j from the end) holds the prefix's token e
+    # from its end, or else the prompt's; slots before the context's first token are invalid.
+    ctx_prefix = jnp.concatenate([no_prefix[:, None], prefix_lens], 1)  # [G, 1 + X]
+    e = (width - 1 - jnp.arange(width))[None, None]
+    src = jnp.where(e < ctx_prefix[..., None], span - 1 - e, prompt_width - 1 - (e - ctx_prefix[..., None]))
+    valid = e < (prompt_lens[:, None] + ctx_prefix)[..., None]  # [G, 1 + X, width]
+    pack = lambda parts: jnp.pad(
+        jnp.take_along_axis(jnp.concatenate(parts, 2), jnp.clip(src, 0, span - 1)[None, :, :, None, :, None], axis=4),
+        [(0, 0)] * 4 + [(0, cache_size - width), (0, 0)])
+    # Contexts [.., G, 1 + X, ..] -> rows [.., G * R, ..]: each row takes its branch's cache and next-token logits.
+    branch = jnp.asarray(branches, jnp.int32)
+    rows = lambda a, axis: (lambda b: b.reshape(b.shape[:axis] + (-1,) + b.shape[axis + 2:]))(
+        jnp.take(a, branch, axis=axis + 1))
+    # Rows were gathered from contexts: say where they live, as the decode expects (split over the batch axes).
+    by_row = lambda a, *rest: nn.with_logical_constraint(a, ("activation_batch",) + rest)
+    on_rows = lambda a: nn.with_logical_constraint(a, _CACHE_AXES)
+    cache = tfm.KVCache(k=on_rows(rows(pack(ks), 1)), v=on_rows(rows(pack(vs), 1)),
+                        valid=by_row(rows(jnp.pad(valid, [(0, 0), (0, 0), (0, cache_size - width)]), 0), None),
+                        end=jnp.asarray(width, jnp.int32))
+    pre = jnp.concatenate([jnp.full((g, 1, resp_len), sp.pad_id, prefixes.dtype), prefixes], 1)
+    lens = jnp.take(jnp.minimum(ctx_prefix, resp_len), branch, axis=1).reshape(-1)  # [G * R]
+    tokens = jnp.take(pre, branch, axis=1).reshape(-1, resp_len)
+    tokens = jnp.where(jnp.arange(resp_len)[None] < lens[:, None], tokens, sp.pad_id).astype(jnp.int32)
+    last = jnp.take_along_axis(tokens, jnp.maximum(lens - 1, 0)[:, None], axis=1)[:, 0]
+    ends_eos = (lens > 0) & jnp.isin(last, jnp.asarray(sp.eos_ids or (-1,), jnp.int32))
+    keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids.reshape(-1)),
+                                        sample_ids.reshape(-1))
+    return _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=by_row(rows(jnp.concatenate(all_logits, 1), 0), None),
+                  next_pos=by_row(jnp.repeat(prompt_lens, len(branches)) + lens), tokens=by_row(tokens, None),
+                  logprobs=by_row(jnp.zeros(tokens.shape, jnp.float32), None), lengths=by_row(lens.astype(jnp.int32)),
+                  done=by_row(ends_eos | (lens >= resp_len)), eos=by_row(ends_eos), keys=keys)
 
   def _decode_fn(self, params, state: _State, *, budget, sp):
     self.traces["decode"] += 1
@@ -225,3 +302,52 @@ class Sampler:
       out, _ = self._decode(params, state, budget=budget, sp=sp)
     out = sharding.to_host(self.mesh, out)
     return jax.tree.map(lambda x: x[:b * n], out) if extra else out
+
+  def sample_shared(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray,
+                    prefix_lens: np.ndarray, *, branches: Sequence[int], row_ids: np.ndarray, sample_ids: np.ndarray,
+                    max_len: int, rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                    eos_ids: Sequence[int] = (), pad_id: int = 0) -> Rollouts:
+    """Rows of several contexts per prompt in one decode pass, each prompt prefilled once (docs/algorithm.md#one-pass).
+
+    prompts [G, P] right-padded + lengths [G]; prefixes [G, X, K] right-padded + lengths [G, X]: a prompt's X
+    prefixes, each computed once on top of the prompt's cache. branches [R]: the context of each of a prompt's R
+    rows (0: the bare prompt, b: prefix b - 1), the same for every prompt. row_ids, sample_ids [G, R] key the rows:
+    row r of prompt g draws from fold_in(fold_in(rng, row_ids[g, r]), sample_ids[g, r]), the key `sample` gives
+    its sample j of a row with that id, so a row's tokens do not depend on which call or batch produced it.
+    Returns G*R rows of width max_len, prompt-major.
+    """
+    prompts = np.asarray(prompts, np.int32)
+    prompt_lens = np.asarray(prompt_lens, np.int32)
+    g, x = np.shape(prefix_lens)
+    branches = tuple(int(b) for b in branches)
+    if not branches or min(branches) < 0 or max(branches) > x:
+      raise ValueError(f"branches {branches} must name the bare prompt (0) or one of its {x} prefixes (1..{x})")
+    prefix_lens = np.minimum(np.asarray(prefix_lens, np.int32), max_len)
+    pre = np.full((g, x, max_len), pad_id, np.int32)
+    k = min(np.shape(prefixes)[2], max_len)
+    pre[:, :, :k] = np.asarray(prefixes, np.int32)[:, :, :k]
+    row_lens = np.concatenate([np.zeros((g, 1), np.int32), prefix_lens], 1)[:, list(branches)]
+    prompt_width = bucket(int(prompt_lens.max()))
+    prefix_width = bucket(int(prefix_lens.max(initial=0))) if x else 0
+    # The packed contexts need the longest one's slots; a bucket above the two widths would only add slots.
+    width = min(bucket(int((prompt_lens[:, None] + row_lens).max())), prompt_width + prefix_width)
+    budget = bucket(max_len - int(row_lens.min()), cap=max_len)
+    prompt_width, prefix_width, width, budget = sharding.agree_max(prompt_width, prefix_width, width, budget)
+    sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)
+    inputs = (prompts, prompt_lens, pre, prefix_lens, np.asarray(row_ids, np.int32), np.asarray(sample_ids, np.int32))
+    static = dict(prompt_width=prompt_width, prefix_width=prefix_width, width=width, cache_size=width + budget,
+                  branches=branches, sp=sp)
+    if self.mesh is None:
+      state = self._prefill_shared(params, *inputs, rng, **static)
+      return self._decode(params, state, budget=budget, sp=sp)[0]
+    # Prompts must split evenly over the batch shards of this process (then so do their rows): pad, drop after.
+    extra = -g % sharding.local_batch_shards(self.mesh)
+    if extra:
+      inputs = tuple(np.concatenate([a, np.repeat(a[-1:], extra, 0)]) for a in inputs)
+    with sharding.activate(self.mesh, self.rules):
+      state = self._prefill_shared(params, *sharding.put_batch(self.mesh, inputs), rng, **static)
+      out, _ = self._decode(params, state, budget=budget, sp=sp)
+    out = sharding.to_host(self.mesh, out)
+    return jax.tree.map(lambda a: a[:g * len(branches)], out) if extra else out

@@ -81,20 +81,17 @@ def build_context(cfg, workdir: str) -> Context:
 def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
   """sample_fn / grade_fn closures for rollout.collect, timing each part."""
   r = ctx.cfg.rollout
-  calls = [0]
 
-  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n):
+  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
     t = time.perf_counter()
-    key = jax.random.fold_in(rng, calls[0])
-    calls[0] += 1
-    # Rows are keyed by their prompt's position in the global batch: the same samples however it is split.
-    g = prompt_ids.shape[0]
-    row_ids = jax.process_index() * g + np.arange(g)
+    # Rows are keyed by (prompt's position in the global batch, stage, alternative) through row_ids, and every call
+    # of the step shares `rng`: the same samples however the batch is split, and whichever path asks for them.
     out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active, row_ids=row_ids,
-                             max_len=ctx.cfg.data.max_response_len, rng=key, n=n, temperature=r.temperature,
+                             max_len=ctx.cfg.data.max_response_len, rng=rng, n=n, temperature=r.temperature,
                              top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
+    out = np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)  # waits for the decode
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
-    return np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)
+    return out
 
   def grade_fn(tokens, response_mask, answers):
     from trapo_jax import rewards
@@ -113,15 +110,46 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
   return sample_fn, grade_fn
 
 
+def make_shared_sample_fn(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
+  """The sampler closure of rollout.collect_one_pass (Sampler.sample_shared), keyed and timed as make_rollout_fns'."""
+  r = ctx.cfg.rollout
+
+  def sample_fn(prompt_ids, prompt_lens, prefixes, prefix_lens, branches, row_ids, sample_ids):
+    t = time.perf_counter()
+    out = ctx.sampler.sample_shared(params, prompt_ids, prompt_lens, prefixes, prefix_lens, branches=branches,
+                                    row_ids=row_ids, sample_ids=sample_ids, max_len=ctx.cfg.data.max_response_len,
+                                    rng=rng, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                    eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
+    out = np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)
+    timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
+    return out
+
+  return sample_fn
+
+
+def collect_rollouts(ctx: Context, plan: microgroup.Plan, local, params, rng: jax.Array,
+                     timings: dict[str, float]) -> rollout_lib.RolloutBatch:
+  """This process's share of the step's rows: in one decode pass if rollout.one_pass and the plan has stages to
+  choose between, else stage by stage."""
+  sample_fn, grade_fn = make_rollout_fns(ctx, params, rng, timings)
+  first = jax.process_index() * local.prompt_ids.shape[0]
+  if ctx.cfg.rollout.one_pass and microgroup.one_pass_applies(plan):
+    return rollout_lib.collect_one_pass(plan, local, make_shared_sample_fn(ctx, params, rng, timings), grade_fn,
+                                        ctx.split_ids, first, pad_id=ctx.pad_id)
+  return rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids, first)
+
+
 def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
   """Every process's rows (for metrics): on several processes, the small per-row fields gathered."""
   if jax.process_count() == 1:
     return rb
   from jax.experimental import multihost_utils
   fields = dict(rewards=rb.rewards, stage=rb.stage, ratio=rb.ratio, levels=rb.levels, group_ids=rb.group_ids,
-                prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
+                prefix_mask=rb.prefix_mask, response_mask=rb.response_mask, kind=rb.kind)
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
-  return dataclasses.replace(rb, **gathered)
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([rb.sampled_rows, rb.decode_passes])))
+  return dataclasses.replace(rb, **gathered, sampled_rows=int(counts[:, 0].sum()),
+                             decode_passes=int(counts[:, 1].max()))
 
 
 def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
@@ -150,6 +178,10 @@ def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, 
   m["solve_none"] = float((per_prompt.max(1) == 0).mean())
   m["prefix_tokens"] = float(rb.prefix_mask.sum())
   m["response_tokens"] = float(rb.response_mask.sum())
+  # What one-pass sampling trades: one decode pass for more rows generated than used (docs/algorithm.md#one-pass).
+  m["rollout/decode_passes"] = float(rb.decode_passes)
+  m["rollout/rows_sampled"] = float(rb.sampled_rows)
+  m["rollout/rows_used"] = float((rb.kind != losses.ROW_DEMO).sum())
   return m
 
 
@@ -238,9 +270,7 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   t0 = time.perf_counter()
   local = local_share(batch, jax.process_index(), jax.process_count())
   if phase.samples:
-    rng = jax.random.fold_in(state.rng, step)
-    sample_fn, grade_fn = make_rollout_fns(ctx, state.params, rng, timings)
-    rb = rollout_lib.collect(phase.rows, local, sample_fn, grade_fn, ctx.split_ids)
+    rb = collect_rollouts(ctx, phase.rows, local, state.params, jax.random.fold_in(state.rng, step), timings)
   else:
     rb = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=cfg.data.max_response_len)
   advantages = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),

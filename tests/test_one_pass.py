@@ -1,0 +1,172 @@
+"""One decode pass per step on the synthetic task (docs/algorithm.md#one-pass): the rows, levels and loss of the
+stages where greedy fp32 decoding is batch-independent, and the same distribution when sampling.
+
+The exhaustive check of the selection against the stages, on every combination of rewards, is in
+tests/test_microgroup.py; the shared prefill against prefilling each context, in tests/test_sampler.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import default
+from tests import numerics
+from trapo_jax import config as config_lib
+from trapo_jax import losses
+from trapo_jax.data import pipeline
+from trapo_jax.data import synthetic
+from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling import microgroup
+from trapo_jax.sampling import rollout
+from trapo_jax.sampling.sampler import Sampler
+from trapo_jax.train import state as state_lib
+from trapo_jax.train import step as step_lib
+from trapo_jax.train import trainer
+
+# Levels whose solutions fit 64 tokens keep the decode short; the shipped policy solves some of them alone.
+LEVELS = (1, 2, 3, 4)
+MAX_LEN = 64
+# Logits of two fp32 computations of a model this size agree within this (tests/test_sampler.py, test_model.py);
+# a greedy choice is compared only where the reference's top-2 margin exceeds twice it.
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """(context on one device, params, prompt batches by size): the default experiment, shortened responses."""
+  cfg = default.get_config()
+  cfg.data.max_response_len = MAX_LEN
+  config_lib.validate(cfg, num_devices=jax.device_count())
+  ctx = trainer.build_context(cfg, str(tmp_path_factory.mktemp("one_pass")))
+  params = jax.device_get(state_lib.init_params(cfg, ctx.model_cfg, ctx.mesh))
+  ctx = dataclasses.replace(ctx, sampler=Sampler(ctx.model_cfg))
+  records = synthetic.generate_split("train", 64, levels=LEVELS, seed=7)
+  examples = [pipeline.Example(uid=i, problem=r["problem"], answer=r["answer"], demos=tuple(r["demos"]),
+                               level=r["level"]) for i, r in enumerate(records)]
+  batch = lambda g: next(pipeline.PromptLoader(examples[:g], ctx.tokenizer, batch_size=g, max_prompt_len=96,
+                                               max_response_len=MAX_LEN, template="train", seed=None))
+  return ctx, params, batch
+
+
+def _with(ctx, **rollout):
+  cfg = ctx.cfg.copy_and_resolve_references()
+  cfg.rollout.update(rollout)
+  return dataclasses.replace(ctx, cfg=cfg)
+
+
+def _rollouts(ctx, batch, params, seed: int, one_pass: bool) -> rollout.RolloutBatch:
+  plan = ctx.method.phase_at(ctx.cfg, 0).rows
+  return trainer.collect_rollouts(_with(ctx, one_pass=one_pass), plan, batch, params, jax.random.key(seed), {})
+
+
+def _loss(ctx, params, rb) -> float:
+  phase = ctx.method.phase_at(ctx.cfg, 0)
+  adv = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids), use_std=False))
+  packed = step_lib.pack(rb, adv, token_budget=1 << 16, shards=1, pad_id=ctx.pad_id)
+  one = functools.partial(step_lib.loss_fn, model_cfg=ctx.model_cfg, objective=phase.objective,
+                          chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature)
+  weights = phase.objective.weights_at(0)
+  losses_ = jax.jit(lambda p, b: jax.lax.map(lambda mb: one(p, mb, weights)[0], b))(params, packed.arrays())
+  return float(jnp.sum(losses_))
+
+
+def _teacher_forced_logits(ctx, params, rb) -> np.ndarray:
+  """[N, L, V]: the logits that chose each response token of rb, by the full forward pass (no cache)."""
+  n, width = rb.tokens.shape
+  seq = np.zeros((n, rb.prompt_ids.shape[1] + width), np.int32)
+  for i in range(n):
+    p = rb.prompt_lens[i]
+    seq[i, :p] = rb.prompt_ids[i, :p]
+    seq[i, p:p + width] = rb.tokens[i]
+  mask = np.arange(seq.shape[1])[None] < (rb.prompt_lens + rb.lengths)[:, None]
+  logits = np.asarray(jax.jit(lambda p, t, m: tfm.forward_logits(p, ctx.model_cfg, t, m))(params, seq, mask))
+  return np.stack([logits[i, rb.prompt_lens[i] - 1:rb.prompt_lens[i] - 1 + width] for i in range(n)])
+
+
+def test_greedy_one_pass_gives_the_rows_levels_and_loss_of_the_stages(world):
+  base, params, batch = world
+  ctx = _with(base, temperature=0.0)  # greedy sampling; the update keeps the run's temperature (base's)
+  prompts = batch(8)
+  seq = _rollouts(ctx, prompts, params, 0, one_pass=False)
+  one = _rollouts(ctx, prompts, params, 0, one_pass=True)
+  # A prompt's rows can only differ after a greedy step where two logits of the reference tie within the rounding
+  # of the two computations. Every other prompt must match in every field.
+  generated = seq.response_mask & ~seq.prefix_mask
+  ambiguous = (numerics.top2_margin(_teacher_forced_logits(ctx, params, seq)) <= 2 * LOGIT_TOL) & generated
+  clean = ~ambiguous.reshape(8, -1).any(1)
+  assert clean.sum() >= 6, f"only {clean.sum()} of 8 prompts decode without near-ties"
+  rows = np.repeat(clean, 8)
+  for f in ("tokens", "prefix_mask", "response_mask", "off_loss_mask", "rewards", "stage", "ratio", "kind"):
+    np.testing.assert_array_equal(getattr(one, f)[rows], getattr(seq, f)[rows], err_msg=f)
+  np.testing.assert_array_equal(one.levels[clean], seq.levels[clean])
+  assert {tuple(x) for x in seq.levels} >= {(0, 0, 0, 0), (0, 1, 2, 3)}  # solved alone, and fully guided
+  assert one.decode_passes == 1 and seq.decode_passes in (3, 4)  # 4 when a prompt solved 7 of 7 (an 8th rollout)
+  assert one.sampled_rows == 8 * 11 and seq.sampled_rows == (seq.kind != losses.ROW_DEMO).sum()
+  if clean.all():  # the same batch: the same loss, bit for bit (the same program on the same inputs)
+    loss = _loss(base, params, seq)
+    assert np.isfinite(loss) and _loss(base, params, one) == loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: independent seeds, the same distribution.
+
+Z = 4.0  # two-sample bound in standard errors: ~1e-4 false alarms per figure
+
+
+def _figures(rb, g: int) -> dict[str, np.ndarray]:
+  """Per-prompt samples of what a step's rows look like: level path frequencies, and per stage (by row position)
+  the mean reward, prefix tokens and generated tokens."""
+  n = rb.tokens.shape[0] // g
+  stage = np.concatenate([np.full(size, s) for s, size in enumerate(microgroup.Plan().stages)])
+  assert n == len(stage)
+  out = {}
+  for path in ((0, 0, 0, 0), (0, 0, 0, 3), (0, 0, 2, 3), (0, 1, 2, 3)):
+    out[f"levels {path}"] = (rb.levels == path).all(1).astype(np.float64)
+  per_row = {"reward": rb.rewards, "prefix tokens": rb.prefix_mask.sum(1),
+             "generated tokens": (rb.response_mask & ~rb.prefix_mask).sum(1)}
+  for name, x in per_row.items():
+    x = np.asarray(x, np.float64).reshape(g, n)
+    for s in range(4):
+      out[f"{name}, stage {s + 1}"] = x[:, stage == s].mean(1)
+  return out
+
+
+def _different(a: dict, b: dict) -> list[str]:
+  """The figures whose means differ by more than Z standard errors of their difference (exactly, if both are
+  constant)."""
+  bad = []
+  for k in a:
+    se = np.sqrt(a[k].var(ddof=1) / a[k].size + b[k].var(ddof=1) / b[k].size)
+    if abs(a[k].mean() - b[k].mean()) > Z * se:
+      bad.append(f"{k}: {a[k].mean():.3f} vs {b[k].mean():.3f} (se {se:.3f})")
+  return bad
+
+
+@pytest.mark.slow
+def test_sampled_one_pass_has_the_distribution_of_the_stages(world, monkeypatch):
+  ctx, params, batch = world
+  g = 32
+  prompts = batch(g)
+  seq = _figures(_rollouts(ctx, prompts, params, 1, one_pass=False), g)
+  cached = []
+  shared = trainer.make_shared_sample_fn(ctx, params, jax.random.key(2), {})
+  once = lambda *args: cached[0] if cached else cached.append(shared(*args)) or cached[0]
+  _, grade_fn = trainer.make_rollout_fns(ctx, params, jax.random.key(2), {})
+  collect = lambda: rollout.collect_one_pass(microgroup.Plan(), prompts, once, grade_fn, ctx.split_ids,
+                                             pad_id=ctx.pad_id)
+  one = _figures(collect(), g)
+  assert not _different(one, seq), _different(one, seq)
+  assert 0.1 < seq["levels (0, 1, 2, 3)"].mean() < 0.9  # the walk goes both ways at stage 2
+  # The test sees a wrong choice: the same samples, with stage 2's 25 % rows replaced by the 50 % row.
+  real = microgroup.selected_rows
+  starts = np.cumsum([0] + [a.size for a in microgroup.alternatives(microgroup.Plan())])  # 25 % at 6, 7; 50 % at 9
+  monkeypatch.setattr(microgroup, "selected_rows", lambda plan, levels: np.where(
+      (real(plan, levels) >= starts[2]) & (real(plan, levels) < starts[3]), starts[4], real(plan, levels)))
+  swapped = _figures(collect(), g)
+  assert _different(swapped, seq)  # here: stage 2 generates fewer tokens, continuing from twice the prefix
