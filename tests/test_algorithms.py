@@ -97,11 +97,14 @@ def _inputs(rb: rollout.RolloutBatch, seed: int) -> losses.TokenInputs:
   rng = np.random.default_rng(seed)
   shape = rb.tokens.shape
   logp = rng.uniform(-5.0, -0.01, shape).astype(np.float32)
+  # The sampler's and the reference's log-probs: the current ones moved by up to 1 (some importance ratios > 2).
+  sampler = np.where(rb.response_mask & ~rb.prefix_mask, logp + rng.uniform(-1.0, 1.0, shape), 0.0)
   return losses.TokenInputs(
       logp=jnp.asarray(logp), old_logp=jnp.asarray(logp), entropy=jnp.asarray(rng.uniform(0, 3, shape), jnp.float32),
       advantages=jnp.asarray(rng.normal(size=shape[0]), jnp.float32), rewards=jnp.asarray(rb.rewards),
       kind=jnp.asarray(rb.kind), prefix_mask=jnp.asarray(rb.prefix_mask), off_loss_mask=jnp.asarray(rb.off_loss_mask),
-      response_mask=jnp.asarray(rb.response_mask))
+      response_mask=jnp.asarray(rb.response_mask), sampler_logp=jnp.asarray(sampler, jnp.float32),
+      ref_logp=jnp.asarray(logp + rng.uniform(-1.0, 1.0, shape), jnp.float32))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -135,13 +138,11 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
   logp = x["logp"]
   p, a = np.exp(logp), x["advantages"][:, None]
   if name == "policy_gradient":
-    ratio = np.exp(logp - x["old_logp"])  # old_logp carries no gradient
-    eps = params["clip_eps"]
-    if eps is None:
-      return -a * ratio, -a * ratio
-    unclipped, clipped = -a * ratio, -a * np.clip(ratio, 1 - eps, 1 + eps)
-    live = (unclipped >= clipped) | ((ratio > 1 - eps) & (ratio < 1 + eps))
-    return np.maximum(unclipped, clipped), np.where(live, -a * ratio, 0.0)
+    return _np_policy_gradient(x, a, **params)
+  if name == "reference_kl":  # log r = log pi_ref - log pi; d/dlogp of k1, k2, k3: 1, -log r, 1 - r
+    log_r = x["ref_logp"] - logp
+    return {"k1": (-log_r, np.ones_like(logp)), "k2": (0.5 * log_r ** 2, -log_r),
+            "k3": (np.exp(log_r) - 1 - log_r, 1 - np.exp(log_r))}[params["estimator"]]
   if name == "trsft":  # -p / sg(max(p, alpha))
     scale = np.maximum(p, params["alpha"])
     return -p / scale, -p / scale
@@ -153,6 +154,36 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
   if name == "entropy":  # an input of the loss, not a function of logp here
     return x["entropy"], np.zeros_like(logp)
   raise KeyError(f"no reference for per-token loss {name!r}: add one with the loss")
+
+
+def _np_policy_gradient(x: dict, a: np.ndarray, clip_eps=None, clip_eps_high=None, dual_clip=None, ratio="token",
+                        tis_cap=None, tis_level="token", tis_mode="truncate") -> tuple[np.ndarray, np.ndarray]:
+  """-A r with PPO's clip (clip-higher), dual-clip, GSPO's sequence ratio and the sampler importance weight."""
+  own = x["response_mask"] & ~(x["prefix_mask"] & x["response_mask"])
+  log_r = x["logp"] - x["old_logp"]  # old_logp carries no gradient
+  if ratio == "sequence":  # GSPO: one ratio per row, exp of the mean log-ratio over its own tokens
+    mean = np.where(own, log_r, 0.0).sum(-1, keepdims=True) / np.maximum(own.sum(-1, keepdims=True), 1)
+    log_r = np.broadcast_to(mean, log_r.shape)
+  r = np.exp(log_r)
+  value, live = -a * r, np.ones(r.shape, bool)
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -a * np.clip(r, 1 - clip_eps, 1 + high)
+    live = (value >= clipped) | ((r > 1 - clip_eps) & (r < 1 + high))
+    value = np.maximum(value, clipped)
+  if dual_clip is not None:
+    capped = (a < 0) & (value > -a * dual_clip)
+    value, live = np.where(capped, -a * dual_clip, value), live & ~capped
+  # d/dlogp_t: per token, of its own ratio; for GSPO-token, of the sequence ratio's value times exp(logp_t - sg).
+  grad = np.where(live, -a * r, 0.0)
+  if tis_cap is not None:
+    log_rho = np.where(own, x["old_logp"] - x["sampler_logp"], 0.0)
+    if tis_level == "sequence":
+      log_rho = log_rho.sum(-1, keepdims=True)
+    rho = np.exp(log_rho)
+    w = np.minimum(rho, tis_cap) if tis_mode == "truncate" else np.where(rho <= tis_cap, rho, 0.0)
+    value, grad = value * w, grad * w
+  return value, grad
 
 
 def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarray:
@@ -182,14 +213,30 @@ def _np_objective(objective: losses.Objective, x: dict, step: int) -> tuple[floa
   return value, grad
 
 
+# RL options (docs/algorithm.md#rl-options) that change the objective, in two sets that together set every one.
+OPTIONS = {
+    "none": {},
+    "ppo": dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.05, kl_estimator="k3"),
+    "gspo": dict(clip_eps=0.1, importance_ratio="sequence", tis_cap=1.5, tis_level="sequence", tis_mode="mask",
+                 kl_coef=0.1, kl_estimator="k2", aggregation="seq_mean_token_mean"),
+    "k1": dict(tis_cap=1.5, tis_mode="mask", kl_coef=0.1, kl_estimator="k1", aggregation="token_mean"),
+}
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("name", NAMES)
-def test_loss_equals_the_per_term_reference(name):
+def test_loss_equals_the_per_term_reference(name, options):
   cfg = _config(name)
+  with cfg.unlocked():
+    cfg.loss.update(OPTIONS[options])
   for phase in algorithms.from_config(cfg).phases(cfg):
+    if options != "none" and any(t.loss == "policy_gradient" for t in phase.objective.terms):
+      assert "kl" in {t.name for t in phase.objective.terms}
     for seed in range(3):
       x = _inputs(_rows(phase, 3, seed), seed)
-      # A ratio away from 1 exercises the clip branches where a method has them.
-      shift = np.random.default_rng(seed).uniform(-0.3, 0.3, x.logp.shape)
+      # A ratio away from 1 exercises the clip branches where a method has them (and the dual clip at 3).
+      spread = 0.3 if options == "none" else 1.2
+      shift = np.random.default_rng(seed).uniform(-spread, spread, x.logp.shape)
       x = dataclasses.replace(x, old_logp=x.logp + jnp.asarray(shift, jnp.float32))
       weights = phase.objective.weights_at(7)
       f = lambda logp: losses.objective_loss(dataclasses.replace(x, logp=logp), phase.objective, weights)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -126,13 +127,88 @@ def sft_loss(logp: jax.Array) -> jax.Array:
 
 
 def policy_gradient_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, *,
-                         clip_eps: float | None = None) -> jax.Array:
-  """-A * exp(logp - old_logp) (no clip by default, docs/algorithm.md); with clip_eps the PPO clipped surrogate."""
+                         clip_eps: float | None = None, clip_eps_high: float | None = None,
+                         dual_clip: float | None = None) -> jax.Array:
+  """-A * exp(logp - old_logp) (no clip by default, docs/algorithm.md); with clip_eps the PPO clipped surrogate.
+
+  clip_eps_high: the ratio's upper bound 1 + clip_eps_high instead of 1 + clip_eps (DAPO's clip-higher).
+  dual_clip c > 1: where A < 0 the loss is at most -c * A, so a huge ratio cannot blow up a negative update
+  (dual-clip PPO). Both off by default (docs/algorithm.md#rl-options).
+  """
   ratio = jnp.exp(logp - old_logp)
   loss = -advantages * ratio
-  if clip_eps is None:
-    return loss
-  return jnp.maximum(loss, -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    loss = jnp.maximum(loss, -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high))
+  if dual_clip is not None:
+    loss = jnp.where(advantages < 0, jnp.minimum(loss, -advantages * dual_clip), loss)
+  return loss
+
+
+def sequence_log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T] -> [B, 1]: the mean over a row's masked tokens of log(pi / pi_old), GSPO's length-normalised sequence
+  log-ratio (0 for a row without tokens)."""
+  mask = mask.astype(bool)
+  count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(jnp.float32)
+  return jnp.sum(jnp.where(mask, logp - old_logp, 0.0), axis=-1, keepdims=True) / count
+
+
+def gspo_token_logp(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """GSPO-token: log-probs whose ratio to old_logp = 0 has, at every token, the value of the row's sequence ratio s
+  and the gradient s * grad log p_t, so that a sequence mean of per-token losses differentiates like GSPO's
+  sequence objective. [B, T]."""
+  sg = jax.lax.stop_gradient
+  return logp - sg(logp) + sg(sequence_log_ratio(logp, old_logp, mask))
+
+
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("truncate", "mask")
+
+
+def rollout_is_log_ratio(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array,
+                         level: str = "token") -> jax.Array:
+  """log(pi_train / pi_sampler) on the masked tokens ([B, T], 0 elsewhere), or its sum over each row's masked
+  tokens, the log of the sequence's ratio ([B, 1], level "sequence")."""
+  log_rho = jnp.where(mask.astype(bool), trainer_logp - sampler_logp, 0.0)
+  if level == "sequence":
+    return jnp.sum(log_rho, axis=-1, keepdims=True)
+  if level != "token":
+    raise ValueError(f"importance-sampling level {level!r} is unknown (known: {', '.join(IS_LEVELS)})")
+  return log_rho
+
+
+def rollout_is_weight(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, *, cap: float,
+                      level: str = "token", mode: str = "truncate") -> jax.Array:
+  """Importance weight of the trainer's policy over the sampler's, for the sampler/trainer mismatch (no gradient).
+
+  rho = pi_train / pi_sampler per token ([B, T]), or per row the product over its masked tokens ([B, 1], level
+  "sequence"). mode "truncate": min(rho, cap) (truncated IS); "mask": rho where rho <= cap, else 0, the token or
+  row dropped (masked IS). The cap is compared in log space, so a product of many ratios cannot overflow it.
+  """
+  log_rho = rollout_is_log_ratio(trainer_logp, sampler_logp, mask, level)
+  if mode == "truncate":
+    weight = jnp.minimum(jnp.exp(log_rho), cap)
+  elif mode == "mask":
+    weight = jnp.where(log_rho <= math.log(cap), jnp.exp(log_rho), 0.0)
+  else:
+    raise ValueError(f"importance-sampling mode {mode!r} is unknown (known: {', '.join(IS_MODES)})")
+  return jax.lax.stop_gradient(weight)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+  """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, with log r = log pi_ref - log pi:
+  k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, never negative). [B, T]."""
+  log_r = ref_logp - logp
+  if estimator == "k1":
+    return -log_r
+  if estimator == "k2":
+    return 0.5 * log_r ** 2
+  if estimator == "k3":
+    return jnp.exp(log_r) - 1.0 - log_r
+  raise ValueError(f"KL estimator {estimator!r} is unknown (known: {', '.join(KL_ESTIMATORS)})")
 
 
 def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 0.1) -> jax.Array:
@@ -164,6 +240,31 @@ def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, use_std: bool 
     std = jnp.where(size > 1, jnp.sqrt(var), 1.0)
     centred = centred / (std + eps)
   return jnp.where(size > 1, centred, rewards / (std + eps) if use_std else rewards)
+
+
+def rloo_advantages(rewards: jax.Array, group_ids: jax.Array) -> jax.Array:
+  """RLOO: each reward minus the mean of the other rewards of its group, n/(n-1) x (R - group mean) [N]. A group
+  of one has no other reward and keeps its own."""
+  rewards = rewards.astype(jnp.float32)
+  n = rewards.shape[0]
+  count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_segments=n)[group_ids]
+  total = jax.ops.segment_sum(rewards, group_ids, num_segments=n)[group_ids]
+  return jnp.where(count > 1, rewards - (total - rewards) / jnp.maximum(count - 1.0, 1.0), rewards)
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def advantages(estimator: str, rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False) -> jax.Array:
+  """[N] advantages by name (docs/algorithm.md#rl-options): "grpo" (group mean, std with use_std), "dr_grpo" (group
+  mean, never the std: Dr. GRPO), "rloo" (leave-one-out mean)."""
+  if estimator == "grpo":
+    return group_advantages(rewards, group_ids, use_std=use_std)
+  if estimator == "dr_grpo":
+    return group_advantages(rewards, group_ids)
+  if estimator == "rloo":
+    return rloo_advantages(rewards, group_ids)
+  raise ValueError(f"advantage estimator {estimator!r} is unknown (known: {', '.join(ADVANTAGE_ESTIMATORS)})")
 
 
 AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean")
@@ -214,6 +315,8 @@ class TokenInputs:
   prefix_mask: jax.Array  # expert tokens given, not generated
   off_loss_mask: jax.Array  # expert tokens chosen for imitation (one prefix imitated once per micro-group)
   response_mask: jax.Array
+  sampler_logp: jax.Array | None = None  # the log-probs the rows were sampled with (0 on given tokens); sampled rows
+  ref_logp: jax.Array | None = None  # log pi_ref of the frozen reference policy, where a KL option asks for it
 
 
 SELECTORS = {
@@ -226,8 +329,38 @@ SELECTORS = {
 }
 
 
-def _policy_gradient(x: TokenInputs, clip_eps: float | None = None) -> jax.Array:
-  return policy_gradient_loss(x.logp, x.old_logp, x.advantages[:, None], clip_eps=clip_eps)
+def _policy_gradient(x: TokenInputs, clip_eps: float | None = None, clip_eps_high: float | None = None,
+                     dual_clip: float | None = None, ratio: str = "token", tis_cap: float | None = None,
+                     tis_level: str = "token", tis_mode: str = "truncate") -> jax.Array:
+  """The policy-gradient term and its options (docs/algorithm.md#rl-options); with none set, exactly
+  policy_gradient_loss(logp, old_logp, A, clip_eps)."""
+  logp, old = _pg_logps(x, ratio)
+  loss = policy_gradient_loss(logp, old, x.advantages[:, None], clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                              dual_clip=dual_clip)
+  if tis_cap is not None:
+    loss = loss * _is_weight(x, tis_cap, tis_level, tis_mode)
+  return loss
+
+
+def _pg_logps(x: TokenInputs, ratio: str) -> tuple[jax.Array, jax.Array]:
+  """(log-probs, old log-probs) whose exp-difference is the importance ratio: per token, or GSPO's per sequence."""
+  if ratio == "token":
+    return x.logp, x.old_logp
+  if ratio == "sequence":
+    return gspo_token_logp(x.logp, x.old_logp, SELECTORS["own"](x)), jnp.zeros_like(x.old_logp)
+  raise ValueError(f"importance ratio {ratio!r} is unknown (known: token, sequence)")
+
+
+def _is_weight(x: TokenInputs, cap: float, level: str, mode: str) -> jax.Array:
+  if x.sampler_logp is None:
+    raise ValueError("rollout importance sampling (loss.tis_cap) needs the sampler's log-probs: a phase that samples")
+  return rollout_is_weight(x.old_logp, x.sampler_logp, SELECTORS["own"](x), cap=cap, level=level, mode=mode)
+
+
+def _reference_kl(x: TokenInputs, estimator: str) -> jax.Array:
+  if x.ref_logp is None:
+    raise ValueError("the reference_kl loss needs the reference policy's log-probs (ref_logp)")
+  return kl_estimate(x.logp, x.ref_logp, estimator)
 
 
 TOKEN_LOSSES = {
@@ -236,6 +369,7 @@ TOKEN_LOSSES = {
     "nll": lambda x: sft_loss(x.logp),
     "luffy_shaped": lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma),
     "entropy": lambda x: x.entropy,
+    "reference_kl": _reference_kl,
 }
 
 
@@ -337,4 +471,39 @@ def objective_loss(x: TokenInputs, objective: Objective,
   # The share of imitated tokens outside TrSFT's trust region (the paper's training-dynamics figure).
   if objective.trust_region is not None:
     metrics["expert_frac_below_alpha"] = _masked_mean((p < objective.trust_region).astype(jnp.float32), imitated)
+  for term in objective.terms:
+    if term.loss == "policy_gradient":
+      metrics.update(policy_gradient_metrics(x, **dict(term.params)))
   return loss, metrics
+
+
+def policy_gradient_metrics(x: TokenInputs, clip_eps: float | None = None, clip_eps_high: float | None = None,
+                            dual_clip: float | None = None, ratio: str = "token", tis_cap: float | None = None,
+                            tis_level: str = "token", tis_mode: str = "truncate") -> dict[str, jax.Array]:
+  """What each policy-gradient option did, as means over the model's own tokens (none without options):
+  pg/clip_frac_high and pg/clip_frac_low (tokens whose gradient the clip removed: A > 0 above 1 + eps_high, A < 0
+  below 1 - eps), pg/dual_clip_frac (A < 0 capped at -c A), tis/weight_mean and tis/frac_capped (ratio above the
+  cap: truncated, or dropped)."""
+  out = {}
+  own = SELECTORS["own"](x)
+  logp, old = _pg_logps(x, ratio)
+  r = jnp.exp(jax.lax.stop_gradient(logp - old))
+  a = jnp.broadcast_to(x.advantages[:, None], r.shape)
+  frac = lambda cond: _masked_mean(cond.astype(jnp.float32), own)
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    out["pg/clip_frac_high"] = frac((a > 0) & (r > 1.0 + high))
+    out["pg/clip_frac_low"] = frac((a < 0) & (r < 1.0 - clip_eps))
+  if dual_clip is not None:
+    out["pg/dual_clip_frac"] = frac((a < 0) & (r > dual_clip))
+  if tis_cap is not None:
+    out["tis/weight_mean"] = _masked_mean(jnp.broadcast_to(_is_weight(x, tis_cap, tis_level, tis_mode), r.shape), own)
+    log_rho = rollout_is_log_ratio(x.old_logp, x.sampler_logp, own, tis_level)
+    out["tis/frac_capped"] = frac(jnp.broadcast_to(log_rho > math.log(tis_cap), r.shape))
+  return out
+
+
+def mismatch_metrics(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """|log pi_train - log pi_sampler| over the masked (generated) tokens: its mean and its max."""
+  gap = jnp.where(mask.astype(bool), jnp.abs(jax.lax.stop_gradient(trainer_logp) - sampler_logp), 0.0)
+  return {"mismatch/abs_logp_mean": _masked_mean(gap, mask), "mismatch/abs_logp_max": jnp.max(gap)}

@@ -119,16 +119,39 @@ def from_config(cfg) -> Method:
 
 
 def objective(cfg, *terms: losses.Term) -> losses.Objective:
-  """The terms over the run's fixed response length and sequence scale (docs/algorithm.md, normalisation)."""
+  """The terms over the run's fixed response length and sequence scale (docs/algorithm.md, normalisation); an RL
+  objective (one with a policy-gradient term) also gets the KL to the reference policy when loss.kl_in is "loss"."""
+  if any(t.loss == "policy_gradient" for t in terms) and cfg.loss.kl_coef > 0 and cfg.loss.kl_in == "loss":
+    terms += (reference_kl(cfg),)
   return losses.Objective(terms=tuple(terms), max_len=int(cfg.data.max_response_len),
                           seq_scale=float(cfg.loss.seq_scale))
 
 
 def policy_gradient(cfg) -> losses.Term:
-  """-A * ratio on the tokens the model generated itself; PPO clip only if loss.clip_eps >= 0 (official: none)."""
-  clip = None if cfg.loss.clip_eps < 0 else float(cfg.loss.clip_eps)
+  """-A * ratio on the tokens the model generated itself; PPO clip only if loss.clip_eps >= 0 (official: none).
+
+  The options of docs/algorithm.md#rl-options enter as further params, only when set, so that the official term
+  is the same Term as before them.
+  """
+  lc = cfg.loss
+  clip = None if lc.clip_eps < 0 else float(lc.clip_eps)
+  params = [("clip_eps", clip)]
+  if lc.clip_eps_high >= 0:
+    params.append(("clip_eps_high", float(lc.clip_eps_high)))
+  if lc.dual_clip >= 0:
+    params.append(("dual_clip", float(lc.dual_clip)))
+  if lc.importance_ratio != "token":
+    params.append(("ratio", lc.importance_ratio))
+  if lc.tis_cap > 0:
+    params += [("tis_cap", float(lc.tis_cap)), ("tis_level", lc.tis_level), ("tis_mode", lc.tis_mode)]
   return losses.Term("pg", tokens="own", loss="policy_gradient", aggregation=cfg.loss.aggregation,
-                     params=(("clip_eps", clip),))
+                     params=tuple(params))
+
+
+def reference_kl(cfg) -> losses.Term:
+  """loss.kl_coef x the KL estimate (loss.kl_estimator) to the frozen reference policy on the model's own tokens."""
+  return losses.Term("kl", tokens="own", loss="reference_kl", weight=float(cfg.loss.kl_coef),
+                     aggregation=cfg.loss.aggregation, params=(("estimator", cfg.loss.kl_estimator),))
 
 
 def entropy_bonus(cfg) -> losses.Term:
@@ -149,6 +172,10 @@ def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
     require(rows % batch_shards == 0, "train.batch_prompts",
             f"{rows} sequences per step ({phase.name} phase) do not split over the {batch_shards} batch shards "
             "(mesh data x fsdp)")
+    k = cfg.train.mini_batches
+    require(rows % (k * batch_shards) == 0, "train.mini_batches",
+            f"{rows} sequences per step ({phase.name} phase) do not split into {k} mini-batches over the "
+            f"{batch_shards} batch shards")
     for term in phase.objective.terms:
       try:
         losses.check_term(term)

@@ -30,6 +30,8 @@ class RolloutBatch:
   ratio: np.ndarray  # [N] float32: prefix ratio of the row's stage (0 = pure, 1 = full expert)
   levels: np.ndarray  # [G, stages] int32: guidance level of each stage
   kind: np.ndarray  # [N] int32: losses.ROW_OWN | ROW_GUIDED | ROW_DEMO
+  logprobs: np.ndarray | None = None  # [N, L] float32: the sampler's log-prob of each generated token, 0 elsewhere
+  truncated: np.ndarray | None = None  # [N] bool: the row reached L without EOS
 
   @property
   def lengths(self) -> np.ndarray:
@@ -37,7 +39,8 @@ class RolloutBatch:
 
 
 # sample_fn(prompt_ids [G,P], prompt_lens [G], prefix_ids [G,Ld], prefix_lens [G], active [G], n) ->
-#   (tokens [G*n, L], prefix_mask, response_mask) as numpy, prompt-major.
+#   (tokens [G*n, L], prefix_mask, response_mask) as numpy, prompt-major, optionally followed by the sampler's
+#   logprobs [G*n, L] and eos [G*n] (the row ended with EOS).
 SampleFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 # grade_fn(tokens [M, L], response_mask [M, L], answers list[str] of length M) -> rewards [M]
 GradeFn = Callable[[np.ndarray, np.ndarray, list], np.ndarray]
@@ -58,15 +61,17 @@ def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn
   level_log = []
   for s, size in enumerate(plan.stages):
     inp = microgroup.stage_inputs(plan, s, levels, batch.demo_ids, batch.demo_lens, split_ids)
-    tokens, prefix_mask, response_mask = sample_fn(batch.prompt_ids, batch.prompt_lens, inp.prefix_ids,
-                                                   inp.prefix_lens, ~inp.expert_full, size)
+    tokens, prefix_mask, response_mask, *extra = sample_fn(batch.prompt_ids, batch.prompt_lens, inp.prefix_ids,
+                                                           inp.prefix_lens, ~inp.expert_full, size)
+    logprobs, eos = extra if extra else (np.zeros(tokens.shape, np.float32), np.ones((tokens.shape[0],), bool))
     answers = [a for a in batch.answers for _ in range(size)]
     rewards = np.asarray(grade_fn(tokens, response_mask, answers), np.float32)
     cumulative += rewards.reshape(g, size).sum(1)
     loss_rows = microgroup.prefix_loss_rows(plan, s, inp.ratios > 0).reshape(-1)
     parts.append(dict(tokens=tokens, prefix_mask=prefix_mask, response_mask=response_mask, rewards=rewards,
                       off_loss_mask=prefix_mask & loss_rows[:, None], stage=np.full((g * size,), s, np.int32),
-                      ratio=np.repeat(inp.ratios, size)))
+                      ratio=np.repeat(inp.ratios, size), logprobs=np.asarray(logprobs, np.float32),
+                      truncated=~np.asarray(eos, bool)))
     level_log.append(levels.copy())
     if s + 1 < len(plan.stages):
       levels = (microgroup.update_levels(plan, s, cumulative) if plan.mode == "adaptive"
@@ -108,3 +113,74 @@ def demo_batch(batch, which: tuple[int, ...] = (0,), max_len: int | None = None)
                       rewards=np.zeros((g * k,), np.float32), group_ids=np.repeat(np.arange(g, dtype=np.int32), k),
                       stage=np.zeros((g * k,), np.int32), ratio=np.ones((g * k,), np.float32),
                       levels=np.zeros((g, 1), np.int32), kind=np.full((g * k,), losses.ROW_DEMO, np.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RL options on rollouts (docs/algorithm.md#rl-options).
+
+
+def informative_groups(rb: RolloutBatch) -> np.ndarray:
+  """[G] bool: groups whose rewards are not all equal (all solved or all failed groups have zero advantages)."""
+  g = rb.levels.shape[0]
+  low = np.full((g,), np.inf)
+  high = np.full((g,), -np.inf)
+  np.minimum.at(low, rb.group_ids, rb.rewards)
+  np.maximum.at(high, rb.group_ids, rb.rewards)
+  return high > low
+
+
+def select_groups(batches: list[RolloutBatch], picks: list[tuple[int, int]]) -> RolloutBatch:
+  """The rows of the groups `picks` [(batch index, group id)], in that order, as one batch with groups 0, 1, ..."""
+  rows = [np.flatnonzero(batches[b].group_ids == g) for b, g in picks]
+  width = max(batches[b].prompt_ids.shape[1] for b, _ in picks)
+  out = {}
+  for f in dataclasses.fields(RolloutBatch):
+    parts = [getattr(batches[b], f.name) for b, _ in picks]
+    if f.name == "levels":
+      out[f.name] = np.stack([p[g] for p, (_, g) in zip(parts, picks)])
+    elif f.name == "group_ids":
+      out[f.name] = np.concatenate([np.full((len(r),), i, np.int32) for i, r in enumerate(rows)])
+    elif any(p is None for p in parts):
+      out[f.name] = None
+    elif f.name == "prompt_ids":  # prompt widths differ between prompt batches: right-pad to the widest
+      out[f.name] = np.concatenate([np.pad(p[r], ((0, 0), (0, width - p.shape[1]))) for p, r in zip(parts, rows)])
+    else:
+      out[f.name] = np.concatenate([p[r] for p, r in zip(parts, rows)])
+  return RolloutBatch(**out)
+
+
+def dynamic_sampling(first: RolloutBatch, more: Callable[[], RolloutBatch], *, groups: int, max_rounds: int,
+                     all_done: Callable[[bool], bool] = lambda done: done) -> tuple[RolloutBatch, dict]:
+  """DAPO's dynamic sampling: keep the informative groups of `first` and roll out further prompts (`more()`, one
+  prompt batch each) until `groups` informative groups are kept or `max_rounds` extra rounds were made.
+
+  The batch keeps `groups` groups: the first informative ones in the order drawn, topped up, when the rounds run
+  out, by uninformative ones in the same order (their own-token advantages are 0). all_done(local) -> whether
+  every process has its groups, so that all processes make the same rounds. -> (batch, counts for the metrics).
+  """
+  batches = [first]
+  keep = [informative_groups(first)]
+  while not all_done(sum(int(k.sum()) for k in keep) >= groups) and len(batches) <= max_rounds:
+    batches.append(more())
+    keep.append(informative_groups(batches[-1]))
+  found = [(b, int(g)) for b, k in enumerate(keep) for g in np.flatnonzero(k)]
+  rest = [(b, int(g)) for b, k in enumerate(keep) for g in np.flatnonzero(~k)]
+  picks = (found + rest)[:groups]
+  stats = {"rounds": len(batches) - 1, "informative_groups": len(found), "filtered_groups": len(rest),
+           "kept_uninformative": max(0, groups - len(found))}
+  return select_groups(batches, picks), stats
+
+
+def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, factor: float = 1.0) -> np.ndarray:
+  """DAPO's soft overlong punishment [N]: 0 up to max_len - buffer tokens, then falling linearly to -factor at
+  max_len (and beyond)."""
+  over = np.asarray(lengths, np.float64) - (max_len - buffer)
+  return (-factor * np.clip(over / buffer, 0.0, 1.0)).astype(np.float32)
+
+
+def without_rows(rb: RolloutBatch, drop: np.ndarray) -> RolloutBatch:
+  """The batch with rows `drop` [N] bool out of every loss term (their masks cleared); rewards, and so the group
+  advantages of the other rows, unchanged."""
+  keep = ~np.asarray(drop, bool)[:, None]
+  return dataclasses.replace(rb, response_mask=rb.response_mask & keep, prefix_mask=rb.prefix_mask & keep,
+                             off_loss_mask=rb.off_loss_mask & keep)

@@ -53,6 +53,7 @@ class Context:
   eos_ids: tuple[int, ...]
   pad_id: int
   split_ids: np.ndarray
+  reference: Any = None  # the frozen reference policy of the KL options, built on first use (reference_policy)
 
   @property
   def shards(self) -> int:
@@ -94,7 +95,8 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
                              max_len=ctx.cfg.data.max_response_len, rng=key, n=n, temperature=r.temperature,
                              top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
-    return np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)
+    return (np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask),
+            np.asarray(out.logprobs), np.asarray(out.eos))
 
   def grade_fn(tokens, response_mask, answers):
     from trapo_jax import rewards
@@ -120,6 +122,8 @@ def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
   from jax.experimental import multihost_utils
   fields = dict(rewards=rb.rewards, stage=rb.stage, ratio=rb.ratio, levels=rb.levels, group_ids=rb.group_ids,
                 prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
+  if rb.truncated is not None:
+    fields["truncated"] = rb.truncated
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
   return dataclasses.replace(rb, **gathered)
 
@@ -149,6 +153,8 @@ def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, 
   m["solve_all"] = float((per_prompt.min(1) == 1).mean())
   m["solve_none"] = float((per_prompt.max(1) == 0).mean())
   m["prefix_tokens"] = float(rb.prefix_mask.sum())
+  if rb.truncated is not None:
+    m["overlong/truncated_frac"] = float(rb.truncated.mean())
   m["response_tokens"] = float(rb.response_mask.sum())
   return m
 
@@ -178,10 +184,31 @@ class _Preemption:
 
 
 def jit_step(ctx: Context, phase: algorithms.Phase):
-  """The phase's train step, compiled on first use: (state, packed batch, term weights) -> (state, metrics)."""
+  """The phase's train step, compiled on first use: (state, packed batch, term weights[, reference params]) ->
+  (state, metrics)."""
   return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg, objective=phase.objective,
-                                   chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
+                                   chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature,
+                                   updates=updates_of(ctx.cfg, phase)),
                  donate_argnums=(0,))
+
+
+def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
+  """The phase's PPO epochs and mini-batches (a phase of demonstrations alone has no sampler log-probs)."""
+  t = cfg.train
+  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=t.mini_batches,
+                          old_logp=t.old_logp if phase.samples else "recompute")
+
+
+def uses_reference(phase: algorithms.Phase) -> bool:
+  return any(t.loss == "reference_kl" for t in phase.objective.terms)
+
+
+def reference_policy(ctx: Context):
+  """The frozen reference policy pi_ref of the KL options: the initial policy, placed like the policy's params
+  (built once; a resumed run builds the same one)."""
+  if ctx.reference is None:
+    ctx.reference = state_lib.init_params(ctx.cfg, ctx.model_cfg, ctx.mesh)
+  return ctx.reference
 
 
 def _loader(ctx: Context, split: str = "train"):
@@ -217,11 +244,7 @@ def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorith
                      step_fns: dict) -> None:
   """The probabilities the policy about to be updated gives imitated expert tokens and its own tokens, written to
   <workdir>/token_probs/ (this process's rows; process 0 writes)."""
-  key = f"{phase.name}/logprobs"
-  if key not in step_fns:
-    step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
-                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature))
-  p = np.exp(np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1)))
+  p = np.exp(_packed_logprobs(ctx, params, placed, phase, step_fns))
   resp = packed.response_mask.astype(bool)
   prefix = resp & packed.prefix_mask.astype(bool)
   if jax.process_index() == 0:
@@ -229,37 +252,109 @@ def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorith
                                   p[resp & ~prefix])
 
 
-def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict) -> tuple[Any, dict]:
-  """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics."""
+def _packed_logprobs(ctx: Context, params, placed: dict, phase: algorithms.Phase, step_fns: dict) -> np.ndarray:
+  """log-probs [M, mb, Lb] of this process's rows of a placed packed batch under `params`, as numpy."""
+  key = f"{phase.name}/logprobs"
+  if key not in step_fns:
+    step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
+                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature))
+  return np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1))
+
+
+def kl_reward_penalty(ctx: Context, params, placed: dict, packed, phase: algorithms.Phase,
+                      step_fns: dict) -> np.ndarray:
+  """[N] loss.kl_coef x the sum over each row's own tokens of the KL estimate between the policy that sampled the
+  rows (its old log-probs) and the reference policy: the KL as a reward penalty (docs/algorithm.md#rl-options)."""
+  cfg = ctx.cfg
+  ref = _packed_logprobs(ctx, reference_policy(ctx), placed, phase, step_fns)
+  old = (packed.sampler_logp if updates_of(cfg, phase).old_logp == "sampler"
+         else _packed_logprobs(ctx, params, placed, phase, step_fns))
+  kl = np.asarray(losses.kl_estimate(jnp.asarray(old), jnp.asarray(ref), cfg.loss.kl_estimator))
+  own = packed.response_mask & ~packed.prefix_mask
+  return cfg.loss.kl_coef * np.where(own, kl, 0.0).sum(-1).reshape(-1)
+
+
+def refill(ctx: Context, rb: rollout_lib.RolloutBatch, collect, more_prompts) -> tuple[Any, dict]:
+  """DAPO's dynamic sampling over the prompts `more_prompts` yields after this step's (train.dynamic_sampling)."""
+  if more_prompts is None:
+    raise TrainingError("train.dynamic_sampling: this step was given no further prompts to draw refills from")
+  more = lambda: collect(local_share(next(more_prompts), jax.process_index(), jax.process_count()))
+  # Every process must make the same rounds: it goes on while any process lacks informative groups.
+  all_done = lambda done: sharding.agree_max(int(not done))[0] == 0
+  rb, stats = rollout_lib.dynamic_sampling(rb, more, groups=rb.levels.shape[0],
+                                           max_rounds=ctx.cfg.train.max_refill_rounds, all_done=all_done)
+  counts = np.asarray([stats[k] for k in ("informative_groups", "filtered_groups", "kept_uninformative")])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
+  return rb, {"dynamic_sampling/rounds": float(stats["rounds"]),
+              **{f"dynamic_sampling/{k}": float(v)
+                 for k, v in zip(("informative_groups", "filtered_groups", "kept_uninformative"), counts)}}
+
+
+def shaped_rewards(cfg, rb: rollout_lib.RolloutBatch) -> tuple[np.ndarray, dict]:
+  """The graded rewards plus DAPO's soft overlong punishment of generated rows (rollout.overlong_buffer > 0)."""
+  if cfg.rollout.overlong_buffer <= 0:
+    return rb.rewards, {}
+  penalty = rollout_lib.overlong_penalty(rb.lengths, cfg.data.max_response_len, cfg.rollout.overlong_buffer,
+                                         cfg.rollout.overlong_penalty)
+  penalty = np.where(rb.kind == losses.ROW_DEMO, 0.0, penalty).astype(np.float32)
+  return rb.rewards + penalty, {"overlong/penalty_mean": float(penalty.mean())}
+
+
+def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict,
+                   more_prompts=None) -> tuple[Any, dict]:
+  """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics.
+
+  more_prompts: an iterator of further PromptBatches (the run's loader) that dynamic sampling draws refills from;
+  the loader's position then counts them, so a checkpoint resumes after them.
+  """
   cfg = ctx.cfg
   step = int(state.step)
   phase = ctx.method.phase_at(cfg, step)
   timings: dict[str, float] = {}
+  option_metrics: dict[str, float] = {}
   t0 = time.perf_counter()
   local = local_share(batch, jax.process_index(), jax.process_count())
   if phase.samples:
     rng = jax.random.fold_in(state.rng, step)
     sample_fn, grade_fn = make_rollout_fns(ctx, state.params, rng, timings)
-    rb = rollout_lib.collect(phase.rows, local, sample_fn, grade_fn, ctx.split_ids)
+    collect = lambda prompts: rollout_lib.collect(phase.rows, prompts, sample_fn, grade_fn, ctx.split_ids)
+    rb = collect(local)
+    if cfg.train.dynamic_sampling:
+      rb, option_metrics = refill(ctx, rb, collect, more_prompts)
   else:
     rb = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=cfg.data.max_response_len)
-  advantages = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),
-                                                  use_std=cfg.loss.use_std))
-  packed = step_lib.pack(rb, advantages, token_budget=cfg.train.micro_batch_tokens, shards=ctx.shards,
-                         pad_id=ctx.pad_id)
-  t1 = time.perf_counter()
+  rewards, shaping = shaped_rewards(cfg, rb) if phase.samples else (rb.rewards, {})
+  option_metrics.update(shaping)
+  train_rb = rb
+  if cfg.rollout.overlong_filter and rb.truncated is not None:
+    train_rb = rollout_lib.without_rows(rb, rb.truncated)  # DAPO's overlong filtering
+    option_metrics["overlong/filtered_rows"] = float(rb.truncated.sum())
+  packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
+                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=cfg.train.mini_batches)
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
+    if phase.samples and cfg.loss.kl_coef > 0 and cfg.loss.kl_in == "reward":
+      penalty = kl_reward_penalty(ctx, state.params, step_lib.put_packed(ctx.mesh, packed), packed, phase, step_fns)
+      rewards = rewards - penalty.astype(np.float32)
+      option_metrics["kl/reward_penalty"] = float(penalty.mean())
+    advantages = np.asarray(losses.advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
+                                              use_std=cfg.loss.use_std))
+    packed.advantages = advantages.astype(np.float32).reshape(packed.advantages.shape)
+    t1 = time.perf_counter()
     placed = step_lib.put_packed(ctx.mesh, packed)
     if cfg.train.dump_token_probs:
       dump_token_probs(ctx, state.params, placed, packed, phase, step + 1, step_fns)
-    state, step_metrics = step_fns[phase.name](state, placed, phase.objective.weights_at(step))
+    reference = (reference_policy(ctx),) if uses_reference(phase) else ()
+    state, step_metrics = step_fns[phase.name](state, placed, phase.objective.weights_at(step), *reference)
   step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   t2 = time.perf_counter()
   m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
+  m.update(option_metrics)
   m.update(step_metrics)
-  m["lr"] = state_lib.learning_rate(cfg.optim, step)
+  m["lr"] = state_lib.learning_rate(cfg.optim, step * updates_of(cfg, phase).count)  # at the step's first update
   m["time/sampling"] = timings.get("sampling", 0.0)
   m["time/grading"] = timings.get("grading", 0.0)
   m["grader/timeouts"] = timings.get("grader_timeouts", 0)
@@ -309,7 +404,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   try:
     with _Preemption() as preempt:
       while int(state.step) < cfg.train.steps:
-        state, m = train_one_step(ctx, state, next(loader), step_fns)
+        state, m = train_one_step(ctx, state, next(loader), step_fns, more_prompts=loader)
         step = int(state.step)
         bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
         if m["skipped"]:
