@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -52,10 +53,34 @@ class Context:
   eos_ids: tuple[int, ...]
   pad_id: int
   split_ids: np.ndarray
+  # Optimizers by name ("" the run's), when the method has more than one: their states share the train state.
+  txs: dict[str, Any] | None = None
+  loader: Any = None  # the training PromptLoader, once `run` has built it (updates from `after_update` read it)
+  algo_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's run state (checkpointed)
 
   @property
   def shards(self) -> int:
     return sharding.local_batch_shards(self.mesh)
+
+  def tx_of(self, phase: algorithms.Phase):
+    """The optimizer a phase updates with: the run's, or its slot of the shared state."""
+    if self.txs is None:
+      if phase.optimizer:
+        raise TrainingError(f"phase {phase.name}: optimizer {phase.optimizer!r} is not one of the method's")
+      return self.tx
+    names = list(self.txs)
+    return state_lib.slot(tuple(self.txs.values()), names.index(phase.optimizer))
+
+
+def make_optimizers(cfg, method: algorithms.Method) -> dict[str, Any] | None:
+  """The method's optimizers by name when it declares any besides the run's (cfg.optim), else None."""
+  extra = method.optimizers(cfg)
+  if not extra:
+    return None
+  txs = {"": state_lib.make_optimizer(cfg.optim)}
+  for name, changes in sorted(extra.items()):
+    txs[name] = state_lib.make_optimizer(ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **changes)))
+  return txs
 
 
 def build_context(cfg, workdir: str) -> Context:
@@ -70,11 +95,14 @@ def build_context(cfg, workdir: str) -> Context:
   if len(tokenizer) > model_cfg.vocab_size:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  return Context(cfg=cfg, workdir=workdir, method=algorithms.from_config(cfg), mesh=mesh, model_cfg=model_cfg,
+  method = algorithms.from_config(cfg)
+  txs = make_optimizers(cfg, method)
+  return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg,
                  tokenizer=tokenizer,
-                 tx=state_lib.make_optimizer(cfg.optim), sampler=Sampler(model_cfg, mesh=mesh),
+                 tx=state_lib.make_optimizer(cfg.optim) if txs is None else state_lib.slot(tuple(txs.values()), 0),
+                 sampler=Sampler(model_cfg, mesh=mesh),
                  eos_ids=(int(tokenizer.eos_token_id),), pad_id=int(pad_id),
-                 split_ids=microgroup.split_token_ids(tokenizer))
+                 split_ids=microgroup.split_token_ids(tokenizer), txs=txs, algo_state=method.initial_state(cfg))
 
 
 def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -122,34 +150,42 @@ def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
   from jax.experimental import multihost_utils
   fields = dict(rewards=rb.rewards, stage=rb.stage, ratio=rb.ratio, levels=rb.levels, group_ids=rb.group_ids,
                 prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
+  if rb.in_group is not None:
+    fields["in_group"] = rb.in_group
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
   return dataclasses.replace(rb, **gathered)
 
 
 def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
-  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation)."""
+  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation).
+
+  Rewards are those of the graded rows in their prompt's group (demonstration rows a plan adds are not graded);
+  lengths those of rows that kept their tokens."""
   rb = global_rollouts(rb)
-  m: dict[str, float] = {"reward/mean": float(rb.rewards.mean())}
+  graded = np.ones(rb.rewards.shape, bool) if rb.in_group is None else rb.in_group
+  kept = rb.lengths > 0
+  m: dict[str, float] = {"reward/mean": float(rb.rewards[graded].mean())}
   for s in range(num_stages):
-    sel = rb.stage == s
+    sel = (rb.stage == s) & graded
     if sel.any():
       m[f"reward/stage_{s + 1}"] = float(rb.rewards[sel].mean())
-  own = rb.ratio == 0
+  own = (rb.ratio == 0) & graded
   if own.any():
     m["reward/own"] = float(rb.rewards[own].mean())
-    m["length/own"] = float(rb.lengths[own].mean())
+  if (own & kept).any():
+    m["length/own"] = float(rb.lengths[own & kept].mean())
   expert = rb.ratio >= 1
   if expert.any():
     m["length/expert"] = float(rb.lengths[expert].mean())
-  guided = (rb.ratio > 0) & (rb.ratio < 1)
+  guided = (rb.ratio > 0) & (rb.ratio < 1) & graded
   if guided.any():
     m["reward/guided"] = float(rb.rewards[guided].mean())
   top = rb.levels.max(axis=1)
   for level in range(num_stages):
     m[f"hint_level_{level}"] = float((top == level).mean())
-  per_prompt = rb.rewards.reshape(rb.levels.shape[0], -1)
-  m["solve_all"] = float((per_prompt.min(1) == 1).mean())
-  m["solve_none"] = float((per_prompt.max(1) == 0).mean())
+  per_prompt = np.where(graded, rb.rewards, np.nan).reshape(rb.levels.shape[0], -1)
+  m["solve_all"] = float((np.nanmin(per_prompt, 1) == 1).mean())
+  m["solve_none"] = float((np.nanmax(per_prompt, 1) == 0).mean())
   m["prefix_tokens"] = float(rb.prefix_mask.sum())
   m["response_tokens"] = float(rb.response_mask.sum())
   return m
@@ -181,7 +217,8 @@ class _Preemption:
 
 def jit_step(ctx: Context, phase: algorithms.Phase):
   """The phase's train step, compiled on first use: (state, packed batch, term weights) -> (state, metrics)."""
-  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg, objective=phase.objective,
+  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx_of(phase), model_cfg=ctx.model_cfg,
+                                   objective=phase.objective,
                                    chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
                  donate_argnums=(0,))
 
@@ -246,11 +283,14 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if phase.samples:
     rng = jax.random.fold_in(state.rng, step)
     sample_fn, grade_fn = make_rollout_fns(ctx, state.params, rng, timings)
-    rb = rollout_lib.collect(phase.rows, local, sample_fn, grade_fn, ctx.split_ids)
+    # Host draws of the plan (random prefixes, hints): seeded by the run's key, the step and the process.
+    draws = np.random.default_rng([*np.asarray(jax.device_get(state.rng)).tolist(), step, jax.process_index()])
+    rb = rollout_lib.collect(phase.rows, local, sample_fn, grade_fn, ctx.split_ids, rng=draws)
   else:
     rb = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=cfg.data.max_response_len)
+  member = None if rb.in_group is None else jnp.asarray(rb.in_group)
   advantages = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),
-                                                  use_std=cfg.loss.use_std))
+                                                  use_std=ctx.method.advantage_std(cfg), member=member))
   packed = step_lib.pack(rb, advantages, token_budget=cfg.train.micro_batch_tokens, shards=ctx.shards,
                          pad_id=ctx.pad_id)
   t1 = time.perf_counter()
@@ -265,6 +305,9 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   t2 = time.perf_counter()
   m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
   m.update(step_metrics)
+  if phase.samples:
+    state, after = _after_update(ctx, state, batch, rb, step, step_fns)
+    m.update(after)
   m["lr"] = state_lib.learning_rate(cfg.optim, step)
   m["time/sampling"] = timings.get("sampling", 0.0)
   m["time/grading"] = timings.get("grading", 0.0)
@@ -277,6 +320,33 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   return state, m
 
 
+def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step: int,
+                  step_fns: dict) -> tuple[Any, dict]:
+  """The method's `after_update`: its new run state, and the updates it asks for, run now on the demonstrations of
+  the prompts it names (global uids; each process takes its share). They do not count as optimizer steps."""
+  rewards = global_rollouts(rb).rewards.reshape(len(batch.uids), -1)
+  ctx.algo_state, extra = ctx.method.after_update(ctx.cfg, step, np.asarray(batch.uids), rewards, ctx.algo_state)
+  m = {f"algo/{k}_size": float(len(v)) for k, v in ctx.algo_state.items() if isinstance(v, (list, tuple))}
+  for phase, uids in extra:
+    if phase.samples:
+      raise TrainingError(f"phase {phase.name}: updates after the step train on demonstration rows only")
+    if ctx.loader is None:
+      raise TrainingError(f"phase {phase.name}: needs the run's prompt loader (trainer.run sets it)")
+    local = local_share(ctx.loader.prompts(uids), jax.process_index(), jax.process_count())
+    rows = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=ctx.cfg.data.max_response_len)
+    packed = step_lib.pack(rows, np.zeros(rows.rewards.shape, np.float32), shards=ctx.shards, pad_id=ctx.pad_id,
+                           token_budget=ctx.cfg.train.micro_batch_tokens)
+    if phase.name not in step_fns:
+      step_fns[phase.name] = jit_step(ctx, phase)
+    with sharding.activate(ctx.mesh):
+      state, metrics = step_fns[phase.name](state, step_lib.put_packed(ctx.mesh, packed),
+                                            phase.objective.weights_at(step))
+    # train_step counts every update; the step count stays that of the main updates.
+    state = state.replace(step=jax.device_put(np.int32(step + 1), state.step.sharding))
+    m.update({f"{phase.name}/{k}": float(v) for k, v in jax.device_get(metrics).items()})
+  return state, m
+
+
 def run(cfg, workdir: str) -> dict:
   """Trains per `cfg` in `workdir` (resuming from its latest checkpoint) and evaluates at the end if asked."""
   os.makedirs(workdir, exist_ok=True)
@@ -284,11 +354,13 @@ def run(cfg, workdir: str) -> dict:
   logging.info("policy: %s, %.1fM parameters; mesh %s", ctx.model_cfg.model_type, ctx.model_cfg.num_params / 1e6,
                dict(ctx.mesh.shape))
   loader = _loader(ctx)
+  ctx.loader = loader
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, every=cfg.train.ckpt_every)
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
     loader.restore(meta["data"])
+    ctx.algo_state = meta.get("algo_state", ctx.algo_state)
   start = int(state.step)
   results: dict[str, Any] = {}
   if start == 0 and cfg.eval.at_start:
@@ -305,7 +377,7 @@ def run(cfg, workdir: str) -> dict:
         if m["skipped"]:
           logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
         writer.write(step, m)
-        meta = {"data": loader.state(), "algo": cfg.algo}
+        meta = {"data": loader.state(), "algo": cfg.algo, "algo_state": ctx.algo_state}
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)
