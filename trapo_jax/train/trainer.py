@@ -324,7 +324,11 @@ def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step
                   step_fns: dict) -> tuple[Any, dict]:
   """The method's `after_update`: its new run state, and the updates it asks for, run now on the demonstrations of
   the prompts it names (global uids; each process takes its share). They do not count as optimizer steps."""
-  rewards = global_rollouts(rb).rewards.reshape(len(batch.uids), -1)
+  rewards = rb.rewards
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    rewards = np.asarray(multihost_utils.process_allgather(rewards, tiled=True))
+  rewards = rewards.reshape(len(batch.uids), -1)
   ctx.algo_state, extra = ctx.method.after_update(ctx.cfg, step, np.asarray(batch.uids), rewards, ctx.algo_state)
   m = {f"algo/{k}_size": float(len(v)) for k, v in ctx.algo_state.items() if isinstance(v, (list, tuple))}
   for phase, uids in extra:
