@@ -33,6 +33,16 @@ TERMS = {
     "sft": {"sft": {"nll": ("imitated", "nll")}},
     "sft_then_rl": {"sft": {"nll": ("imitated", "nll")},
                     "rl": {"pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")}},
+    "relift": {"rl": {"pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")},
+               "fine_tune": {"nll": ("imitated", "nll"), "entropy": ("response", "entropy")}},
+    "hpt": {"rl": {"sft": ("demo_rows", "nll"), "pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")}},
+    "chord_mu": {"rl": {"pg": ("own", "policy_gradient"), "sft": ("demo_rows", "nll")}},
+    "chord_phi": {"rl": {"pg": ("own", "policy_gradient"), "sft": ("demo_rows", "phi_nll")}},
+    "srft": {"rl": {"sft": ("demo_rows", "entropy_weighted_nll"), "off": ("imitated", "luffy_shaped"),
+                    "on": ("own", "srft_reinforce"), "entropy": ("response", "entropy")}},
+    "prefix_rft": {"rl": {"pg": ("own", "ppo_dual_clip"), "prefix": ("imitated", "prefix_rft_surrogate"),
+                          "entropy": ("response", "entropy")}},
+    "uft": {"rl": {"pg": ("own", "policy_gradient"), "hint_nll": ("imitated", "nll"), "entropy": ("own", "entropy")}},
 }
 # The kinds of rows a prompt yields in each phase (own rollouts, guided continuations, whole demonstrations).
 KINDS = {
@@ -42,6 +52,14 @@ KINDS = {
     ("sft", "sft"): {"demo"},
     ("sft_then_rl", "sft"): {"demo"},
     ("sft_then_rl", "rl"): {"own"},
+    ("relift", "rl"): {"own"},
+    ("relift", "fine_tune"): {"demo"},
+    ("hpt", "rl"): {"own", "demo"},  # a prompt whose rollouts all fail: its demonstration, the other rows emptied
+    ("chord_mu", "rl"): {"own", "demo"},
+    ("chord_phi", "rl"): {"own", "demo"},
+    ("srft", "rl"): {"own", "demo"},
+    ("prefix_rft", "rl"): {"own", "guided"},
+    ("uft", "rl"): {"guided"},  # at step 0 a prompt goes without a hint with probability 0.05^segments
 }
 
 
@@ -59,18 +77,19 @@ def test_algo_alone_is_the_experiment_config(name):
 
 
 def test_unknown_method_lists_the_registered_ones():
-  with pytest.raises(ConfigError, match=r"algo: unknown method 'ppo' \(registered: grpo, luffy"):
+  with pytest.raises(ConfigError, match=r"algo: unknown method 'ppo' \(registered: chord_mu, chord_phi, grpo, hpt"):
     algorithms.from_config(_config("ppo"))
 
 
 def _rows(phase, g: int, seed: int) -> rollout.RolloutBatch:
-  """The phase's rows for g prompts, sampled by a fake sampler and graded at random (every schedule branch shows
-  up over a few seeds)."""
+  """The phase's rows for g prompts, sampled by a fake sampler and graded at random, each prompt solved with a
+  probability of 0, 1/2 or 1 (every schedule branch shows up over a few seeds)."""
   if not phase.samples:
     return rollout.demo_batch(_batch(g), which=phase.rows.which, max_len=40)
   rng = np.random.default_rng(seed)
-  grade = lambda tokens, mask, answers: rng.integers(0, 2, len(answers)).astype(np.float32)
-  return rollout.collect(phase.rows, _batch(g), _fake_sampler([]), grade, np.asarray([SPLIT]))
+  solve = dict(zip("abcd", rng.choice([0.0, 0.5, 1.0], 4)))
+  grade = lambda tokens, mask, answers: (rng.random(len(answers)) < [solve[a] for a in answers]).astype(np.float32)
+  return rollout.collect(phase.rows, _batch(g), _fake_sampler([]), grade, np.asarray([SPLIT]), rng=rng)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -153,6 +172,24 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
     return -a * p / (p + g), -a * g * p / (p + g) ** 2
   if name == "entropy":  # an input of the loss, not a function of logp here
     return x["entropy"], np.zeros_like(logp)
+  if name in ("ppo_dual_clip", "prefix_rft_surrogate"):
+    if name == "prefix_rft_surrogate":  # the advantage survives on the imitated tokens of highest entropy
+      a = a * _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])
+    ratio = np.exp(logp - x["old_logp"])
+    eps, c = params["clip_eps"], params["clip_c"]
+    unclipped, clipped = -a * ratio, -a * np.clip(ratio, 1 - eps, 1 + eps)
+    surrogate = np.maximum(unclipped, clipped)
+    d = np.where((unclipped >= clipped) | ((ratio > 1 - eps) & (ratio < 1 + eps)), -a * ratio, 0.0)
+    floor = (a < 0) & (-a * c < surrogate)  # the dual clip: a constant
+    return np.where(floor, -a * c, surrogate), np.where(floor, 0.0, d)
+  if name == "phi_nll":  # -log p sg(p (1 - p))
+    return -logp * p * (1 - p), -p * (1 - p)
+  h = _np_row_entropy(x)
+  if name == "entropy_weighted_nll":  # -sg(exp(-H)) log p
+    return -np.exp(-h) * logp, -np.exp(-h) * np.ones_like(logp)
+  if name == "srft_reinforce":  # -w log p, w = correct sg(exp(H)) on a correct row, `wrong` otherwise
+    w = np.where((x["rewards"] == 1)[:, None], params["correct"] * np.exp(h), params["wrong"])
+    return -w * logp, -w * np.ones_like(logp)
   raise KeyError(f"no reference for per-token loss {name!r}: add one with the loss")
 
 
@@ -186,6 +223,21 @@ def _np_policy_gradient(x: dict, a: np.ndarray, clip_eps=None, clip_eps_high=Non
   return value, grad
 
 
+def _np_row_entropy(x: dict) -> np.ndarray:
+  """[B, 1]: each row's mean entropy over its response tokens."""
+  m = x["response_mask"].astype(np.float64)
+  return ((x["entropy"] * m).sum(-1) / np.maximum(m.sum(-1), 1.0))[:, None]
+
+
+def _np_top_share(values: np.ndarray, selected: np.ndarray, drop_share: float) -> np.ndarray:
+  """The selected entries left after dropping the int(K * drop_share) of lowest value (K selected)."""
+  idx = np.flatnonzero(selected)
+  dropped = idx[np.argsort(values.reshape(-1)[idx], kind="stable")[:int(len(idx) * drop_share)]]
+  keep = selected.reshape(-1).copy()
+  keep[dropped] = False
+  return keep.reshape(selected.shape)
+
+
 def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarray:
   """The aggregation is linear: aggregate(v) = sum(weights * v); these are the weights [B, T]."""
   m = mask.astype(np.float64)
@@ -196,6 +248,8 @@ def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarr
   if mode == "seq_mean_token_mean":
     tokens = m.sum(-1, keepdims=True)
     return m / np.maximum(tokens, 1.0) / max((tokens > 0).sum(), 1)
+  if mode == "row_share_token_mean":  # token mean x the share of rows that have tokens
+    return m / max(m.sum(), 1.0) * (m.sum(-1) > 0).sum() / m.shape[0]
   raise KeyError(mode)
 
 

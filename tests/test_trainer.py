@@ -29,7 +29,8 @@ from trapo_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "trapo_layout.jsonl")
-ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sft_prefix", "trapo_fixed_prefix")
+ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sft_prefix", "trapo_fixed_prefix",
+                     "hpt")
 
 
 def tiny(cfg, workdir: str, steps: int = 3):
@@ -94,6 +95,8 @@ def test_every_algorithm_runs_three_steps(name, tmp_path):
     assert all("loss/luffy" in r and "loss/trsft" not in r for r in rows)
   if name == "sft_then_rl":
     assert [r["phase_sft"] for r in rows] == [1.0, 0.0, 0.0]
+  if name == "hpt":  # prompts the random policy cannot solve train on their demonstration (its rows emptied)
+    assert all(r["loss/sft"] > 0 and r["num_prefix_tokens"] > 0 for r in rows)
   if name == "default":  # the dumps hold every imitated and own token of each step, as the step counted them
     dumps = metrics_lib.read_token_probs(workdir)
     assert [d[0] for d in dumps] == [1, 2, 3]

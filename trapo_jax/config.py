@@ -258,6 +258,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(e.template in TEMPLATES, "eval.template", f"must be one of {TEMPLATES}")
   # The method last: its checks may read any key above.
   method.check(cfg)
+  _require(not (cfg.train.dynamic_sampling and method.initial_state(cfg)), "train.dynamic_sampling",
+           f"not with {cfg.algo}, whose run state follows each step's own prompts (refilled groups come from others)")
   if num_devices is not None:
     data, fsdp, _ = mesh_shape(cfg, num_devices)
     algorithms.base.check_rows(cfg, method.phases(cfg), data * fsdp)

@@ -217,57 +217,95 @@ def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 
   return -advantages * p / (p + gamma)
 
 
+def ppo_dual_clip_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, *, clip_eps: float,
+                       clip_c: float) -> jax.Array:
+  """The PPO clipped surrogate with the dual clip for A < 0 (docs/algorithm.md#prefix-rft):
+  max(-A r, -A clip(r, 1 - eps, 1 + eps)), and where A < 0 at most -A c."""
+  ratio = jnp.exp(logp - old_logp)
+  clipped = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
+  return jnp.where(advantages < 0, jnp.minimum(-advantages * clip_c, clipped), clipped)
+
+
+def phi_weighted_nll(logp: jax.Array) -> jax.Array:
+  """CHORD-phi (docs/algorithm.md#chord): -log p weighted by sg(p (1 - p)), which vanishes at p = 0 and p = 1."""
+  p = jax.lax.stop_gradient(jnp.exp(logp))
+  return -logp * p * (1.0 - p)
+
+
+def row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T], mask [B, T] -> [B, 1]: each row's mean over its masked tokens (0 for a row without any)."""
+  mask = mask.astype(jnp.float32)
+  return (jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0))[:, None]
+
+
+def top_share(values: jax.Array, selected: jax.Array, drop_share: float) -> jax.Array:
+  """[B, T] bool: the selected tokens left after dropping the floor(K * drop_share) of lowest value, K the number
+  selected (ties in index order), as the official entropy reshaper of Prefix-RFT ranks a micro-batch's prefix
+  tokens."""
+  flat = jnp.where(selected, values, jnp.inf).reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype)).reshape(values.shape)
+  drop = jnp.floor(jnp.sum(selected.astype(jnp.float32)) * drop_share)
+  return selected & (rank >= drop)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Advantages and aggregation.
 
 
 def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False,
-                     eps: float = 1e-6) -> jax.Array:
+                     eps: float = 1e-6, member: jax.Array | None = None) -> jax.Array:
   """rewards [N], group ids [N] (ints in [0, N)) -> reward minus its group mean [N] (GRPO, docs/algorithm.md#advantages).
 
   With use_std, divided by (group std + eps); the std is unbiased (ddof=1) as torch.std in the official code. A
-  group of one keeps its reward (the official estimator takes mean 0 and std 1 for it).
+  group of one keeps its reward (the official estimator takes mean 0 and std 1 for it). member [N] bool: only these
+  rows form the groups; the others (demonstration rows outside the group) get advantage 0.
   """
   rewards = rewards.astype(jnp.float32)
   n = rewards.shape[0]
-  count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_segments=n)
+  inside = jnp.ones_like(rewards) if member is None else member.astype(jnp.float32)
+  rewards = rewards * inside
+  count = jax.ops.segment_sum(inside, group_ids, num_segments=n)
   mean = jax.ops.segment_sum(rewards, group_ids, num_segments=n) / jnp.maximum(count, 1.0)
-  centred = rewards - mean[group_ids]
+  centred = (rewards - mean[group_ids]) * inside
   size = count[group_ids]
   std = jnp.ones_like(rewards)
   if use_std:
     var = jax.ops.segment_sum(centred ** 2, group_ids, num_segments=n)[group_ids] / jnp.maximum(size - 1.0, 1.0)
     std = jnp.where(size > 1, jnp.sqrt(var), 1.0)
     centred = centred / (std + eps)
-  return jnp.where(size > 1, centred, rewards / (std + eps) if use_std else rewards)
+  return jnp.where(size > 1, centred, rewards / (std + eps) if use_std else rewards) * inside
 
 
-def rloo_advantages(rewards: jax.Array, group_ids: jax.Array) -> jax.Array:
+def rloo_advantages(rewards: jax.Array, group_ids: jax.Array, *, member: jax.Array | None = None) -> jax.Array:
   """RLOO: each reward minus the mean of the other rewards of its group, n/(n-1) x (R - group mean) [N]. A group
-  of one has no other reward and keeps its own."""
+  of one has no other reward and keeps its own. member [N] bool: only these rows form the groups (others get 0)."""
   rewards = rewards.astype(jnp.float32)
   n = rewards.shape[0]
-  count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_segments=n)[group_ids]
+  inside = jnp.ones_like(rewards) if member is None else member.astype(jnp.float32)
+  rewards = rewards * inside
+  count = jax.ops.segment_sum(inside, group_ids, num_segments=n)[group_ids]
   total = jax.ops.segment_sum(rewards, group_ids, num_segments=n)[group_ids]
-  return jnp.where(count > 1, rewards - (total - rewards) / jnp.maximum(count - 1.0, 1.0), rewards)
+  return jnp.where(count > 1, rewards - (total - rewards) / jnp.maximum(count - 1.0, 1.0), rewards) * inside
 
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
-def advantages(estimator: str, rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False) -> jax.Array:
+def advantages(estimator: str, rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False,
+               member: jax.Array | None = None) -> jax.Array:
   """[N] advantages by name (docs/algorithm.md#rl-options): "grpo" (group mean, std with use_std), "dr_grpo" (group
-  mean, never the std: Dr. GRPO), "rloo" (leave-one-out mean)."""
+  mean, never the std: Dr. GRPO), "rloo" (leave-one-out mean). member [N] bool: the rows that form the groups."""
   if estimator == "grpo":
-    return group_advantages(rewards, group_ids, use_std=use_std)
+    return group_advantages(rewards, group_ids, use_std=use_std, member=member)
   if estimator == "dr_grpo":
-    return group_advantages(rewards, group_ids)
+    return group_advantages(rewards, group_ids, member=member)
   if estimator == "rloo":
-    return rloo_advantages(rewards, group_ids)
+    return rloo_advantages(rewards, group_ids, member=member)
   raise ValueError(f"advantage estimator {estimator!r} is unknown (known: {', '.join(ADVANTAGE_ESTIMATORS)})")
 
 
-AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean")
+AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean", "row_share_token_mean")
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) -> jax.Array:
@@ -276,7 +314,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) ->
   seq_sum_over_max_len: sum over tokens / (max_len * B) — each sequence's sum over the fixed L_max, averaged over
     sequences (the official normaliser is this times the sequences per GPU: see LossConfig.seq_scale);
   token_mean: sum / number of tokens; seq_mean_token_mean: per-sequence token mean, averaged over sequences that
-    have tokens.
+    have tokens; row_share_token_mean: the token mean times the share of the B rows that have tokens (CHORD's
+    per-micro-batch weighting of each row type, docs/algorithm.md#chord).
   """
   mask = mask.astype(jnp.float32)
   total = per_token * mask
@@ -289,6 +328,9 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) ->
     seq = jnp.sum(total, axis=-1) / jnp.maximum(tokens, 1.0)
     has = (tokens > 0).astype(jnp.float32)
     return jnp.sum(seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+  if mode == "row_share_token_mean":
+    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+    return jnp.sum(total) / jnp.maximum(jnp.sum(mask), 1.0) * rows / per_token.shape[0]
   raise ValueError(f"aggregation mode {mode!r} is unknown")
 
 
@@ -363,6 +405,23 @@ def _reference_kl(x: TokenInputs, estimator: str) -> jax.Array:
   return kl_estimate(x.logp, x.ref_logp, estimator)
 
 
+def _srft_reinforce(x: TokenInputs, correct: float, wrong: float) -> jax.Array:
+  """SRFT on the model's own tokens: -w log p, w = correct * sg(exp(H)) on a row with reward 1, `wrong` otherwise;
+  H the row's mean token entropy (docs/algorithm.md#srft)."""
+  h = jax.lax.stop_gradient(row_mean(x.entropy, x.response_mask))
+  w = jnp.where((x.rewards == 1.0)[:, None], correct * jnp.exp(h), wrong)
+  return -w * x.logp
+
+
+def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, clip_c: float, entropy_drop: float) -> jax.Array:
+  """The dual-clip surrogate on imitated expert tokens, whose advantage survives only on those outside the
+  lowest-entropy `entropy_drop` share of the micro-batch's imitated tokens (docs/algorithm.md#prefix-rft)."""
+  imitated = SELECTORS["imitated"](x)
+  keep = top_share(jax.lax.stop_gradient(x.entropy), imitated, entropy_drop)
+  return ppo_dual_clip_loss(x.logp, x.old_logp, jnp.where(keep, x.advantages[:, None], 0.0), clip_eps=clip_eps,
+                            clip_c=clip_c)
+
+
 TOKEN_LOSSES = {
     "policy_gradient": _policy_gradient,
     "trsft": lambda x, alpha: trsft_loss(x.logp, alpha),
@@ -370,6 +429,13 @@ TOKEN_LOSSES = {
     "luffy_shaped": lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma),
     "entropy": lambda x: x.entropy,
     "reference_kl": _reference_kl,
+    "ppo_dual_clip": lambda x, clip_eps, clip_c: ppo_dual_clip_loss(x.logp, x.old_logp, x.advantages[:, None],
+                                                                    clip_eps=clip_eps, clip_c=clip_c),
+    "prefix_rft_surrogate": _prefix_rft_surrogate,
+    "phi_nll": lambda x: phi_weighted_nll(x.logp),
+    # SRFT's demonstration loss: -sg(exp(-H)) log p, H the row's mean token entropy.
+    "entropy_weighted_nll": lambda x: -jax.lax.stop_gradient(jnp.exp(-row_mean(x.entropy, x.response_mask))) * x.logp,
+    "srft_reinforce": _srft_reinforce,
 }
 
 

@@ -12,8 +12,10 @@ import dataclasses
 from typing import Any, ClassVar
 
 import ml_collections
+import numpy as np
 
 from trapo_jax import losses
+from trapo_jax.data import templates
 from trapo_jax.errors import ConfigError, require
 from trapo_jax.sampling import microgroup
 
@@ -27,6 +29,8 @@ class Phase:
   # The update's log-probs are of softmax(logits / temperature), the distribution the rows were sampled from, as the
   # official actor divides by rollout.temperature in both its old-log-prob pass and its update.
   temperature: float = 1.0
+  optimizer: str = ""  # which optimizer updates: "" the run's (cfg.optim), else one of Method.optimizers
+  prompts: int = 0  # prompts per update; 0: train.batch_prompts (a phase run from `after_update` may differ)
 
   @property
   def rows_per_prompt(self) -> int:
@@ -70,6 +74,29 @@ class Method:
   def check(self, cfg) -> None:
     """Raises ConfigError naming the key of a value this method cannot work with."""
     del cfg
+
+  def advantage_std(self, cfg) -> bool:
+    """Whether group advantages are divided by the group's std. Default: loss.use_std."""
+    return bool(cfg.loss.use_std)
+
+  def optimizers(self, cfg) -> dict[str, dict[str, Any]]:
+    """Optimizers besides the run's, by name: each the cfg.optim keys it changes. Their state is part of the train
+    state (and so of every checkpoint). Default: none."""
+    del cfg
+    return {}
+
+  def initial_state(self, cfg) -> dict[str, Any]:
+    """The method's own run state, JSON-serialisable, saved with every checkpoint. Default: none."""
+    del cfg
+    return {}
+
+  def after_update(self, cfg, step: int, uids: np.ndarray, rewards: np.ndarray,
+                   state: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Phase, list[int]]]]:
+    """After optimizer step `step` (0-based) on the prompts `uids` [G] whose rows got `rewards` [G, rows] (the
+    global batch): the method's new run state and further updates to run now, each a phase of demonstration rows and
+    the uids of the prompts it trains on. Default: none."""
+    del cfg, step, uids, rewards
+    return state, []
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -160,6 +187,12 @@ def entropy_bonus(cfg) -> losses.Term:
                      aggregation="token_mean")
 
 
+def whole_response(cfg) -> str:
+  """The whole demonstration as a response (LUFFY's target: `tgt[0]['content']`), without its opening "<think>\n"
+  when the prompt already ends with one."""
+  return "response_after_think" if templates.opens_think(cfg.data.template) else "response"
+
+
 def own_rollouts(cfg) -> microgroup.Plan:
   """n rollouts of the model's own per prompt, no guidance."""
   return microgroup.Plan(stages=(cfg.rollout.n,), mode="none")
@@ -168,7 +201,7 @@ def own_rollouts(cfg) -> microgroup.Plan:
 def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
   """Every phase's rows per step split evenly over the batch shards; every term can be evaluated."""
   for phase in phases:
-    rows = cfg.train.batch_prompts * phase.rows_per_prompt
+    rows = (phase.prompts or cfg.train.batch_prompts) * phase.rows_per_prompt
     require(rows % batch_shards == 0, "train.batch_prompts",
             f"{rows} sequences per step ({phase.name} phase) do not split over the {batch_shards} batch shards "
             "(mesh data x fsdp)")

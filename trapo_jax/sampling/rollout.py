@@ -32,6 +32,9 @@ class RolloutBatch:
   kind: np.ndarray  # [N] int32: losses.ROW_OWN | ROW_GUIDED | ROW_DEMO
   logprobs: np.ndarray | None = None  # [N, L] float32: the sampler's log-prob of each generated token, 0 elsewhere
   truncated: np.ndarray | None = None  # [N] bool: the row reached L without EOS
+  # [N] bool: rows graded and in their prompt's GRPO group; None: all of them. Rows outside (demonstrations a plan
+  # adds after grading) have reward and advantage 0.
+  in_group: np.ndarray | None = None
 
   @property
   def lengths(self) -> np.ndarray:
@@ -51,45 +54,91 @@ def row_kinds(ratio: np.ndarray) -> np.ndarray:
   return np.where(ratio <= 0, losses.ROW_OWN, np.where(ratio >= 1, losses.ROW_DEMO, losses.ROW_GUIDED)).astype(np.int32)
 
 
-def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn,
-            split_ids: np.ndarray) -> RolloutBatch:
-  """Runs the plan's stages for a PromptBatch (prompt_ids, prompt_lens, demo_ids, demo_lens, answers)."""
+def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn, split_ids: np.ndarray,
+            rng: np.random.Generator | None = None) -> RolloutBatch:
+  """Runs the plan's stages for a PromptBatch (prompt_ids, prompt_lens, demo_ids, demo_lens, answers), then what
+  the plan does after grading (appended demonstrations, the gate). `rng`: for plans that draw prefixes at random."""
   g = batch.prompt_ids.shape[0]
   levels = np.zeros((g,), np.int32)
   cumulative = np.zeros((g,), np.float32)
   parts = []
   level_log = []
   for s, size in enumerate(plan.stages):
-    inp = microgroup.stage_inputs(plan, s, levels, batch.demo_ids, batch.demo_lens, split_ids)
+    inp = microgroup.stage_inputs(plan, s, levels, batch.demo_ids, batch.demo_lens, split_ids, rng)
     tokens, prefix_mask, response_mask, *extra = sample_fn(batch.prompt_ids, batch.prompt_lens, inp.prefix_ids,
                                                            inp.prefix_lens, ~inp.expert_full, size)
     logprobs, eos = extra if extra else (np.zeros(tokens.shape, np.float32), np.ones((tokens.shape[0],), bool))
     answers = [a for a in batch.answers for _ in range(size)]
-    rewards = np.asarray(grade_fn(tokens, response_mask, answers), np.float32)
+    graded = response_mask if plan.grade_given else response_mask & ~prefix_mask
+    rewards = np.asarray(grade_fn(tokens, graded, answers), np.float32)
     cumulative += rewards.reshape(g, size).sum(1)
     loss_rows = microgroup.prefix_loss_rows(plan, s, inp.ratios > 0).reshape(-1)
     parts.append(dict(tokens=tokens, prefix_mask=prefix_mask, response_mask=response_mask, rewards=rewards,
                       off_loss_mask=prefix_mask & loss_rows[:, None], stage=np.full((g * size,), s, np.int32),
                       ratio=np.repeat(inp.ratios, size), logprobs=np.asarray(logprobs, np.float32),
                       truncated=~np.asarray(eos, bool)))
-    level_log.append(levels.copy())
+    # Sampled modes have no levels: a stage's level is 1 where it continues a prefix.
+    level_log.append((inp.ratios > 0).astype(np.int32) if plan.mode in microgroup.SAMPLED_MODES else levels.copy())
     if s + 1 < len(plan.stages):
       levels = (microgroup.update_levels(plan, s, cumulative) if plan.mode == "adaptive"
                 else np.full((g,), 1 if plan.mode == "fixed" else 0, np.int32))
+  sizes = list(plan.stages)
+  if plan.demos:
+    for p in parts:
+      p["in_group"] = np.ones(p["rewards"].shape, bool)
+    parts.append(_demo_part(batch, plan.demos, parts[0]["tokens"].shape[1], stage=len(plan.stages)))
+    sizes.append(len(plan.demos))
   # Stage-major -> prompt-major.
+  offsets = np.cumsum([0] + [g * size for size in sizes[:-1]])
   order = np.concatenate([
-      np.concatenate([offset + i * size + np.arange(size) for offset, size in zip(_offsets(plan, g), plan.stages)])
+      np.concatenate([offset + i * size + np.arange(size) for offset, size in zip(offsets, sizes)])
       for i in range(g)])
   merged = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
   n = plan.n
-  return RolloutBatch(prompt_ids=np.repeat(batch.prompt_ids, n, 0), prompt_lens=np.repeat(batch.prompt_lens, n),
-                      group_ids=np.repeat(np.arange(g, dtype=np.int32), n), levels=np.stack(level_log, 1),
-                      kind=row_kinds(merged["ratio"]), **merged)
+  in_group = merged.pop("in_group", None)
+  if in_group is not None:
+    in_group = in_group.astype(bool)
+  rb = RolloutBatch(prompt_ids=np.repeat(batch.prompt_ids, n, 0), prompt_lens=np.repeat(batch.prompt_lens, n),
+                    group_ids=np.repeat(np.arange(g, dtype=np.int32), n), levels=np.stack(level_log, 1),
+                    kind=row_kinds(merged["ratio"]), in_group=in_group, **merged)
+  return gate(plan, batch, rb) if plan.gate >= 0 else rb
 
 
-def _offsets(plan: microgroup.Plan, g: int) -> list[int]:
-  sizes = [g * s for s in plan.stages]
-  return list(np.cumsum([0] + sizes[:-1]))
+def _demo_part(batch, which: tuple[int, ...], width: int, stage: int) -> dict[str, np.ndarray]:
+  """A stage's part of whole demonstrations `which` of every prompt (prompt-major), ungraded, outside the groups."""
+  demos = demo_batch(batch, which, max_len=width)
+  part = {f: getattr(demos, f) for f in ("tokens", "prefix_mask", "off_loss_mask", "response_mask", "rewards", "ratio")}
+  part["stage"] = np.full(demos.rewards.shape, stage, np.int32)
+  part["in_group"] = np.zeros(demos.rewards.shape, bool)
+  part["logprobs"] = np.zeros(demos.tokens.shape, np.float32)  # nothing sampled
+  part["truncated"] = np.zeros(demos.rewards.shape, bool)
+  return part
+
+
+def gate(plan: microgroup.Plan, batch, rb: RolloutBatch) -> RolloutBatch:
+  """HPT's switch (docs/algorithm.md#hpt): a prompt whose rollouts have at most `plan.gate` correct ones has them
+  dropped: its first row becomes the whole demonstration `plan.gate_demo` (ungraded, outside the group, reward 0),
+  its other rows are emptied (no response token: no term sees them; their rewards stay for the metrics)."""
+  n = plan.n
+  g = len(batch.prompt_ids)
+  correct = rb.rewards.reshape(g, n)[:, :sum(plan.stages)].sum(1)
+  gated = np.flatnonzero(correct <= plan.gate)
+  if not gated.size:
+    return rb
+  demos = demo_batch(batch, (plan.gate_demo,), max_len=rb.tokens.shape[1])
+  out = {f.name: getattr(rb, f.name) for f in dataclasses.fields(rb)}
+  out = {k: np.ones((g * n,), bool) if v is None else np.array(v) for k, v in out.items()}
+  for i in gated:
+    rows = slice(i * n + 1, (i + 1) * n)
+    for f in ("prefix_mask", "off_loss_mask", "response_mask"):
+      out[f][rows] = False
+    out["tokens"][rows] = 0
+    first = i * n
+    for f in ("tokens", "prefix_mask", "off_loss_mask", "response_mask", "ratio", "kind"):
+      out[f][first] = getattr(demos, f)[i]
+    out["rewards"][first] = 0.0
+    out["in_group"][first] = False
+  return RolloutBatch(**out)
 
 
 def demo_batch(batch, which: tuple[int, ...] = (0,), max_len: int | None = None) -> RolloutBatch:

@@ -33,6 +33,20 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
       optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay))
 
 
+def slot(txs: tuple[optax.GradientTransformation, ...], index: int) -> optax.GradientTransformation:
+  """Several optimizers of the same params in one state (a tuple of theirs): `update` applies txs[index] and leaves
+  the others' state as it is. A method's second optimizer (ReLIFT's fine-tuning AdamW) is checkpointed with the run's.
+  """
+  def init(params):
+    return tuple(tx.init(params) for tx in txs)
+
+  def update(updates, state, params=None):
+    updates, new = txs[index].update(updates, state[index], params)
+    return updates, state[:index] + (new,) + state[index + 1:]
+
+  return optax.GradientTransformation(init, update)
+
+
 def learning_rate(optim_cfg, step: int) -> float:
   if optim_cfg.warmup_steps > 0:
     return optim_cfg.lr * min(1.0, step / optim_cfg.warmup_steps)

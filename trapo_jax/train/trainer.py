@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -54,10 +55,34 @@ class Context:
   pad_id: int
   split_ids: np.ndarray
   reference: Any = None  # the frozen reference policy of the KL options, built on first use (reference_policy)
+  # Optimizers by name ("" the run's), when the method has more than one: their states share the train state.
+  txs: dict[str, Any] | None = None
+  loader: Any = None  # the training PromptLoader, once `run` has built it (updates from `after_update` read it)
+  algo_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's run state (checkpointed)
 
   @property
   def shards(self) -> int:
     return sharding.local_batch_shards(self.mesh)
+
+  def tx_of(self, phase: algorithms.Phase):
+    """The optimizer a phase updates with: the run's, or its slot of the shared state."""
+    if self.txs is None:
+      if phase.optimizer:
+        raise TrainingError(f"phase {phase.name}: optimizer {phase.optimizer!r} is not one of the method's")
+      return self.tx
+    names = list(self.txs)
+    return state_lib.slot(tuple(self.txs.values()), names.index(phase.optimizer))
+
+
+def make_optimizers(cfg, method: algorithms.Method) -> dict[str, Any] | None:
+  """The method's optimizers by name when it declares any besides the run's (cfg.optim), else None."""
+  extra = method.optimizers(cfg)
+  if not extra:
+    return None
+  txs = {"": state_lib.make_optimizer(cfg.optim)}
+  for name, changes in sorted(extra.items()):
+    txs[name] = state_lib.make_optimizer(ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **changes)))
+  return txs
 
 
 def build_context(cfg, workdir: str) -> Context:
@@ -72,11 +97,14 @@ def build_context(cfg, workdir: str) -> Context:
     raise TrainingError(f"{tok_dir}: the tokenizer has no eos token")
   if len(tokenizer) > model_cfg.vocab_size:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
-  return Context(cfg=cfg, workdir=workdir, method=algorithms.from_config(cfg), mesh=mesh, model_cfg=model_cfg,
+  method = algorithms.from_config(cfg)
+  txs = make_optimizers(cfg, method)
+  return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg,
                  tokenizer=tokenizer,
-                 tx=state_lib.make_optimizer(cfg.optim), sampler=Sampler(model_cfg, mesh=mesh),
+                 tx=state_lib.make_optimizer(cfg.optim) if txs is None else state_lib.slot(tuple(txs.values()), 0),
+                 sampler=Sampler(model_cfg, mesh=mesh),
                  eos_ids=(int(tokenizer.eos_token_id),), pad_id=pipeline.pad_id(tokenizer),
-                 split_ids=microgroup.split_token_ids(tokenizer))
+                 split_ids=microgroup.split_token_ids(tokenizer), txs=txs, algo_state=method.initial_state(cfg))
 
 
 def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
@@ -124,34 +152,42 @@ def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
                 prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
   if rb.truncated is not None:
     fields["truncated"] = rb.truncated
+  if rb.in_group is not None:
+    fields["in_group"] = rb.in_group
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
   return dataclasses.replace(rb, **gathered)
 
 
 def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
-  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation)."""
+  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation).
+
+  Rewards are those of the graded rows in their prompt's group (demonstration rows a plan adds are not graded);
+  lengths those of rows that kept their tokens."""
   rb = global_rollouts(rb)
-  m: dict[str, float] = {"reward/mean": float(rb.rewards.mean())}
+  graded = np.ones(rb.rewards.shape, bool) if rb.in_group is None else rb.in_group
+  kept = rb.lengths > 0
+  m: dict[str, float] = {"reward/mean": float(rb.rewards[graded].mean())}
   for s in range(num_stages):
-    sel = rb.stage == s
+    sel = (rb.stage == s) & graded
     if sel.any():
       m[f"reward/stage_{s + 1}"] = float(rb.rewards[sel].mean())
-  own = rb.ratio == 0
+  own = (rb.ratio == 0) & graded
   if own.any():
     m["reward/own"] = float(rb.rewards[own].mean())
-    m["length/own"] = float(rb.lengths[own].mean())
+  if (own & kept).any():
+    m["length/own"] = float(rb.lengths[own & kept].mean())
   expert = rb.ratio >= 1
   if expert.any():
     m["length/expert"] = float(rb.lengths[expert].mean())
-  guided = (rb.ratio > 0) & (rb.ratio < 1)
+  guided = (rb.ratio > 0) & (rb.ratio < 1) & graded
   if guided.any():
     m["reward/guided"] = float(rb.rewards[guided].mean())
   top = rb.levels.max(axis=1)
   for level in range(num_stages):
     m[f"hint_level_{level}"] = float((top == level).mean())
-  per_prompt = rb.rewards.reshape(rb.levels.shape[0], -1)
-  m["solve_all"] = float((per_prompt.min(1) == 1).mean())
-  m["solve_none"] = float((per_prompt.max(1) == 0).mean())
+  per_prompt = np.where(graded, rb.rewards, np.nan).reshape(rb.levels.shape[0], -1)
+  m["solve_all"] = float((np.nanmin(per_prompt, 1) == 1).mean())
+  m["solve_none"] = float((np.nanmax(per_prompt, 1) == 0).mean())
   m["prefix_tokens"] = float(rb.prefix_mask.sum())
   if rb.truncated is not None:
     m["overlong/truncated_frac"] = float(rb.truncated.mean())
@@ -186,17 +222,19 @@ class _Preemption:
 def jit_step(ctx: Context, phase: algorithms.Phase):
   """The phase's train step, compiled on first use: (state, packed batch, term weights[, reference params]) ->
   (state, metrics)."""
-  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg, objective=phase.objective,
-                                   chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature,
-                                   updates=updates_of(ctx.cfg, phase)),
+  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx_of(phase), model_cfg=ctx.model_cfg,
+                                   objective=phase.objective, chunk_size=ctx.cfg.train.logprob_chunk,
+                                   temperature=phase.temperature, updates=updates_of(ctx.cfg, phase)),
                  donate_argnums=(0,))
 
 
 def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
-  """The phase's PPO epochs and mini-batches (a phase of demonstrations alone has no sampler log-probs)."""
+  """The phase's PPO epochs and mini-batches; a phase of demonstrations alone (SFT) makes one update, as the
+  official SFT step does, and has no sampler log-probs."""
   t = cfg.train
-  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=t.mini_batches,
-                          old_logp=t.old_logp if phase.samples else "recompute")
+  if not phase.samples:
+    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute")
+  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=t.mini_batches, old_logp=t.old_logp)
 
 
 def uses_reference(phase: algorithms.Phase) -> bool:
@@ -319,7 +357,9 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if phase.samples:
     rng = jax.random.fold_in(state.rng, step)
     sample_fn, grade_fn = make_rollout_fns(ctx, state.params, rng, timings)
-    collect = lambda prompts: rollout_lib.collect(phase.rows, prompts, sample_fn, grade_fn, ctx.split_ids)
+    # Host draws of the plan (random prefixes, hints): seeded by the run's key, the step and the process.
+    draws = np.random.default_rng([*np.asarray(jax.device_get(state.rng)).tolist(), step, jax.process_index()])
+    collect = lambda prompts: rollout_lib.collect(phase.rows, prompts, sample_fn, grade_fn, ctx.split_ids, rng=draws)
     rb = collect(local)
     if cfg.train.dynamic_sampling:
       rb, option_metrics = refill(ctx, rb, collect, more_prompts)
@@ -332,7 +372,7 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
     train_rb = rollout_lib.without_rows(rb, rb.truncated)  # DAPO's overlong filtering
     option_metrics["overlong/filtered_rows"] = float(rb.truncated.sum())
   packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
-                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=cfg.train.mini_batches)
+                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates_of(cfg, phase).mini_batches)
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
@@ -340,8 +380,9 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
       penalty = kl_reward_penalty(ctx, state.params, step_lib.put_packed(ctx.mesh, packed), packed, phase, step_fns)
       rewards = rewards - penalty.astype(np.float32)
       option_metrics["kl/reward_penalty"] = float(penalty.mean())
+    member = None if rb.in_group is None else jnp.asarray(rb.in_group)
     advantages = np.asarray(losses.advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
-                                              use_std=cfg.loss.use_std))
+                                              use_std=ctx.method.advantage_std(cfg), member=member))
     packed.advantages = advantages.astype(np.float32).reshape(packed.advantages.shape)
     t1 = time.perf_counter()
     placed = step_lib.put_packed(ctx.mesh, packed)
@@ -354,6 +395,9 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
   m.update(option_metrics)
   m.update(step_metrics)
+  if phase.samples:
+    state, after = _after_update(ctx, state, batch, rb, step, step_fns)
+    m.update(after)
   m["lr"] = state_lib.learning_rate(cfg.optim, step * updates_of(cfg, phase).count)  # at the step's first update
   m["time/sampling"] = timings.get("sampling", 0.0)
   m["time/grading"] = timings.get("grading", 0.0)
@@ -363,6 +407,37 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   m["time/step"] = t2 - t0
   m["tokens_per_s"] = float(packed.seq_mask.sum()) / max(t2 - t0, 1e-9)
   m.update({f"phase_{p.name}": float(p.name == phase.name) for p in ctx.method.phases(cfg)})
+  return state, m
+
+
+def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step: int,
+                  step_fns: dict) -> tuple[Any, dict]:
+  """The method's `after_update`: its new run state, and the updates it asks for, run now on the demonstrations of
+  the prompts it names (global uids; each process takes its share). They do not count as optimizer steps."""
+  rewards = rb.rewards
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    rewards = np.asarray(multihost_utils.process_allgather(rewards, tiled=True))
+  rewards = rewards.reshape(len(batch.uids), -1)
+  ctx.algo_state, extra = ctx.method.after_update(ctx.cfg, step, np.asarray(batch.uids), rewards, ctx.algo_state)
+  m = {f"algo/{k}_size": float(len(v)) for k, v in ctx.algo_state.items() if isinstance(v, (list, tuple))}
+  for phase, uids in extra:
+    if phase.samples:
+      raise TrainingError(f"phase {phase.name}: updates after the step train on demonstration rows only")
+    if ctx.loader is None:
+      raise TrainingError(f"phase {phase.name}: needs the run's prompt loader (trainer.run sets it)")
+    local = local_share(ctx.loader.prompts(uids), jax.process_index(), jax.process_count())
+    rows = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=ctx.cfg.data.max_response_len)
+    packed = step_lib.pack(rows, np.zeros(rows.rewards.shape, np.float32), shards=ctx.shards, pad_id=ctx.pad_id,
+                           token_budget=ctx.cfg.train.micro_batch_tokens)
+    if phase.name not in step_fns:
+      step_fns[phase.name] = jit_step(ctx, phase)
+    with sharding.activate(ctx.mesh):
+      state, metrics = step_fns[phase.name](state, step_lib.put_packed(ctx.mesh, packed),
+                                            phase.objective.weights_at(step))
+    # train_step counts every update; the step count stays that of the main updates.
+    state = state.replace(step=jax.device_put(np.int32(step + 1), state.step.sharding))
+    m.update({f"{phase.name}/{k}": float(v) for k, v in jax.device_get(metrics).items()})
   return state, m
 
 
@@ -383,6 +458,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   logging.info("policy: %s, %.1fM parameters; mesh %s", ctx.model_cfg.model_type, ctx.model_cfg.num_params / 1e6,
                dict(ctx.mesh.shape))
   loader = _loader(ctx)
+  ctx.loader = loader
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, every=cfg.train.ckpt_every)
   identity = workdir_lib.run_identity(cfg, ctx.model_cfg)
@@ -391,6 +467,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   if restored is not None:
     state, meta = restored
     loader.restore(meta["data"])
+    ctx.algo_state = meta.get("algo_state", ctx.algo_state)
   start = int(state.step)
   results: dict[str, Any] = {}
   if evaluate is None and (cfg.eval.at_start or cfg.eval.every or cfg.eval.at_end):
@@ -410,7 +487,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
         if m["skipped"]:
           logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
         writer.write(step, m)
-        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity}
+        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity, "algo_state": ctx.algo_state}
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)
