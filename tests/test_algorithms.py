@@ -40,7 +40,7 @@ TERMS = {
     "chord_phi": {"rl": {"pg": ("own", "policy_gradient"), "sft": ("demo_rows", "phi_nll")}},
     "srft": {"rl": {"sft": ("demo_rows", "entropy_weighted_nll"), "off": ("imitated", "luffy_shaped"),
                     "on": ("own", "srft_reinforce"), "entropy": ("response", "entropy")}},
-    "prefix_rft": {"rl": {"pg": ("own", "ppo_dual_clip"), "prefix": ("imitated", "prefix_rft_surrogate"),
+    "prefix_rft": {"rl": {"pg": ("own", "policy_gradient"), "prefix": ("imitated", "prefix_rft_surrogate"),
                           "entropy": ("response", "entropy")}},
     "uft": {"rl": {"pg": ("own", "policy_gradient"), "hint_nll": ("imitated", "nll"), "entropy": ("own", "entropy")}},
 }
@@ -172,16 +172,9 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
     return -a * p / (p + g), -a * g * p / (p + g) ** 2
   if name == "entropy":  # an input of the loss, not a function of logp here
     return x["entropy"], np.zeros_like(logp)
-  if name in ("ppo_dual_clip", "prefix_rft_surrogate"):
-    if name == "prefix_rft_surrogate":  # the advantage survives on the imitated tokens of highest entropy
-      a = a * _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])
-    ratio = np.exp(logp - x["old_logp"])
-    eps, c = params["clip_eps"], params["clip_c"]
-    unclipped, clipped = -a * ratio, -a * np.clip(ratio, 1 - eps, 1 + eps)
-    surrogate = np.maximum(unclipped, clipped)
-    d = np.where((unclipped >= clipped) | ((ratio > 1 - eps) & (ratio < 1 + eps)), -a * ratio, 0.0)
-    floor = (a < 0) & (-a * c < surrogate)  # the dual clip: a constant
-    return np.where(floor, -a * c, surrogate), np.where(floor, 0.0, d)
+  if name == "prefix_rft_surrogate":  # the advantage survives on the imitated tokens of highest entropy
+    keep = _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])
+    return _np_policy_gradient(x, a * keep, clip_eps=params["clip_eps"], dual_clip=params["dual_clip"])
   if name == "phi_nll":  # -log p sg(p (1 - p))
     return -logp * p * (1 - p), -p * (1 - p)
   h = _np_row_entropy(x)

@@ -189,13 +189,14 @@ def test_dual_clip_far_from_ratio_one():
                          entropy=jnp.zeros(shape), advantages=jnp.asarray(adv, jnp.float32), rewards=jnp.zeros(6),
                          kind=jnp.zeros(6, jnp.int32), prefix_mask=jnp.zeros(shape, bool),
                          off_loss_mask=jnp.zeros(shape, bool), response_mask=jnp.ones(shape, bool))
-  params = {"clip_eps": 0.2, "clip_c": 3.0}
-  f = lambda lp: losses.TOKEN_LOSSES["ppo_dual_clip"](dataclasses.replace(x, logp=lp), **params)
+  params = {"clip_eps": 0.2, "dual_clip": 3.0}  # Prefix-RFT's
+  f = lambda lp: losses.TOKEN_LOSSES["policy_gradient"](dataclasses.replace(x, logp=lp), **params)
   value = f(x.logp)
   grad = jax.grad(lambda lp: jnp.sum(f(lp)))(x.logp)
   ref = {"logp": np.asarray(x.logp, np.float64), "old_logp": np.asarray(x.old_logp, np.float64),
-         "advantages": np.asarray(x.advantages, np.float64)}
-  ref_value, ref_grad = _np_loss("ppo_dual_clip", ref, params)
+         "advantages": np.asarray(x.advantages, np.float64), "response_mask": np.ones(shape, bool),
+         "prefix_mask": np.zeros(shape, bool)}
+  ref_value, ref_grad = _np_loss("policy_gradient", ref, params)
   floor = (adv[:, None] < 0) & (np.exp(ref["logp"] - ref["old_logp"]) > 3.0)
   assert floor.any() and (~floor).any()  # both branches of the dual clip are exercised
   np.testing.assert_allclose(np.asarray(value), ref_value, rtol=1e-5, atol=1e-6)

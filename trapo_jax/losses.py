@@ -217,15 +217,6 @@ def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 
   return -advantages * p / (p + gamma)
 
 
-def ppo_dual_clip_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, *, clip_eps: float,
-                       clip_c: float) -> jax.Array:
-  """The PPO clipped surrogate with the dual clip for A < 0 (docs/algorithm.md#prefix-rft):
-  max(-A r, -A clip(r, 1 - eps, 1 + eps)), and where A < 0 at most -A c."""
-  ratio = jnp.exp(logp - old_logp)
-  clipped = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
-  return jnp.where(advantages < 0, jnp.minimum(-advantages * clip_c, clipped), clipped)
-
-
 def phi_weighted_nll(logp: jax.Array) -> jax.Array:
   """CHORD-phi (docs/algorithm.md#chord): -log p weighted by sg(p (1 - p)), which vanishes at p = 0 and p = 1."""
   p = jax.lax.stop_gradient(jnp.exp(logp))
@@ -413,13 +404,13 @@ def _srft_reinforce(x: TokenInputs, correct: float, wrong: float) -> jax.Array:
   return -w * x.logp
 
 
-def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, clip_c: float, entropy_drop: float) -> jax.Array:
-  """The dual-clip surrogate on imitated expert tokens, whose advantage survives only on those outside the
+def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, dual_clip: float, entropy_drop: float) -> jax.Array:
+  """The dual-clip PPO surrogate on imitated expert tokens, whose advantage survives only on those outside the
   lowest-entropy `entropy_drop` share of the micro-batch's imitated tokens (docs/algorithm.md#prefix-rft)."""
   imitated = SELECTORS["imitated"](x)
   keep = top_share(jax.lax.stop_gradient(x.entropy), imitated, entropy_drop)
-  return ppo_dual_clip_loss(x.logp, x.old_logp, jnp.where(keep, x.advantages[:, None], 0.0), clip_eps=clip_eps,
-                            clip_c=clip_c)
+  return policy_gradient_loss(x.logp, x.old_logp, jnp.where(keep, x.advantages[:, None], 0.0), clip_eps=clip_eps,
+                              dual_clip=dual_clip)
 
 
 TOKEN_LOSSES = {
@@ -429,8 +420,6 @@ TOKEN_LOSSES = {
     "luffy_shaped": lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma),
     "entropy": lambda x: x.entropy,
     "reference_kl": _reference_kl,
-    "ppo_dual_clip": lambda x, clip_eps, clip_c: ppo_dual_clip_loss(x.logp, x.old_logp, x.advantages[:, None],
-                                                                    clip_eps=clip_eps, clip_c=clip_c),
     "prefix_rft_surrogate": _prefix_rft_surrogate,
     "phi_nll": lambda x: phi_weighted_nll(x.logp),
     # SRFT's demonstration loss: -sg(exp(-H)) log p, H the row's mean token entropy.

@@ -154,25 +154,27 @@ def objective(cfg, *terms: losses.Term) -> losses.Objective:
                           seq_scale=float(cfg.loss.seq_scale))
 
 
-def policy_gradient(cfg) -> losses.Term:
+def policy_gradient(cfg, *, weight=1.0, aggregation: str | None = None, over: str = "response",
+                    **params) -> losses.Term:
   """-A * ratio on the tokens the model generated itself; PPO clip only if loss.clip_eps >= 0 (official: none).
 
   The options of docs/algorithm.md#rl-options enter as further params, only when set, so that the official term
-  is the same Term as before them.
+  is the same Term as before them. A method with its own clip (`clip_eps=`, `dual_clip=`), weight or aggregation
+  passes it here and keeps every other option.
   """
   lc = cfg.loss
-  clip = None if lc.clip_eps < 0 else float(lc.clip_eps)
-  params = [("clip_eps", clip)]
+  options = {"clip_eps": None if lc.clip_eps < 0 else float(lc.clip_eps)}
   if lc.clip_eps_high >= 0:
-    params.append(("clip_eps_high", float(lc.clip_eps_high)))
+    options["clip_eps_high"] = float(lc.clip_eps_high)
   if lc.dual_clip >= 0:
-    params.append(("dual_clip", float(lc.dual_clip)))
+    options["dual_clip"] = float(lc.dual_clip)
   if lc.importance_ratio != "token":
-    params.append(("ratio", lc.importance_ratio))
+    options["ratio"] = lc.importance_ratio
   if lc.tis_cap > 0:
-    params += [("tis_cap", float(lc.tis_cap)), ("tis_level", lc.tis_level), ("tis_mode", lc.tis_mode)]
-  return losses.Term("pg", tokens="own", loss="policy_gradient", aggregation=cfg.loss.aggregation,
-                     params=tuple(params))
+    options.update(tis_cap=float(lc.tis_cap), tis_level=lc.tis_level, tis_mode=lc.tis_mode)
+  options.update(params)
+  return losses.Term("pg", tokens="own", loss="policy_gradient", weight=weight,
+                     aggregation=aggregation or cfg.loss.aggregation, over=over, params=tuple(options.items()))
 
 
 def reference_kl(cfg) -> losses.Term:

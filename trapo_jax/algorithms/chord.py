@@ -75,8 +75,8 @@ class Chord(base.Method):
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
     plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="none", demos=tuple(range(self.demo_rows(cfg))))
-    pg = losses.Term("pg", tokens="own", loss="policy_gradient", weight=self.weight(cfg, sft=False),
-                     aggregation="row_share_token_mean", over="selected", params=(("clip_eps", float(self.clip_eps)),))
+    pg = base.policy_gradient(cfg, weight=self.weight(cfg, sft=False), aggregation="row_share_token_mean",
+                              over="selected", clip_eps=float(self.clip_eps))
     sft = losses.Term("sft", tokens="demo_rows", loss="phi_nll" if self.phi else "nll",
                       weight=self.weight(cfg, sft=True), aggregation="row_share_token_mean", over="selected")
     return (base.Phase("rl", plan, base.objective(cfg, pg, sft), temperature=float(cfg.rollout.temperature)),)

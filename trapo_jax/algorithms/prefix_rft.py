@@ -56,10 +56,10 @@ class PrefixRft(base.Method):
 
   def phase_at(self, cfg, step: int) -> base.Phase:
     """Only the rows change with the step (the bounds): one objective, compiled once."""
-    params = (("clip_eps", float(self.clip_eps)), ("clip_c", float(self.clip_c)))
-    own = losses.Term("pg", tokens="own", loss="ppo_dual_clip", aggregation=cfg.loss.aggregation, params=params)
+    clip = dict(clip_eps=float(self.clip_eps), dual_clip=float(self.clip_c))
+    own = base.policy_gradient(cfg, **clip)
     prefix = losses.Term("prefix", tokens="imitated", loss="prefix_rft_surrogate", aggregation=cfg.loss.aggregation,
-                         params=params + (("entropy_drop", float(self.entropy_drop)),))
+                         params=tuple(clip.items()) + (("entropy_drop", float(self.entropy_drop)),))
     return base.Phase("rl", self.plan(cfg, step), base.objective(cfg, own, prefix, base.entropy_bonus(cfg)),
                       temperature=float(cfg.rollout.temperature))
 

@@ -55,8 +55,7 @@ class Uft(base.Method):
     """Only the rows change with the step (p): one objective, compiled once."""
     plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="hint", hint_prob=self.hint_prob(cfg, step),
                            hint_segments=self.segments, imitate="all", grade_given=False)
-    pg = losses.Term("pg", tokens="own", loss="policy_gradient", aggregation="token_mean", over="selected",
-                     params=(("clip_eps", float(self.clip_eps)),))
+    pg = base.policy_gradient(cfg, aggregation="token_mean", over="selected", clip_eps=float(self.clip_eps))
     hint = losses.Term("hint_nll", tokens="imitated", loss="nll", weight=float(self.sft_coef),
                        aggregation="token_mean", over="selected")
     entropy = losses.Term("entropy", tokens="own", loss="entropy", weight=-float(cfg.loss.entropy_coef),
