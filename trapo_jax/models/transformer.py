@@ -79,6 +79,14 @@ class KVCache:
   end: jax.Array  # [] int32: the next slot to write, shared by all rows
 
   @classmethod
+  def logical_axes(cls) -> "KVCache":
+    """Each field's logical axes (trapo_jax/sharding.py maps them to the mesh): rows over the batch shards, KV heads
+    over tensor, slots and head_dim whole."""
+    spec = jax.sharding.PartitionSpec
+    kv = spec("layers", "activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+    return cls(k=kv, v=kv, valid=spec("activation_batch", "activation_length"), end=spec())
+
+  @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> "KVCache":
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
     dt = jnp.dtype(cfg.dtype)
@@ -299,6 +307,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   """Random parameters, boxed with their logical axis names (nn.Partitioned); `nn.unbox` strips them."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Decoder(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), bool))
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+  """The boxed parameter tree as shapes (jax.ShapeDtypeStruct leaves with their logical axes); computes nothing."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -22,6 +22,27 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # [2] uint32 raw key: the run's base key; per-step keys are folded in from `step`
 
+  @classmethod
+  def shardings(cls, model_cfg: tfm.ModelConfig, mesh, tx: optax.GradientTransformation,
+                rules=sharding.DEFAULT_RULES) -> "TrainState":
+    """The state's NamedShardings, stated once: params by their logical axes, optimizer moments like their params,
+    counts, the step and the key replicated. Init, restore (through the initialised template), the jitted step and
+    --mode=compile all place the state with these."""
+    params = param_shardings(model_cfg, mesh, rules)
+    rep = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, _abstract_params(model_cfg)),
+                                      params, transform_non_params=lambda _: rep)
+    return cls(step=rep, params=params, opt_state=opt_state, rng=rep)
+
+  @classmethod
+  def abstract(cls, model_cfg: tfm.ModelConfig, mesh, tx: optax.GradientTransformation) -> "TrainState":
+    """The state as shapes with its shardings (jax.ShapeDtypeStruct leaves): what --mode=compile lowers for."""
+    params = _abstract_params(model_cfg)
+    shapes = cls(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+                 rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        cls.shardings(model_cfg, mesh, tx))
+
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; constant LR after an optional linear warm-up (official: none)."""
@@ -53,8 +74,11 @@ def tokenizer_dir(cfg) -> str:
 
 
 def param_shardings(model_cfg: tfm.ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
-  boxed = jax.eval_shape(lambda: tfm.init_params(model_cfg, jax.random.key(0)))
-  return sharding.logical_shardings(boxed, mesh, rules)
+  return sharding.logical_shardings(tfm.abstract_params(model_cfg), mesh, rules)
+
+
+def _abstract_params(model_cfg: tfm.ModelConfig) -> Any:
+  return nn.unbox(tfm.abstract_params(model_cfg))
 
 
 def init_params(cfg, model_cfg: tfm.ModelConfig, mesh) -> Any:
@@ -70,14 +94,12 @@ def init_params(cfg, model_cfg: tfm.ModelConfig, mesh) -> Any:
 
 
 def init_state(cfg, model_cfg: tfm.ModelConfig, mesh, tx: optax.GradientTransformation) -> TrainState:
+  shardings = TrainState.shardings(model_cfg, mesh, tx)
   params = init_params(cfg, model_cfg, mesh)
-  # Moments are sharded like their params; counts are replicated.
-  param_sh = jax.tree.map(lambda x: x.sharding, params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  opt_state = jax.jit(tx.init, in_shardings=(shardings.params,), out_shardings=shardings.opt_state)(params)
   # Scalars live replicated on the mesh like everything else, so a restored state lands where a fresh one does.
-  step, rng = jax.device_put((jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.seed)), sharding.replicated(mesh))
+  step, rng = jax.device_put((jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.seed)),
+                             (shardings.step, shardings.rng))
   return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 

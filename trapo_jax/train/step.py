@@ -179,7 +179,23 @@ def micro_batch_sharding(mesh, ndim: int):
                                                                      *([None] * (ndim - 2))))
 
 
+def packed_sharding(mesh) -> jax.sharding.NamedSharding:
+  """Every array of a packed batch, whatever its rank ([M, mb, ...]): the rows of each micro-batch over (data,
+  fsdp), the rest whole."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+
 def put_packed(mesh, packed: PackedBatch) -> dict[str, Any]:
   arrays = packed.arrays()
-  return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, v.ndim), v)
-          for k, v in arrays.items()}
+  return {k: jax.make_array_from_process_local_data(packed_sharding(mesh), v) for k, v in arrays.items()}
+
+
+def jit_train_step(tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig, mesh, *,
+                   objective: losses.Objective, chunk_size: int, temperature: float = 1.0):
+  """`train_step` jitted with every sharding stated: the state's own (TrainState.shardings, donated), the packed
+  batch's, replicated term weights and metrics. The trainer runs it; --mode=compile lowers it (trapo_jax/aot.py)."""
+  state = TrainState.shardings(model_cfg, mesh, tx)
+  rep = sharding.replicated(mesh)
+  return jax.jit(functools.partial(train_step, tx=tx, model_cfg=model_cfg, objective=objective, chunk_size=chunk_size,
+                                   temperature=temperature),
+                 in_shardings=(state, packed_sharding(mesh), rep), out_shardings=(state, rep), donate_argnums=(0,))

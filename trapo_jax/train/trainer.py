@@ -181,9 +181,8 @@ class _Preemption:
 
 def jit_step(ctx: Context, phase: algorithms.Phase):
   """The phase's train step, compiled on first use: (state, packed batch, term weights) -> (state, metrics)."""
-  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg, objective=phase.objective,
-                                   chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
-                 donate_argnums=(0,))
+  return step_lib.jit_train_step(ctx.tx, ctx.model_cfg, ctx.mesh, objective=phase.objective,
+                                 chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature)
 
 
 def _loader(ctx: Context, split: str = "train"):
@@ -225,8 +224,11 @@ def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorith
   <workdir>/token_probs/ (this process's rows; process 0 writes)."""
   key = f"{phase.name}/logprobs"
   if key not in step_fns:
+    rows = step_lib.packed_sharding(ctx.mesh)
     step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
-                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature))
+                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
+                            in_shardings=(state_lib.param_shardings(ctx.model_cfg, ctx.mesh), rows),
+                            out_shardings=rows)
   p = np.exp(np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1)))
   resp = packed.response_mask.astype(bool)
   prefix = resp & packed.prefix_mask.astype(bool)
