@@ -111,15 +111,18 @@ def main(argv: list[str]) -> None:
   cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
-  if _MODE.value == "train":
-    from trapo_jax.train import trainer
-    trainer.run(cfg, workdir)
-  elif _MODE.value == "eval":
-    from trapo_jax.eval import evaluate
-    evaluate.run(cfg, workdir)
-  else:
-    from trapo_jax.train import trainer
-    trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"))
+  try:
+    if _MODE.value == "train":
+      from trapo_jax.train import trainer
+      trainer.run(cfg, workdir)
+    elif _MODE.value == "eval":
+      from trapo_jax.eval import evaluate
+      evaluate.run(cfg, workdir)
+    else:
+      from trapo_jax.train import trainer
+      trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"))
+  except config_lib.ConfigError as e:  # e.g. a checkpoint with fewer positions than a sequence (train/state.py)
+    sys.exit(f"config error: {e}")
 
 
 def entry() -> None:

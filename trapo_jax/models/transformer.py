@@ -51,9 +51,11 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
-    """From the `model` group of an experiment config (random-init sizes)."""
+    """From the `model` group of an experiment config (random-init sizes; a zero rope_theta or
+    max_position_embeddings takes the default)."""
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: model_cfg[k] for k in model_cfg.keys() if k in names}
+    kwargs = {k: v for k, v in kwargs.items() if v or k not in ("rope_theta", "max_position_embeddings")}
     if "rope_scaling" in kwargs:
       kwargs["rope_scaling"] = rope.RopeScaling(**kwargs["rope_scaling"])
     return cls(**kwargs)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from trapo_jax import sharding
+from trapo_jax.errors import ConfigError
 from trapo_jax.models import hf
 from trapo_jax.models import transformer as tfm
 
@@ -60,13 +61,47 @@ def learning_rate(optim_cfg, step: int) -> float:
   return optim_cfg.lr
 
 
+# The config keys that may override a checkpoint's config.json, and the official 7B run's values for them.
+CHECKPOINT_OVERRIDES = ("rope_theta", "max_position_embeddings")
+OFFICIAL_16K = dict(rope_theta=40000, max_position_embeddings=16384)
+
+
 def model_config(cfg) -> tfm.ModelConfig:
-  """The policy's ModelConfig: from `model.hf_dir` when set (compute options from the config), else the sizes."""
+  """The policy's ModelConfig: from `model.hf_dir` when set (compute options from the config; a non-zero
+  model.rope_theta or model.max_position_embeddings overrides config.json's), else the sizes.
+
+  Raises ConfigError when the model has fewer positions than a sequence of the run (`check_positions`).
+  """
   m = cfg.model
   if m.hf_dir:
-    return hf.config_from_hf(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                             scan_layers=m.scan_layers)
-  return tfm.ModelConfig.from_config(m)
+    overrides = {k: m[k] for k in CHECKPOINT_OVERRIDES if m[k]}
+    model_cfg = hf.config_from_hf(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                  scan_layers=m.scan_layers, **overrides)
+    source = f"{m.hf_dir}/config.json" + (" with the overrides" if overrides else "")
+  else:
+    model_cfg, source = tfm.ModelConfig.from_config(m), "the config"
+  check_positions(cfg, model_cfg, source)
+  return model_cfg
+
+
+def check_positions(cfg, model_cfg: tfm.ModelConfig, source: str = "the model") -> None:
+  """ConfigError unless the model's positions hold a prompt and a response of the run (prompt + response tokens).
+
+  A stock Qwen2.5-Math-7B declares 4096 positions with RoPE base 10000; the official run's 1024 + 8192 tokens need
+  the 16k setting (16384 positions, base 40000) that the LUFFY/HPT/ReLIFT scripts give that checkpoint.
+  """
+  d = cfg.data
+  need = d.max_prompt_len + d.max_response_len
+  if model_cfg.max_position_embeddings >= need:
+    return
+  if need <= OFFICIAL_16K["max_position_embeddings"]:
+    fix = " ".join(f"--config.model.{k}={v}" for k, v in OFFICIAL_16K.items()) + " (the official 7B run's)"
+  else:
+    fix = (f"--config.model.max_position_embeddings={1 << (need - 1).bit_length()} and a larger "
+           "--config.model.rope_theta")
+  raise ConfigError(f"model.max_position_embeddings: {source} declares {model_cfg.max_position_embeddings} "
+                    f"positions, a sequence here has {d.max_prompt_len} + {d.max_response_len} = {need} tokens: "
+                    f"add {fix}, or shorten data.max_response_len")
 
 
 def tokenizer_dir(cfg) -> str:
