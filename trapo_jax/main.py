@@ -5,6 +5,7 @@ r"""trapo_jax entry point.
       --workdir=gs://bucket/run1 --config.model.hf_dir=/path/to/Qwen2.5-Math-7B
   python -m trapo_jax.main --mode=eval --workdir=...         # evaluate the workdir's latest checkpoint
   python -m trapo_jax.main --mode=export --workdir=...       # write the policy as a Hugging Face directory
+  python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=...  # does the run fit that slice? (aot.py)
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ try:
 except Exception as e:  # an override of the default config that cannot apply
   sys.exit(_config_error(sys.argv, e))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs (default: runs/<config name>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "compile"], "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export target (default: <workdir>/hf).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "--mode=compile target: a Cloud TPU accelerator type (v5p-32, "
+                                "v6e-16, ...), cpu:N, or empty for this machine's devices.")
+_ALL_METHODS = flags.DEFINE_bool("all_methods", False, "--mode=compile: every registered method, not only the "
+                                 "config's.")
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -107,6 +112,9 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _MODE.value == "compile":
+    compile_run()
+    return
   enable_compilation_cache()
   cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
@@ -123,6 +131,21 @@ def main(argv: list[str]) -> None:
       trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"))
   except config_lib.ConfigError as e:  # e.g. a checkpoint with fewer positions than a sequence (train/state.py)
     sys.exit(f"config error: {e}")
+
+
+def compile_run() -> None:
+  """--mode=compile: no cache (the compile times are measured), no data, no weights, no distributed start."""
+  from trapo_jax import aot
+  cfg = _CONFIG.value
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    sys.exit(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
+  try:
+    aot.prepare(_TOPOLOGY.value)
+    aot.run(cfg, _TOPOLOGY.value, all_methods=_ALL_METHODS.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  except aot.CompileError as e:
+    sys.exit(str(e))
 
 
 def entry() -> None:

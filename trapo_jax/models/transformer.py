@@ -48,6 +48,7 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
   attention_block: int = 512  # without a cache, longer sequences attend one query block at a time
+  attention_unroll: bool = False  # blocks unrolled, not looped: for cost estimates (XLA counts a loop body once)
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -125,7 +126,7 @@ def attention_mask(kv_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array, q_slots: jax.Array,
-                        block: int) -> jax.Array:
+                        block: int, unroll: bool = False) -> jax.Array:
   """Causal attention of q [B, T, H, Dh] over k, v [B, S, K, Dh], one rematerialised block of queries at a time.
 
   Scores exist for one [B, H, block, S] block at a time, forward and backward, instead of [B, H, T, S]: a 9216-token
@@ -142,7 +143,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.
     qc, sl = args
     return jax.nn.dot_product_attention(qc, k, v, mask=attention_mask(kv_valid, sl))
 
-  out = jax.lax.map(one, (qb, slots))
+  out = jnp.stack([one((qb[i], slots[i])) for i in range(n)]) if unroll else jax.lax.map(one, (qb, slots))
   return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
@@ -187,7 +188,7 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(rope.apply_rope(k, sin, cos), heads)
     v = nn.with_logical_constraint(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), heads)
     if cache is None and isinstance(mask, tuple):
-      out = blockwise_attention(q, k, v, *mask, block=cfg.attention_block)
+      out = blockwise_attention(q, k, v, *mask, block=cfg.attention_block, unroll=cfg.attention_unroll)
     elif cache is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
