@@ -38,7 +38,6 @@ from trapo_jax import config as config_lib
 from trapo_jax import sharding
 from trapo_jax.errors import ConfigError
 from trapo_jax.models import transformer as tfm
-from trapo_jax.sampling import microgroup
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, cache_shardings
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
