@@ -443,13 +443,14 @@ def _gib(x: float | None) -> str:
 
 def table(results: list[Result], tgt: Target) -> str:
   """The per-chip table of the compiled programs."""
-  head = f"{'per chip, GiB':<26}{'params':>8}{'opt':>8}{'KV':>8}{'temp':>8}{'total':>8}{'HBM':>8}  fits  compile"
+  w = max([len("per chip, GiB")] + [len(r.program.name) for r in results]) + 2
+  head = f"{'per chip, GiB':<{w}}{'params':>8}{'opt':>8}{'KV':>8}{'temp':>8}{'total':>8}{'HBM':>8}  fits  compile"
   lines = [head]
   for r in results:
     fits = r.fits(tgt.hbm_bytes)
     verdict = "?" if fits is None else ("yes" if fits else "NO")
     total = _gib(r.total) if r.total is not None else ">" + _gib(tgt.hbm_bytes)
-    lines.append(f"{r.program.name:<26}{_gib(r.params):>8}{_gib(r.opt_state):>8}"
+    lines.append(f"{r.program.name:<{w}}{_gib(r.params):>8}{_gib(r.opt_state):>8}"
                  f"{_gib(r.program.kv_bytes) if r.program.kv_bytes else '-':>8}{_gib(r.temp):>8}{total:>8}"
                  f"{_gib(tgt.hbm_bytes):>8}  {verdict:<4}  {r.seconds:.0f} s   {r.program.layout}")
   return "\n".join(lines)
