@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -479,3 +480,35 @@ def test_sharded_equals_unsharded():
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   for a, r in zip(grad, ref_grad):
     np.testing.assert_allclose(a, r, atol=1e-5)
+
+
+def _gathers_with_axis(hlo: str, size: int) -> list[str]:
+  """The all-gathers (and all-reduces, which can stand in for one) of compiled HLO text whose result has an axis of
+  at least `size`."""
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r"= \(?\w+\[([\d,]*)\][^ ]* (all-gather|all-reduce)(-start)?\(", line)
+    if m and any(int(x) >= size for x in m.group(1).split(",") if x):
+      found.append(line.strip()[:160])
+  return found
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])
+def test_vocab_parallel_gradient_gathers_no_vocabulary(mesh_shape):
+  """With the vocabulary split over `tensor` (as the model shards the unembedding), the gradient of the chunked
+  log-probs keeps it split: no collective's result holds the whole vocabulary axis."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  b, t, d, v = 8, 16, 32, 768  # V is larger than every other axis, so an axis >= V can only be the vocabulary
+
+  def loss(h, w, y):
+    logp, ent = losses.token_logprobs(h, w, y, chunk_size=32)
+    return jnp.sum(logp) + 0.1 * jnp.sum(ent)
+
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  unembed = NamedSharding(mesh, P("fsdp", "tensor"))  # ("embed", "vocab") under sharding.DEFAULT_RULES
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(rows, unembed, rows), out_shardings=(rows, unembed))
+  with jax.set_mesh(mesh):
+    hlo = grad.lower(jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+                     jax.ShapeDtypeStruct((b, t), jnp.int32)).compile().as_text()
+  assert "all-gather" in hlo  # the FSDP gathers of the weight are there: the pattern below can match
+  assert _gathers_with_axis(hlo, v) == []

@@ -164,7 +164,8 @@ def test_non_finite_update_is_skipped(tmp_path):
                response_mask=jnp.ones((m, mb, lb), bool), advantages=jnp.full((m, mb), jnp.nan),
                rewards=jnp.zeros((m, mb)), kind=jnp.zeros((m, mb), jnp.int32))
   phase = ctx.method.phase_at(cfg, 0)
-  step = functools.partial(trainer.jit_step(ctx, phase), weights=phase.objective.weights_at(0))
+  jitted = trainer.jit_step(ctx, phase)  # shardings stated: arguments are positional
+  step = lambda s, b: jitted(s, b, phase.objective.weights_at(0))
   new, metrics = step(state, batch)
   assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
   after = jax.device_get(new)

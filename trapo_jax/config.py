@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
       hf_dir="",
       tokenizer_dir="",  # defaults to hf_dir
       # Without hf_dir the model is described by the keys below (random init, or shapes to compile); with hf_dir
-      # they are all read from its config.json.
+      # they are all read from its config.json, except that a non-zero rope_theta or max_position_embeddings
+      # overrides config.json's (the official 7B run: 40000 and 16384 on Qwen2.5-Math-7B).
       model_type="qwen2",  # qwen2 | qwen3 | llama
       vocab_size=256,
       hidden_size=64,
@@ -44,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_heads=4,
       num_kv_heads=2,
       head_dim=16,
-      rope_theta=10000.0,
+      rope_theta=0.0,  # 0: config.json's with hf_dir, else 10000
       # config.json's rope_scaling: rope_type default | linear | llama3 | yarn, and the keys that type reads.
       rope_scaling=ml_collections.ConfigDict(dict(
           rope_type="default",
@@ -60,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       qkv_bias=True,  # qwen2: true; qwen3, llama: false
       qk_norm=False,  # qwen3: true (RMSNorm of each query and key head)
-      max_position_embeddings=4096,
+      max_position_embeddings=0,  # 0: config.json's with hf_dir, else 4096; must hold prompt + response
       dtype="float32",  # compute dtype
       param_dtype="float32",
       remat="none",  # none | full | dots: activation rematerialisation of each layer

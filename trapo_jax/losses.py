@@ -25,11 +25,18 @@ import jax.numpy as jnp
 
 
 def _vocab_chunk(n_tokens: int, vocab: int, chunk_size: int) -> int:
-  """Columns per backward chunk: about as many logits as a forward chunk, preferably dividing V exactly."""
+  """Columns per backward chunk: about as many logits as a forward chunk, dividing V exactly when it can.
+
+  Among the divisors near the target, one that is a multiple of 128 (then of 8) is preferred: a chunk takes every
+  (V / chunk)-th column, so a vocabulary split over up to that many devices splits every chunk the same way.
+  """
   target = max(128, min(vocab, chunk_size * vocab // max(n_tokens, 1)))
-  for k in range(-(-vocab // target), min(vocab, 4 * (-(-vocab // target))) + 1):
-    if vocab % k == 0:
-      return vocab // k
+  first = -(-vocab // target)
+  counts = [k for k in range(first, min(vocab, 4 * first) + 1) if vocab % k == 0]
+  for multiple in (128, 8, 1):
+    for k in counts:
+      if (vocab // k) % multiple == 0:
+        return vocab // k
   return target
 
 
@@ -46,7 +53,9 @@ def _forward_stats(hidden, unembed, targets, chunk_size, temperature):
     hc, yc = xs
     z = jnp.einsum("bcd,dv->bcv", hc, unembed.astype(hc.dtype), preferred_element_type=jnp.float32) / temperature
     logz = jax.nn.logsumexp(z, axis=-1)
-    target_z = jnp.take_along_axis(z, yc[..., None], axis=-1)[..., 0]
+    # A masked sum, not a gather: with the vocabulary split over devices it reduces across them like log Z does,
+    # where a gather along the split axis would collect every device's logits first.
+    target_z = jnp.sum(jnp.where(jnp.arange(z.shape[-1]) == yc[..., None], z, 0.0), axis=-1)
     entropy = logz - jnp.sum(jnp.exp(z - logz[..., None]) * z, axis=-1)
     return None, (target_z - logz, entropy, logz)
 
@@ -76,22 +85,25 @@ def _token_logprobs_bwd(chunk_size, temperature, residuals, cotangents):
   gl, ge = g_logp.reshape(n, 1), g_ent.reshape(n, 1)
   vc = _vocab_chunk(n, v, chunk_size)
   nv = -(-v // vc)
-  w = jnp.pad(unembed, ((0, 0), (0, nv * vc - v)))
+  # Chunk j holds the columns j, j + nv, j + 2 nv, ...: [D, V] viewed as [D, vc, nv]. A vocabulary split over devices
+  # in contiguous blocks is then a split of the vc axis, and taking chunk j (a slice of the unsplit nv axis) or
+  # writing its gradient stays on each device: the unembedding is never gathered.
+  w = jnp.pad(unembed, ((0, 0), (0, nv * vc - v))).reshape(d, vc, nv)
 
   def step(carry, j):
     dh, dw = carry
-    wc = jax.lax.dynamic_slice_in_dim(w, j * vc, vc, axis=1).astype(h.dtype)
-    col = j * vc + jnp.arange(vc)[None]
+    wc = jax.lax.dynamic_index_in_dim(w, j, axis=2, keepdims=False).astype(h.dtype)
+    col = jnp.arange(vc)[None] * nv + j
     logp = jnp.dot(h, wc, preferred_element_type=jnp.float32) / temperature - lz
     p = jnp.where(col < v, jnp.exp(logp), 0.0)
     dz = (jnp.where(col == y, gl, 0.0) - p * (gl + ge * (logp + ent))) / temperature
     dh = dh + jnp.dot(dz.astype(h.dtype), wc.T, preferred_element_type=jnp.float32)
     dwc = jnp.dot(h.T, dz.astype(h.dtype), preferred_element_type=jnp.float32).astype(dw.dtype)
-    return (dh, jax.lax.dynamic_update_slice_in_dim(dw, dwc, j * vc, axis=1)), None
+    return (dh, jax.lax.dynamic_update_index_in_dim(dw, dwc, j, axis=2)), None
 
-  init = (jnp.zeros((n, d), jnp.float32), jnp.zeros((d, nv * vc), unembed.dtype))
+  init = (jnp.zeros((n, d), jnp.float32), jnp.zeros((d, vc, nv), unembed.dtype))
   (dh, dw), _ = jax.lax.scan(step, init, jnp.arange(nv))
-  return dh.reshape(b, t, d).astype(hidden.dtype), dw[:, :v], None
+  return dh.reshape(b, t, d).astype(hidden.dtype), dw.reshape(d, vc * nv)[:, :v], None
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)

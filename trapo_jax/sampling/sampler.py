@@ -22,6 +22,7 @@ import functools
 from typing import Any, Sequence
 
 import flax
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +82,13 @@ def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float, top_k: 
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
+def cache_shardings(cfg: tfm.ModelConfig, mesh, rules=sharding.DEFAULT_RULES) -> tfm.KVCache:
+  """The KV cache's NamedShardings from its logical axes; KV heads stay whole where tensor does not divide them."""
+  named = flax.linen.logical_to_mesh_sharding(tfm.KVCache.logical_axes(), mesh, rules)
+  kv = (cfg.num_layers, None, cfg.num_kv_heads, None, cfg.head_dim)
+  return named.replace(k=sharding.dividing(named.k, kv), v=sharding.dividing(named.v, kv))
+
+
 def _left_align(prompts, prompt_lens, prefixes, prefix_lens, width: int):
   """Right-padded prompts [B, P] and prefixes [B, K] -> left-padded contexts [B, width] and their mask."""
   total = prompt_lens + prefix_lens
@@ -110,11 +118,22 @@ class Sampler:
     self.mesh = mesh
     self.rules = rules
     self.traces: dict[str, int] = {"prefill": 0, "decode": 0}
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("width", "cache_size", "n", "sp"))
-    self._decode = jax.jit(self._decode_fn, static_argnames=("budget", "sp"), donate_argnames=("state",))
+    prefill, decode = {}, {}
+    if mesh is not None:
+      # Every input and output placed as stated: params by their logical axes, rows over the batch shards, the
+      # cache by KVCache.logical_axes, the key and the step counter replicated.
+      params = sharding.logical_shardings(tfm.abstract_params(cfg), mesh, rules)
+      rows, rep = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
+      state = _State(step=rep, cache=cache_shardings(cfg, mesh, rules), logits=rows, next_pos=rows, tokens=rows,
+                     logprobs=rows, lengths=rows, done=rows, eos=rows, keys=rows)
+      prefill = dict(in_shardings=(params,) + (rows,) * 6 + (rep,), out_shardings=state)
+      decode = dict(in_shardings=(params, state), out_shardings=(rows, state))
+    # Static arguments are positional: jit takes no keyword arguments once shardings are stated.
+    self._prefill = jax.jit(self._prefill_fn, static_argnums=(8, 9, 10, 11), **prefill)
+    self._decode = jax.jit(self._decode_fn, static_argnums=(2, 3), donate_argnums=(1,), **decode)
 
   # -- in-graph parts ---------------------------------------------------------------------------------------------
-  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, *, width,
+  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, width,
                   cache_size, n, sp):
     self.traces["prefill"] += 1  # runs at trace time only: counts compilations
     cfg = self.cfg
@@ -139,7 +158,7 @@ class Sampler:
                   keys=jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(rng, rep(row_ids)),
                                                     jnp.tile(jnp.arange(n), row_ids.shape[0])))
 
-  def _decode_fn(self, params, state: _State, *, budget, sp):
+  def _decode_fn(self, params, state: _State, budget, sp):
     self.traces["decode"] += 1
     cfg = self.cfg
     resp_len = state.tokens.shape[1]
@@ -179,6 +198,22 @@ class Sampler:
     return out, s
 
   # -- host API -----------------------------------------------------------------------------------------------------
+  def lower(self, params, *, prompts: int, prompt_len: int, max_len: int, width: int, budget: int, n: int,
+            sp: SamplingParams) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+    """The prefill and decode programs `sample` runs for `prompts` rows (a multiple of the mesh's batch shards) of
+    `prompt_len` tokens, context bucket `width` and decode budget `budget`, lowered for abstract inputs.
+
+    params: ShapeDtypeStructs (with shardings) or arrays. Nothing is computed: for --mode=compile (trapo_jax/aot.py).
+    """
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    inputs = (i32(prompts, prompt_len), i32(prompts), i32(prompts, max_len), i32(prompts),
+              jax.ShapeDtypeStruct((prompts,), jnp.bool_), i32(prompts))
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    with sharding.activate(self.mesh, self.rules):
+      prefill = self._prefill.lower(params, *inputs, rng, width, width + budget, n, sp)
+      state = jax.eval_shape(self._prefill, params, *inputs, rng, width, width + budget, n, sp)
+      return prefill, self._decode.lower(params, state, budget, sp)
+
   def sample(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray | None = None,
              prefix_lens: np.ndarray | None = None, *, max_len: int, rng: jax.Array, n: int = 1,
              active: np.ndarray | None = None, row_ids: np.ndarray | None = None,
@@ -212,16 +247,15 @@ class Sampler:
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
     inputs = (prompts, prompt_lens, pre, prefix_lens, active, row_ids)
     if self.mesh is None:
-      state = self._prefill(params, *inputs, rng, width=width, cache_size=width + budget, n=n, sp=sp)
-      return self._decode(params, state, budget=budget, sp=sp)[0]
+      state = self._prefill(params, *inputs, rng, width, width + budget, n, sp)
+      return self._decode(params, state, budget, sp)[0]
     # Rows must split evenly over the batch shards of this process: pad with inactive one-token rows, drop after.
     extra = -b % sharding.local_batch_shards(self.mesh)
     if extra:
       inputs = tuple(np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in inputs)
       inputs[4][b:] = False
     with sharding.activate(self.mesh, self.rules):
-      state = self._prefill(params, *sharding.put_batch(self.mesh, inputs), rng, width=width,
-                            cache_size=width + budget, n=n, sp=sp)
-      out, _ = self._decode(params, state, budget=budget, sp=sp)
+      state = self._prefill(params, *sharding.put_batch(self.mesh, inputs), rng, width, width + budget, n, sp)
+      out, _ = self._decode(params, state, budget, sp)
     out = sharding.to_host(self.mesh, out)
     return jax.tree.map(lambda x: x[:b * n], out) if extra else out

@@ -310,7 +310,30 @@ def micro_batch_sharding(mesh, ndim: int):
                                                                      *([None] * (ndim - 2))))
 
 
+def packed_sharding(mesh) -> jax.sharding.NamedSharding:
+  """Every array of a packed batch, whatever its rank ([M, mb, ...]): the rows of each micro-batch over (data,
+  fsdp), the rest whole."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+
 def put_packed(mesh, packed: PackedBatch) -> dict[str, Any]:
   arrays = packed.arrays()
-  return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, v.ndim), v)
-          for k, v in arrays.items()}
+  return {k: jax.make_array_from_process_local_data(packed_sharding(mesh), v) for k, v in arrays.items()}
+
+
+def jit_train_step(tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig, mesh, *,
+                   objective: losses.Objective, chunk_size: int, temperature: float = 1.0, updates: Updates = Updates(),
+                   state_tx: optax.GradientTransformation | None = None, reference: bool = False):
+  """`train_step` jitted with every sharding stated: the state's own (TrainState.shardings, donated), the packed
+  batch's, replicated term weights and metrics, and the reference params like the params when `reference`. The
+  trainer runs it; --mode=compile lowers it (trapo_jax/aot.py).
+
+  tx: the optimizer this step updates with; state_tx: the state's whole optimizer when that differs (a method's
+  second optimizer lives in the same state, state.slot), which fixes the state's structure and shardings.
+  """
+  state = TrainState.shardings(model_cfg, mesh, state_tx or tx)
+  rep = sharding.replicated(mesh)
+  ins = (state, packed_sharding(mesh), rep) + ((state.params,) if reference else ())
+  return jax.jit(functools.partial(train_step, tx=tx, model_cfg=model_cfg, objective=objective, chunk_size=chunk_size,
+                                   temperature=temperature, updates=updates),
+                 in_shardings=ins, out_shardings=(state, rep), donate_argnums=(0,))

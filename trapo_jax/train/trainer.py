@@ -65,13 +65,7 @@ class Context:
     return sharding.local_batch_shards(self.mesh)
 
   def tx_of(self, phase: algorithms.Phase):
-    """The optimizer a phase updates with: the run's, or its slot of the shared state."""
-    if self.txs is None:
-      if phase.optimizer:
-        raise TrainingError(f"phase {phase.name}: optimizer {phase.optimizer!r} is not one of the method's")
-      return self.tx
-    names = list(self.txs)
-    return state_lib.slot(tuple(self.txs.values()), names.index(phase.optimizer))
+    return phase_optimizer(self.txs, self.tx, phase)
 
 
 def make_optimizers(cfg, method: algorithms.Method) -> dict[str, Any] | None:
@@ -83,6 +77,20 @@ def make_optimizers(cfg, method: algorithms.Method) -> dict[str, Any] | None:
   for name, changes in sorted(extra.items()):
     txs[name] = state_lib.make_optimizer(ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **changes)))
   return txs
+
+
+def state_optimizer(cfg, txs: dict[str, Any] | None):
+  """The state's whole optimizer: the run's, or all of the method's in one state (state.slot, the first updating)."""
+  return state_lib.make_optimizer(cfg.optim) if txs is None else state_lib.slot(tuple(txs.values()), 0)
+
+
+def phase_optimizer(txs: dict[str, Any] | None, tx, phase: algorithms.Phase):
+  """The optimizer a phase updates with: the run's (`tx`), or its slot of the shared state."""
+  if txs is None:
+    if phase.optimizer:
+      raise TrainingError(f"phase {phase.name}: optimizer {phase.optimizer!r} is not one of the method's")
+    return tx
+  return state_lib.slot(tuple(txs.values()), list(txs).index(phase.optimizer))
 
 
 def build_context(cfg, workdir: str) -> Context:
@@ -101,7 +109,7 @@ def build_context(cfg, workdir: str) -> Context:
   txs = make_optimizers(cfg, method)
   return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg,
                  tokenizer=tokenizer,
-                 tx=state_lib.make_optimizer(cfg.optim) if txs is None else state_lib.slot(tuple(txs.values()), 0),
+                 tx=state_optimizer(cfg, txs),
                  sampler=Sampler(model_cfg, mesh=mesh),
                  eos_ids=(int(tokenizer.eos_token_id),), pad_id=pipeline.pad_id(tokenizer),
                  split_ids=microgroup.split_token_ids(tokenizer), txs=txs, algo_state=method.initial_state(cfg))
@@ -221,11 +229,11 @@ class _Preemption:
 
 def jit_step(ctx: Context, phase: algorithms.Phase):
   """The phase's train step, compiled on first use: (state, packed batch, term weights[, reference params]) ->
-  (state, metrics)."""
-  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx_of(phase), model_cfg=ctx.model_cfg,
-                                   objective=phase.objective, chunk_size=ctx.cfg.train.logprob_chunk,
-                                   temperature=phase.temperature, updates=updates_of(ctx.cfg, phase)),
-                 donate_argnums=(0,))
+  (state, metrics), every sharding stated (step.jit_train_step)."""
+  return step_lib.jit_train_step(ctx.tx_of(phase), ctx.model_cfg, ctx.mesh, objective=phase.objective,
+                                 chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature,
+                                 updates=updates_of(ctx.cfg, phase), state_tx=ctx.tx,
+                                 reference=uses_reference(phase))
 
 
 def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
@@ -294,8 +302,11 @@ def _packed_logprobs(ctx: Context, params, placed: dict, phase: algorithms.Phase
   """log-probs [M, mb, Lb] of this process's rows of a placed packed batch under `params`, as numpy."""
   key = f"{phase.name}/logprobs"
   if key not in step_fns:
+    rows = step_lib.packed_sharding(ctx.mesh)
     step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
-                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature))
+                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
+                            in_shardings=(state_lib.param_shardings(ctx.model_cfg, ctx.mesh), rows),
+                            out_shardings=rows)
   return np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1))
 
 
