@@ -2,6 +2,7 @@
 
   python -m benchmarks.run --suite=cpu --doc=docs/performance.md [--out=benchmarks/results_cpu.json]
   python -m benchmarks.run --suite=gpu                      # on a GPU: adds roofline fraction and train-step MFU
+  python -m benchmarks.run --suite=tpu_aot --doc=docs/performance.md   # libtpu, no TPU: the 7B run per TPU slice
 
 Fields (null with a reason where a figure needs hardware this machine lacks):
   sampler: decode tokens/s of the in-graph sampler vs transformers generate (same weights, batch, lengths, greedy)
@@ -12,6 +13,12 @@ Fields (null with a reason where a figure needs hardware this machine lacks):
   compilations: compilations per step over a 10-step training run of the default task (with a cold cache)
   step_time_split: sampling / grading / update seconds of those steps
   compile_28_layers: seconds to compile the 7B train step (28 layers, scanned) for 8 simulated CPU devices
+  tpu_aot: the 7B TRAPO train step, rollout sampler and evaluation sampler compiled for each of TPU_SLICES on
+    libtpu's compile-only devices (--mode=compile, trapo_jax/aot.py): fits or not, per-chip memory, compile time, and
+    XLA's cost-model estimate of one layer's steps against the chip's published peak
+
+--doc rewrites the generated part of the file: the CPU or GPU section (this run's, else the stored
+benchmarks/results_cpu.json) and the TPU section (this run's, else benchmarks/results_tpu_aot.json).
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-_SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which figures to measure.")
+_SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu", "tpu_aot"], "Which figures to measure.")
 _OUT = flags.DEFINE_string("out", None, "JSON output (default benchmarks/results_<suite>.json).")
 _DOC = flags.DEFINE_string("doc", None, "Also write the table, machine, date and command to this Markdown file "
                            "(keeping its hand-written part below launch.sweep.NOTES_MARKER).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_SLICES = ("v5p-32", "v5litepod-64", "v6e-16", "v6e-64")
 
 
 def _timed(fn, repeats: int = 5) -> float:
@@ -177,14 +185,63 @@ def training_figures() -> dict:
           "step_time_split_s": split}
 
 
+def tpu_aot_figures() -> dict:
+  """The 7B TRAPO run (experiments/configs/trapo_qwen25_math_7b.py) compiled for each slice of TPU_SLICES."""
+  from experiments.configs import trapo_qwen25_math_7b
+  from trapo_jax import aot
+  out = {}
+  for name in TPU_SLICES:
+    print(f"{name} ...", flush=True)
+    try:
+      rep = aot.compile_run(trapo_qwen25_math_7b.get_config(), name)
+    except Exception as err:  # noqa: BLE001  one slice's failure must not lose the others
+      out[name] = {"error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+      continue
+    tgt = rep.target
+    gib = lambda x: None if x is None else x / aot.GiB
+    out[name] = {
+        "chip": tgt.chip.name, "chips": len(tgt.devices), "hbm_gib": gib(tgt.hbm_bytes), "headline": rep.headline,
+        "programs": [{"name": r.program.name, "layout": r.program.layout, "fits": r.fits(tgt.hbm_bytes),
+                      "params_gib": gib(r.params), "opt_state_gib": gib(r.opt_state),
+                      "kv_cache_gib": gib(r.program.kv_bytes), "temp_gib": gib(r.temp), "total_gib": gib(r.total),
+                      "compile_s": r.seconds, "error": r.error, "fixes": list(r.program.fixes)}
+                     for r in rep.results],
+        "estimates": rep.estimates, "verdict": aot.verdict(rep.results, tgt)}
+  return out
+
+
 def main(argv):
   del argv
-  gpu = _SUITE.value == "gpu"
+  suite = _SUITE.value
+  gpu = suite == "gpu"
+  if suite == "tpu_aot":
+    from trapo_jax import aot
+    aot.prepare(TPU_SLICES[0])  # before JAX starts a backend
   if gpu and jax.default_backend() != "gpu":
     raise app.UsageError(f"--suite=gpu needs a GPU backend, found {jax.default_backend()}")
-  result: dict = {"suite": _SUITE.value, "date": datetime.date.today().isoformat(), "backend": jax.default_backend(),
+  result: dict = {"suite": suite, "date": datetime.date.today().isoformat(), "backend": jax.default_backend(),
                   "devices": [str(d) for d in jax.devices()], "machine": platform.processor() or platform.machine(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__}
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "command": "python -m benchmarks.run " + " ".join(sys.argv[1:])}
+  if suite == "tpu_aot":
+    import importlib.metadata
+    result["libtpu"] = importlib.metadata.version("libtpu")
+    result["tpu_aot"] = tpu_aot_figures()
+  else:
+    measure(result, gpu)
+  path = _OUT.value or os.path.join(ROOT, "benchmarks", f"results_{suite}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  md = tpu_table(result) if suite == "tpu_aot" else table(result)
+  print("\n" + md + f"\nwrote {path}")
+  if _DOC.value:
+    from launch.sweep import write_keeping_notes
+    write_keeping_notes(_DOC.value, document(result))
+    print(f"wrote {_DOC.value}")
+
+
+def measure(result: dict, gpu: bool) -> None:
+  """The CPU or GPU figures, into `result`."""
   no_gpu = "needs a GPU (run --suite=gpu on one)"
   print("sampler ...", flush=True)
   result["sampler"] = sampler_figures(gpu)
@@ -199,23 +256,13 @@ def main(argv):
   print("10-step training run ...", flush=True)
   result.update(training_figures())
   print("28-layer compile ...", flush=True)
-  code = ("from benchmarks import compile_7b; from experiments.configs import trapo_qwen25_math_7b as e;"
-          "c = e.get_config(); c.model.hf_dir = c.data.path = '/abstract';"
-          "_, s, _ = compile_7b.lower_train_step(c); print('RESULT', s)")
+  code = ("from trapo_jax import aot; from experiments.configs import trapo_qwen25_math_7b as e;"
+          "r = aot.compile_run(e.get_config(), 'cpu:8', programs=('train',), estimate=False, log=lambda s: None);"
+          "print('RESULT', r.results[0].seconds)")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR="")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   result["compile_28_layers_s"] = float(out.stdout.split("RESULT")[1]) if out.returncode == 0 else None
-
-  path = _OUT.value or os.path.join(ROOT, "benchmarks", f"results_{_SUITE.value}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  md = table(result)
-  print("\n" + md + f"\nwrote {path}")
-  if _DOC.value:
-    from launch.sweep import write_keeping_notes
-    write_keeping_notes(_DOC.value, document(result, md))
-    print(f"wrote {_DOC.value}")
 
 
 def _fmt(x, spec: str, unit: str = "") -> str:
@@ -252,14 +299,97 @@ def table(result: dict) -> str:
   return "\n".join(rows) + "\n"
 
 
-def document(result: dict, md: str) -> str:
-  cmd = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+def _stored(suite: str) -> dict | None:
+  path = os.path.join(ROOT, "benchmarks", f"results_{suite}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _command(result: dict) -> str:
+  return result.get("command") or f"python -m benchmarks.run --suite={result['suite']} --doc=docs/performance.md"
+
+
+def document(latest: dict) -> str:
+  """The generated part of docs/performance.md: the CPU (or GPU) section and the TPU section, each from its latest
+  run: this one, or its stored JSON."""
+  runs = {s: r for s in ("cpu", "gpu", "tpu_aot") if (r := _stored(s))}
+  runs[latest["suite"]] = latest
+  host = latest if latest["suite"] in ("cpu", "gpu") else runs.get("cpu") or runs.get("gpu")
+  out = "# Performance\n\n"
+  if host:
+    out += host_section(host)
+  if "tpu_aot" in runs:
+    out += "\n" + tpu_section(runs["tpu_aot"])
+  return out
+
+
+def host_section(result: dict) -> str:
   skipped = [k for k, v in result.items() if isinstance(v, dict) and v.get("value", 0) is None]
-  return (f"# Performance\n\nMade by `{cmd}` on {result['date']}: {result['machine']}, {result['cpu_count']} CPU "
+  return (f"Made by `{_command(result)}` on {result['date']}: {result['machine']}, {result['cpu_count']} CPU "
           f"cores, jax {result['jax']}, backend {result['backend']} ({len(result['devices'])} devices). "
-          f"Raw figures: `benchmarks/results_{result['suite']}.json`.\n\n" + md +
+          f"Raw figures: `benchmarks/results_{result['suite']}.json`.\n\n" + table(result) +
           (f"\nNot measured here ({', '.join(skipped)}): they need a GPU; run `python -m benchmarks.run "
            f"--suite=gpu` on one.\n" if skipped else ""))
+
+
+def tpu_table(result: dict) -> str:
+  """One row per slice and program: fits, per-chip memory against HBM, compile time; then XLA's estimates."""
+  def gib(x):
+    return "-" if x is None else f"{x:.1f}"
+
+  rows = ["| slice | program | shapes | fits | per chip, GiB: params / optimizer / KV cache / temporaries | total "
+          "/ HBM | compile |", "|---|---|---|---|---|---|---|"]
+  for name, t in result["tpu_aot"].items():
+    if "error" in t:
+      rows.append(f"| {name} | not compiled: {t['error']} | | | | | |")
+      continue
+    for p in t["programs"]:
+      fits = "?" if p["fits"] is None else ("yes" if p["fits"] else "**no**")
+      total = gib(p["total_gib"]) if p["total_gib"] is not None else f"> {t['hbm_gib']:.0f}"
+      rows.append(f"| {name} ({t['chips']} chips) | {p['name']} | {p['layout']} | {fits} | {gib(p['params_gib'])} / "
+                  f"{gib(p['opt_state_gib'])} / {gib(p['kv_cache_gib']) if p['kv_cache_gib'] else '-'} / "
+                  f"{gib(p['temp_gib'])} | {total} / {t['hbm_gib']:.0f} | {p['compile_s']:.0f} s |")
+  est = ["", "XLA's cost model for one decoder layer, per chip: an estimate of the compiler, not a measurement. The "
+         "train step is one layer's forward and backward (full remat) on one micro-batch, its attention blocks "
+         "unrolled because XLA counts a loop body once; the decode step is one layer's step for one token per row of "
+         "the largest rollout call over a full cache, without the output head. The percentages are the FLOP/s and "
+         "bytes/s XLA's time implies, against the chip's published peaks.", "",
+         "| slice | one layer's train step | of peak bf16 FLOP/s | one layer's decode step | of peak HBM bandwidth |",
+         "|---|---|---|---|---|"]
+  for name, t in result["tpu_aot"].items():
+    e = t.get("estimates")
+    if not e:
+      est.append(f"| {name} | n/a (XLA gave no time estimate) | - | - | - |")
+      continue
+    tr, de = e["train"], e["decode"]
+    est.append(f"| {name} | {tr['seconds'] * 1e3:.1f} ms ({tr['layout']}) | {100 * tr['flops_of_peak']:.0f}% | "
+               f"{de['seconds'] * 1e6:.0f} µs ({de['layout']}) | {100 * de['bandwidth_of_peak']:.0f}% |")
+  verdicts = [f"- {name}: {t['verdict']}" for name, t in result["tpu_aot"].items() if t.get("verdict")]
+  return "\n".join(rows + est) + "\n" + ("\nWhat `--mode=compile` says where a program does not fit:\n\n" +
+                                          "\n".join(verdicts) + "\n" if verdicts else "")
+
+
+def tpu_section(result: dict) -> str:
+  from trapo_jax import aot
+  specs = "; ".join(f"{c.name}: {c.hbm_gib:g} GiB HBM, {c.peak_bf16_tflops:g} TFLOP/s bf16, {c.hbm_gbps:g} GB/s "
+                    f"([spec]({c.spec}))" for c in aot.CHIPS.values()
+                    if c.name in {t.get("chip") for t in result["tpu_aot"].values()})
+  return ("## TPU, compiled here\n\n"
+          f"Made by `{_command(result)}` on {result['date']}: {result['machine']}, {result['cpu_count']} CPU cores, "
+          f"jax {result['jax']}, libtpu {result['libtpu']}. No TPU was used: libtpu's compile-only devices of each "
+          "slice, what `python -m trapo_jax.main --mode=compile --topology=<slice>` compiles (trapo_jax/aot.py). "
+          "The run is experiments/configs/trapo_qwen25_math_7b.py at its official shapes (8 prompts x 8 samples, "
+          "1024 + 8192 tokens, micro-batches of 32768 tokens per chip, full remat, FSDP over every chip): the "
+          "train step, the rollout sampler at its largest call (the first stage of TRAPO: 4 samples per prompt, "
+          "prompts padded to a multiple of the chips) and the evaluation sampler (eval.batch_size=64 prompts x 32 samples). "
+          "Per chip: XLA's memory plan; total = arguments + outputs - donated + temporaries + code, plus, while "
+          "sampling, the optimizer state that stays in memory. A program XLA refuses for memory shows its need "
+          "as reported, else `>` the HBM. Compile times are this machine's (shared, 2 cores). Per-chip HBM and "
+          f"peaks are Google's published figures: {specs}. Raw figures: `benchmarks/results_tpu_aot.json`.\n\n"
+          + tpu_table(result))
+
 
 if __name__ == "__main__":
   app.run(main)

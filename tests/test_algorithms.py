@@ -33,6 +33,16 @@ TERMS = {
     "sft": {"sft": {"nll": ("imitated", "nll")}},
     "sft_then_rl": {"sft": {"nll": ("imitated", "nll")},
                     "rl": {"pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")}},
+    "relift": {"rl": {"pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")},
+               "fine_tune": {"nll": ("imitated", "nll"), "entropy": ("response", "entropy")}},
+    "hpt": {"rl": {"sft": ("demo_rows", "nll"), "pg": ("own", "policy_gradient"), "entropy": ("response", "entropy")}},
+    "chord_mu": {"rl": {"pg": ("own", "policy_gradient"), "sft": ("demo_rows", "nll")}},
+    "chord_phi": {"rl": {"pg": ("own", "policy_gradient"), "sft": ("demo_rows", "phi_nll")}},
+    "srft": {"rl": {"sft": ("demo_rows", "entropy_weighted_nll"), "off": ("imitated", "luffy_shaped"),
+                    "on": ("own", "srft_reinforce"), "entropy": ("response", "entropy")}},
+    "prefix_rft": {"rl": {"pg": ("own", "policy_gradient"), "prefix": ("imitated", "prefix_rft_surrogate"),
+                          "entropy": ("response", "entropy")}},
+    "uft": {"rl": {"pg": ("own", "policy_gradient"), "hint_nll": ("imitated", "nll"), "entropy": ("own", "entropy")}},
 }
 # The kinds of rows a prompt yields in each phase (own rollouts, guided continuations, whole demonstrations).
 KINDS = {
@@ -42,6 +52,14 @@ KINDS = {
     ("sft", "sft"): {"demo"},
     ("sft_then_rl", "sft"): {"demo"},
     ("sft_then_rl", "rl"): {"own"},
+    ("relift", "rl"): {"own"},
+    ("relift", "fine_tune"): {"demo"},
+    ("hpt", "rl"): {"own", "demo"},  # a prompt whose rollouts all fail: its demonstration, the other rows emptied
+    ("chord_mu", "rl"): {"own", "demo"},
+    ("chord_phi", "rl"): {"own", "demo"},
+    ("srft", "rl"): {"own", "demo"},
+    ("prefix_rft", "rl"): {"own", "guided"},
+    ("uft", "rl"): {"guided"},  # at step 0 a prompt goes without a hint with probability 0.05^segments
 }
 
 
@@ -59,18 +77,19 @@ def test_algo_alone_is_the_experiment_config(name):
 
 
 def test_unknown_method_lists_the_registered_ones():
-  with pytest.raises(ConfigError, match=r"algo: unknown method 'ppo' \(registered: grpo, luffy"):
+  with pytest.raises(ConfigError, match=r"algo: unknown method 'ppo' \(registered: chord_mu, chord_phi, grpo, hpt"):
     algorithms.from_config(_config("ppo"))
 
 
 def _rows(phase, g: int, seed: int) -> rollout.RolloutBatch:
-  """The phase's rows for g prompts, sampled by a fake sampler and graded at random (every schedule branch shows
-  up over a few seeds)."""
+  """The phase's rows for g prompts, sampled by a fake sampler and graded at random, each prompt solved with a
+  probability of 0, 1/2 or 1 (every schedule branch shows up over a few seeds)."""
   if not phase.samples:
     return rollout.demo_batch(_batch(g), which=phase.rows.which, max_len=40)
   rng = np.random.default_rng(seed)
-  grade = lambda tokens, mask, answers: rng.integers(0, 2, len(answers)).astype(np.float32)
-  return rollout.collect(phase.rows, _batch(g), _fake_sampler([]), grade, np.asarray([SPLIT]))
+  solve = dict(zip("abcd", rng.choice([0.0, 0.5, 1.0], 4)))
+  grade = lambda tokens, mask, answers: (rng.random(len(answers)) < [solve[a] for a in answers]).astype(np.float32)
+  return rollout.collect(phase.rows, _batch(g), _fake_sampler([]), grade, np.asarray([SPLIT]), rng=rng)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -97,11 +116,14 @@ def _inputs(rb: rollout.RolloutBatch, seed: int) -> losses.TokenInputs:
   rng = np.random.default_rng(seed)
   shape = rb.tokens.shape
   logp = rng.uniform(-5.0, -0.01, shape).astype(np.float32)
+  # The sampler's and the reference's log-probs: the current ones moved by up to 1 (some importance ratios > 2).
+  sampler = np.where(rb.response_mask & ~rb.prefix_mask, logp + rng.uniform(-1.0, 1.0, shape), 0.0)
   return losses.TokenInputs(
       logp=jnp.asarray(logp), old_logp=jnp.asarray(logp), entropy=jnp.asarray(rng.uniform(0, 3, shape), jnp.float32),
       advantages=jnp.asarray(rng.normal(size=shape[0]), jnp.float32), rewards=jnp.asarray(rb.rewards),
       kind=jnp.asarray(rb.kind), prefix_mask=jnp.asarray(rb.prefix_mask), off_loss_mask=jnp.asarray(rb.off_loss_mask),
-      response_mask=jnp.asarray(rb.response_mask))
+      response_mask=jnp.asarray(rb.response_mask), sampler_logp=jnp.asarray(sampler, jnp.float32),
+      ref_logp=jnp.asarray(logp + rng.uniform(-1.0, 1.0, shape), jnp.float32))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -135,13 +157,11 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
   logp = x["logp"]
   p, a = np.exp(logp), x["advantages"][:, None]
   if name == "policy_gradient":
-    ratio = np.exp(logp - x["old_logp"])  # old_logp carries no gradient
-    eps = params["clip_eps"]
-    if eps is None:
-      return -a * ratio, -a * ratio
-    unclipped, clipped = -a * ratio, -a * np.clip(ratio, 1 - eps, 1 + eps)
-    live = (unclipped >= clipped) | ((ratio > 1 - eps) & (ratio < 1 + eps))
-    return np.maximum(unclipped, clipped), np.where(live, -a * ratio, 0.0)
+    return _np_policy_gradient(x, a, **params)
+  if name == "reference_kl":  # log r = log pi_ref - log pi; d/dlogp of k1, k2, k3: 1, -log r, 1 - r
+    log_r = x["ref_logp"] - logp
+    return {"k1": (-log_r, np.ones_like(logp)), "k2": (0.5 * log_r ** 2, -log_r),
+            "k3": (np.exp(log_r) - 1 - log_r, 1 - np.exp(log_r))}[params["estimator"]]
   if name == "trsft":  # -p / sg(max(p, alpha))
     scale = np.maximum(p, params["alpha"])
     return -p / scale, -p / scale
@@ -152,7 +172,63 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
     return -a * p / (p + g), -a * g * p / (p + g) ** 2
   if name == "entropy":  # an input of the loss, not a function of logp here
     return x["entropy"], np.zeros_like(logp)
+  if name == "prefix_rft_surrogate":  # the advantage survives on the imitated tokens of highest entropy
+    keep = _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])
+    return _np_policy_gradient(x, a * keep, clip_eps=params["clip_eps"], dual_clip=params["dual_clip"])
+  if name == "phi_nll":  # -log p sg(p (1 - p))
+    return -logp * p * (1 - p), -p * (1 - p)
+  h = _np_row_entropy(x)
+  if name == "entropy_weighted_nll":  # -sg(exp(-H)) log p
+    return -np.exp(-h) * logp, -np.exp(-h) * np.ones_like(logp)
+  if name == "srft_reinforce":  # -w log p, w = correct sg(exp(H)) on a correct row, `wrong` otherwise
+    w = np.where((x["rewards"] == 1)[:, None], params["correct"] * np.exp(h), params["wrong"])
+    return -w * logp, -w * np.ones_like(logp)
   raise KeyError(f"no reference for per-token loss {name!r}: add one with the loss")
+
+
+def _np_policy_gradient(x: dict, a: np.ndarray, clip_eps=None, clip_eps_high=None, dual_clip=None, ratio="token",
+                        tis_cap=None, tis_level="token", tis_mode="truncate") -> tuple[np.ndarray, np.ndarray]:
+  """-A r with PPO's clip (clip-higher), dual-clip, GSPO's sequence ratio and the sampler importance weight."""
+  own = x["response_mask"] & ~(x["prefix_mask"] & x["response_mask"])
+  log_r = x["logp"] - x["old_logp"]  # old_logp carries no gradient
+  if ratio == "sequence":  # GSPO: one ratio per row, exp of the mean log-ratio over its own tokens
+    mean = np.where(own, log_r, 0.0).sum(-1, keepdims=True) / np.maximum(own.sum(-1, keepdims=True), 1)
+    log_r = np.broadcast_to(mean, log_r.shape)
+  r = np.exp(log_r)
+  value, live = -a * r, np.ones(r.shape, bool)
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -a * np.clip(r, 1 - clip_eps, 1 + high)
+    live = (value >= clipped) | ((r > 1 - clip_eps) & (r < 1 + high))
+    value = np.maximum(value, clipped)
+  if dual_clip is not None:
+    capped = (a < 0) & (value > -a * dual_clip)
+    value, live = np.where(capped, -a * dual_clip, value), live & ~capped
+  # d/dlogp_t: per token, of its own ratio; for GSPO-token, of the sequence ratio's value times exp(logp_t - sg).
+  grad = np.where(live, -a * r, 0.0)
+  if tis_cap is not None:
+    log_rho = np.where(own, x["old_logp"] - x["sampler_logp"], 0.0)
+    if tis_level == "sequence":
+      log_rho = log_rho.sum(-1, keepdims=True)
+    rho = np.exp(log_rho)
+    w = np.minimum(rho, tis_cap) if tis_mode == "truncate" else np.where(rho <= tis_cap, rho, 0.0)
+    value, grad = value * w, grad * w
+  return value, grad
+
+
+def _np_row_entropy(x: dict) -> np.ndarray:
+  """[B, 1]: each row's mean entropy over its response tokens."""
+  m = x["response_mask"].astype(np.float64)
+  return ((x["entropy"] * m).sum(-1) / np.maximum(m.sum(-1), 1.0))[:, None]
+
+
+def _np_top_share(values: np.ndarray, selected: np.ndarray, drop_share: float) -> np.ndarray:
+  """The selected entries left after dropping the int(K * drop_share) of lowest value (K selected)."""
+  idx = np.flatnonzero(selected)
+  dropped = idx[np.argsort(values.reshape(-1)[idx], kind="stable")[:int(len(idx) * drop_share)]]
+  keep = selected.reshape(-1).copy()
+  keep[dropped] = False
+  return keep.reshape(selected.shape)
 
 
 def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarray:
@@ -165,6 +241,8 @@ def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarr
   if mode == "seq_mean_token_mean":
     tokens = m.sum(-1, keepdims=True)
     return m / np.maximum(tokens, 1.0) / max((tokens > 0).sum(), 1)
+  if mode == "row_share_token_mean":  # token mean x the share of rows that have tokens
+    return m / max(m.sum(), 1.0) * (m.sum(-1) > 0).sum() / m.shape[0]
   raise KeyError(mode)
 
 
@@ -182,14 +260,30 @@ def _np_objective(objective: losses.Objective, x: dict, step: int) -> tuple[floa
   return value, grad
 
 
+# RL options (docs/algorithm.md#rl-options) that change the objective, in two sets that together set every one.
+OPTIONS = {
+    "none": {},
+    "ppo": dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.05, kl_estimator="k3"),
+    "gspo": dict(clip_eps=0.1, importance_ratio="sequence", tis_cap=1.5, tis_level="sequence", tis_mode="mask",
+                 kl_coef=0.1, kl_estimator="k2", aggregation="seq_mean_token_mean"),
+    "k1": dict(tis_cap=1.5, tis_mode="mask", kl_coef=0.1, kl_estimator="k1", aggregation="token_mean"),
+}
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("name", NAMES)
-def test_loss_equals_the_per_term_reference(name):
+def test_loss_equals_the_per_term_reference(name, options):
   cfg = _config(name)
+  with cfg.unlocked():
+    cfg.loss.update(OPTIONS[options])
   for phase in algorithms.from_config(cfg).phases(cfg):
+    if options != "none" and any(t.loss == "policy_gradient" for t in phase.objective.terms):
+      assert "kl" in {t.name for t in phase.objective.terms}
     for seed in range(3):
       x = _inputs(_rows(phase, 3, seed), seed)
-      # A ratio away from 1 exercises the clip branches where a method has them.
-      shift = np.random.default_rng(seed).uniform(-0.3, 0.3, x.logp.shape)
+      # A ratio away from 1 exercises the clip branches where a method has them (and the dual clip at 3).
+      spread = 0.3 if options == "none" else 1.2
+      shift = np.random.default_rng(seed).uniform(-spread, spread, x.logp.shape)
       x = dataclasses.replace(x, old_logp=x.logp + jnp.asarray(shift, jnp.float32))
       weights = phase.objective.weights_at(7)
       f = lambda logp: losses.objective_loss(dataclasses.replace(x, logp=logp), phase.objective, weights)[0]

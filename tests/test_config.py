@@ -36,13 +36,20 @@ def _retype(cfg, path: str, value):
     (lambda c: _retype(c, "model.hidden_size", "big"), "model.hidden_size: expected int, got str"),
     (lambda c: _retype(c, "train.steps", 2.5), "train.steps: expected int, got float"),
     (lambda c: _retype(c, "loss.use_std", 1), "loss.use_std: expected bool, got int"),
-    (lambda c: c.__setitem__("algo", "ppo"), "algo: unknown method 'ppo' (registered: grpo, luffy, sft, "),
+    (lambda c: c.__setitem__("algo", "ppo"), "algo: unknown method 'ppo' (registered: chord_mu, chord_phi, grpo, "),
     (lambda c: c.trapo.__setitem__("stages", (4, 2, 1)), "trapo.stages: sizes (4, 2, 1) must sum to rollout.n=8"),
     (lambda c: c.mesh.__setitem__("tensor", 3), "mesh: (1, -1, 3) cannot fill 8 devices"),
     (lambda c: (c.mesh.__setitem__("fsdp", 2), c.mesh.__setitem__("data", 2)), "mesh: shape (2, 2, 1) needs 4"),
     (lambda c: c.trapo.__setitem__("prefix_loss", "kl"), "trapo.prefix_loss: must be one of"),
     (lambda c: c.__setitem__("algo", "luffy") or c.luffy.__setitem__("gamma", 0.0), "luffy.gamma: must be > 0"),
     (lambda c: c.__setitem__("algo", "luffy") or c.rollout.__setitem__("n", 1), "rollout.n: luffy needs"),
+    (lambda c: c.__setitem__("algo", "hpt") or c.hpt.__setitem__("gate", 8), "hpt.gate: must lie in [0, rollout.n=8)"),
+    (lambda c: c.__setitem__("algo", "chord_mu") or c.chord_mu.__setitem__("expert_share", 0.5),
+     "chord_mu.expert_share: gives 8 demonstration rows per prompt"),
+    (lambda c: c.__setitem__("algo", "prefix_rft") or c.prefix_rft.__setitem__("stages", (4, 2)),
+     "prefix_rft.stages: sizes (4, 2) must sum to rollout.n=8"),
+    (lambda c: c.__setitem__("algo", "relift") or c.relift.__setitem__("buffer_batches", 0.0),
+     "relift.buffer_batches: must be > 0"),
     (lambda c: c.data.__setitem__("source", "demos"), "data.path: data.source='demos' needs a path"),
     (lambda c: c.model.__setitem__("num_kv_heads", 3), "model.num_kv_heads: must divide num_heads=4"),
 ])
@@ -138,3 +145,46 @@ def test_real_model_configs_name_their_model(name):
   expected, tol = CONFIG_PARAMS[name]
   assert abs(model_cfg.num_params - expected) <= tol
   assert hf.hf_config_dict(model_cfg)["model_type"] == cfg.model.model_type  # exportable as it stands
+
+
+def test_a_model_shorter_than_a_sequence_names_the_overrides():
+  """A stock Qwen2.5-Math-7B has 4096 positions; the official run's 1024 + 8192 tokens need its 16k setting."""
+  import json
+  import re
+  from trapo_jax.data import synthetic
+  from trapo_jax.train import state as state_lib
+  cfg = config_lib.base_config()
+  cfg.model.hf_dir = synthetic.BASE_POLICY_DIR
+  declared = json.load(open(os.path.join(synthetic.BASE_POLICY_DIR, "config.json")))
+  cfg.data.update(max_prompt_len=400, max_response_len=declared["max_position_embeddings"])
+  need = 400 + declared["max_position_embeddings"]
+  with pytest.raises(config_lib.ConfigError, match="^" + re.escape(
+      f"model.max_position_embeddings: {synthetic.BASE_POLICY_DIR}/config.json declares "
+      f"{declared['max_position_embeddings']} positions, a sequence here has 400 + "
+      f"{declared['max_position_embeddings']} = {need} tokens: add --config.model.rope_theta=40000 "
+      "--config.model.max_position_embeddings=16384 (the official 7B run's), or shorten data.max_response_len")):
+    state_lib.model_config(cfg)
+  cfg.model.update(rope_theta=40000.0, max_position_embeddings=need)  # the overrides
+  model_cfg = state_lib.model_config(cfg)
+  assert (model_cfg.rope_theta, model_cfg.max_position_embeddings) == (40000.0, need)
+  assert model_cfg.hidden_size == declared["hidden_size"]  # everything else is the checkpoint's
+  # Without hf_dir the config's sizes are the model: unset, 4096 positions.
+  cfg.model.update(hf_dir="", rope_theta=0.0, max_position_embeddings=0)
+  cfg.data.update(max_prompt_len=1024, max_response_len=8192)
+  with pytest.raises(config_lib.ConfigError, match=r"^model\.max_position_embeddings: the config declares 4096 "
+                     r"positions, a sequence here has 1024 \+ 8192 = 9216 tokens: add --config\.model\.rope_theta="):
+    state_lib.model_config(cfg)
+
+
+def test_the_7b_config_is_the_official_16k_setting():
+  from experiments.configs import trapo_qwen25_math_7b
+  from trapo_jax.train import state as state_lib
+  model_cfg = state_lib.model_config(trapo_qwen25_math_7b.get_config())  # no hf_dir: its sizes, nothing read
+  assert (model_cfg.rope_theta, model_cfg.max_position_embeddings) == (40000.0, 16384)
+
+
+def test_main_stops_at_a_short_checkpoint_with_one_line(tmp_path):
+  proc = _main("--config.data.max_prompt_len=400", "--config.data.max_response_len=500", f"--workdir={tmp_path}")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("config error: model.max_position_embeddings: ") and "--config.model.rope_theta=40000" in last

@@ -89,7 +89,7 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
   # The reverse: the 1-process checkpoint resumes in 2 processes.
   resumed = str(tmp_path / "resumed")
   shutil.copytree(one, resumed)
-  _run(resumed, steps=3, processes=2)
+  _run(resumed, steps=3, processes=2, extra=adam_linear)
   c, _ = _state(resumed)
   assert int(c.step) == 3
   assert [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))] == [1, 2, 3]

@@ -1,5 +1,6 @@
 """The import graph goes downward only: models, sharding, losses, sampler -> schedule, rollout, algorithms -> train
-and eval (siblings, never importing each other) -> main. Imports inside functions count too."""
+and eval (siblings, never importing each other) -> main and aot (the compile mode). Imports inside functions count
+too."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ LAYERS = [
     ("trapo_jax.sampling.microgroup", "trapo_jax.sampling.rollout", "trapo_jax.algorithms"),
     ("trapo_jax.config",),
     ("trapo_jax.train", "trapo_jax.eval"),
-    ("trapo_jax.main",),
+    ("trapo_jax.main", "trapo_jax.aot"),
 ]
 SIBLINGS = (("trapo_jax.train", "trapo_jax.eval"),)
 

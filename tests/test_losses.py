@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,113 @@ def test_policy_gradient_loss(clip_eps):
   np.testing.assert_allclose(grad, dref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("clip_eps, clip_eps_high, dual_clip", [(0.2, 0.28, None), (None, None, 3.0),
+                                                                 (0.2, 0.28, 3.0), (0.1, None, 2.0)])
+def test_policy_gradient_clip_higher_and_dual_clip(clip_eps, clip_eps_high, dual_clip):
+  """DAPO's clip-higher (separate upper bound) and dual-clip PPO (the loss of A < 0 capped at -c A)."""
+  rng = np.random.default_rng(4)
+  logp = rng.uniform(-6.0, -0.01, (6, 40)).astype(np.float32)
+  old = logp + rng.uniform(-1.5, 1.5, logp.shape).astype(np.float32)  # ratios from 0.22 to 4.5
+  adv = np.abs(rng.normal(size=(6, 1))).astype(np.float32) + 0.1
+  adv[:3] *= -1  # negative advantages on half the rows: the dual clip's side
+  r, a = np.exp(np.float64(logp) - old), np.float64(adv)
+  value, live = -a * r, np.ones(r.shape, bool)
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -a * np.clip(r, 1 - clip_eps, 1 + high)
+    live = (value >= clipped) | ((r > 1 - clip_eps) & (r < 1 + high))
+    value = np.maximum(value, clipped)
+    assert ((a > 0) & (r > 1 + high)).any() and ((a < 0) & (r < 1 - clip_eps)).any()
+  if dual_clip is not None:
+    capped = (a < 0) & (value > -a * dual_clip)
+    assert capped.any()
+    value, live = np.where(capped, -a * dual_clip, value), live & ~capped
+  f = lambda x: losses.policy_gradient_loss(x, jnp.asarray(old), jnp.asarray(adv), clip_eps=clip_eps,
+                                            clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+  np.testing.assert_allclose(f(jnp.asarray(logp)), value, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: f(x).sum())(jnp.asarray(logp)), np.where(live, -a * r, 0.0),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_gspo_sequence_ratio_differentiates_like_the_sequence_objective():
+  """GSPO: J = mean over rows of max(-A s, -A clip(s)), s = exp(mean over the row's tokens of log(p / p_old)),
+  differentiated whole (dJ/dlogp_t = -A s / |y| on unclipped rows) equals the sequence mean of the GSPO-token
+  per-token loss."""
+  b, t, eps = 6, 10, 0.1
+  rng = np.random.default_rng(6)
+  logp = rng.uniform(-6.0, -0.01, (b, t)).astype(np.float32)
+  # Per-row shifts put the sequence ratios inside and on both sides outside [1 - eps, 1 + eps].
+  shift = np.array([-0.3, 0.3, 0.02, -0.5, 0.01, 0.2])[:, None] + rng.uniform(-0.05, 0.05, (b, t))
+  old = (logp + shift).astype(np.float32)
+  lens = np.array([10, 7, 3, 1, 10, 5])
+  mask = np.arange(t)[None] < lens[:, None]
+  adv = np.array([[1.0], [-0.5], [0.7], [-1.2], [0.3], [-0.8]], np.float32)
+  x = losses.TokenInputs(logp=jnp.asarray(logp), old_logp=jnp.asarray(old), entropy=jnp.zeros((b, t)),
+                         advantages=jnp.asarray(adv[:, 0]), rewards=jnp.zeros(b), kind=jnp.zeros(b, jnp.int32),
+                         prefix_mask=jnp.zeros((b, t), bool), off_loss_mask=jnp.zeros((b, t), bool),
+                         response_mask=jnp.asarray(mask))
+  objective = losses.Objective((losses.Term("pg", "own", "policy_gradient", aggregation="seq_mean_token_mean",
+                                            params=(("clip_eps", eps), ("ratio", "sequence"))),), max_len=t)
+  f = lambda lp: losses.objective_loss(dataclasses.replace(x, logp=lp), objective, jnp.ones(1))[0]
+  value, grad = jax.value_and_grad(f)(jnp.asarray(logp))
+  d = np.where(mask, np.float64(logp) - old, 0.0)
+  s = np.exp(d.sum(-1) / lens)
+  a = np.float64(adv[:, 0])
+  unclipped, clipped = -a * s, -a * np.clip(s, 1 - eps, 1 + eps)
+  live = (unclipped >= clipped) | ((s > 1 - eps) & (s < 1 + eps))
+  assert (~live).any() and live.any()  # both branches
+  np.testing.assert_allclose(value, np.maximum(unclipped, clipped).mean(), rtol=1e-5)
+  ref_grad = np.where(mask, (np.where(live, -a * s, 0.0) / lens / b)[:, None], 0.0)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_rollout_importance_weights(level, mode):
+  """Truncated (min(rho, C)) and masked (rho, or 0 above C) importance sampling, per token or per row (the product
+  over its masked tokens); a constant of the gradient."""
+  cap = 1.5
+  rng = np.random.default_rng(5)
+  trainer = rng.uniform(-6.0, -0.01, (5, 6)).astype(np.float32)
+  sampler = trainer + rng.uniform(-0.8, 0.8, (5, 6)).astype(np.float32)
+  mask = np.arange(6)[None] < np.array([[6], [4], [2], [1], [0]])
+  log_rho = np.where(mask, np.float64(trainer) - sampler, 0.0)
+  if level == "sequence":
+    log_rho = log_rho.sum(-1, keepdims=True)
+  rho = np.exp(log_rho)
+  ref = np.minimum(rho, cap) if mode == "truncate" else np.where(rho <= cap, rho, 0.0)
+  assert (rho > cap).any() and (rho < cap).any()
+  w = losses.rollout_is_weight(jnp.asarray(trainer), jnp.asarray(sampler), jnp.asarray(mask), cap=cap, level=level,
+                               mode=mode)
+  np.testing.assert_allclose(w, ref, rtol=1e-5)
+  g = jax.grad(lambda t: losses.rollout_is_weight(t, jnp.asarray(sampler), jnp.asarray(mask), cap=cap, level=level,
+                                                  mode=mode).sum())(jnp.asarray(trainer))
+  assert not np.asarray(g).any()
+  # A sequence's product of many ratios never overflows: far above the cap it is capped (or dropped), not inf/nan.
+  big = losses.rollout_is_weight(jnp.full((1, 4), 60.0), jnp.zeros((1, 4)), jnp.ones((1, 4), bool), cap=cap,
+                                 level=level, mode=mode)
+  np.testing.assert_array_equal(big, cap if mode == "truncate" else 0.0)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators(estimator):
+  logp, ref = _logp((3, 7)), _logp((3, 7))
+  log_r = np.float64(ref) - logp
+  value, grad = {"k1": (-log_r, np.ones_like(log_r)), "k2": (0.5 * log_r ** 2, -log_r),
+                 "k3": (np.exp(log_r) - 1 - log_r, 1 - np.exp(log_r))}[estimator]
+  f = lambda x: losses.kl_estimate(x, jnp.asarray(ref), estimator)
+  np.testing.assert_allclose(f(jnp.asarray(logp)), value, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: f(x).sum())(jnp.asarray(logp)), grad, rtol=1e-5, atol=1e-6)
+  if estimator == "k3":
+    assert (np.asarray(f(jnp.asarray(logp))) >= 0).all()
+  # From samples of pi, k1 and k3 average to KL(pi || ref) (here over a 5-token vocabulary, exactly in expectation).
+  p, q = np.array([0.5, 0.2, 0.15, 0.1, 0.05]), np.array([0.3, 0.3, 0.2, 0.1, 0.1])
+  kl = float(np.sum(p * np.log(p / q)))
+  expect = float(np.sum(p * np.asarray(losses.kl_estimate(jnp.log(p), jnp.log(q), estimator))))
+  if estimator in ("k1", "k3"):
+    assert expect == pytest.approx(kl, rel=1e-5)
+
+
 def test_luffy_offpolicy_loss():
   logp, adv, gamma = _logp((3, 5)), RNG.normal(size=(3, 1)).astype(np.float32), 0.1
   p, a = np.exp(np.float64(logp)), np.float64(adv)
@@ -157,6 +265,29 @@ def test_group_advantages(use_std):
   # A group of one keeps its reward as advantage (the official behaviour), not 0.
   assert float(got[3]) == pytest.approx(1.0, rel=1e-5) and float(got[7]) == 0.0
   assert jax.jit(lambda r, g: losses.group_advantages(r, g, use_std=use_std))(rewards, groups).shape == (10,)
+
+
+@pytest.mark.parametrize("estimator", ["dr_grpo", "rloo"])
+def test_advantage_estimators(estimator):
+  groups = np.array([3, 0, 3, 5, 0, 3, 0, 7, 3, 0])
+  rewards = RNG.uniform(0, 1, len(groups)).astype(np.float32)
+  ref = np.zeros(len(groups))
+  for g in set(groups.tolist()):
+    idx = np.flatnonzero(groups == g)
+    r = np.float64(rewards[idx])
+    if len(r) == 1:
+      ref[idx] = r  # no other member: the reward itself
+    elif estimator == "dr_grpo":
+      ref[idx] = r - r.mean()
+    else:  # leave one out: the mean of the others
+      ref[idx] = [r[i] - np.delete(r, i).mean() for i in range(len(r))]
+  got = losses.advantages(estimator, jnp.asarray(rewards), jnp.asarray(groups), use_std=False)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # GRPO's estimator is the unchanged group_advantages.
+  np.testing.assert_array_equal(losses.advantages("grpo", jnp.asarray(rewards), jnp.asarray(groups), use_std=True),
+                                losses.group_advantages(jnp.asarray(rewards), jnp.asarray(groups), use_std=True))
+  with pytest.raises(ValueError, match="'gae' is unknown"):
+    losses.advantages("gae", jnp.asarray(rewards), jnp.asarray(groups))
 
 
 def test_aggregate_modes():
@@ -349,3 +480,35 @@ def test_sharded_equals_unsharded():
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   for a, r in zip(grad, ref_grad):
     np.testing.assert_allclose(a, r, atol=1e-5)
+
+
+def _gathers_with_axis(hlo: str, size: int) -> list[str]:
+  """The all-gathers (and all-reduces, which can stand in for one) of compiled HLO text whose result has an axis of
+  at least `size`."""
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r"= \(?\w+\[([\d,]*)\][^ ]* (all-gather|all-reduce)(-start)?\(", line)
+    if m and any(int(x) >= size for x in m.group(1).split(",") if x):
+      found.append(line.strip()[:160])
+  return found
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])
+def test_vocab_parallel_gradient_gathers_no_vocabulary(mesh_shape):
+  """With the vocabulary split over `tensor` (as the model shards the unembedding), the gradient of the chunked
+  log-probs keeps it split: no collective's result holds the whole vocabulary axis."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  b, t, d, v = 8, 16, 32, 768  # V is larger than every other axis, so an axis >= V can only be the vocabulary
+
+  def loss(h, w, y):
+    logp, ent = losses.token_logprobs(h, w, y, chunk_size=32)
+    return jnp.sum(logp) + 0.1 * jnp.sum(ent)
+
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  unembed = NamedSharding(mesh, P("fsdp", "tensor"))  # ("embed", "vocab") under sharding.DEFAULT_RULES
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(rows, unembed, rows), out_shardings=(rows, unembed))
+  with jax.set_mesh(mesh):
+    hlo = grad.lower(jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+                     jax.ShapeDtypeStruct((b, t), jnp.int32)).compile().as_text()
+  assert "all-gather" in hlo  # the FSDP gathers of the weight are there: the pattern below can match
+  assert _gathers_with_axis(hlo, v) == []

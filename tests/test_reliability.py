@@ -33,6 +33,7 @@ import time
 
 import pytest
 
+import trapo_jax
 from trapo_jax.data import demos, pipeline, synthetic
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
@@ -129,7 +130,11 @@ def test_1_corrupt_newest_checkpoint_export_falls_back_to_an_older_one(copy_of_k
   _truncate_arrays(copy_of_killed, steps[-1])
   proc = _tiny_main(copy_of_killed, "--mode=export")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr
+  # No traceback through our code. Orbax abandons the sibling reads of the failed one, and TensorStore's threads may
+  # still print theirs ("Event loop is closed") after the loop is gone: its noise, not ours, and not every run.
+  frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith('File "')]
+  ours = f'File "{os.path.dirname(trapo_jax.__file__)}{os.sep}'
+  assert not [f for f in frames if ours in f], proc.stderr[-3000:]
   warning = [line for line in proc.stderr.splitlines() if "does not restore" in line]
   assert len(warning) == 1 and f"checkpoints/{steps[-1]} does not restore" in warning[0], proc.stderr[-3000:]
   # The reason is the bottom of orbax's error (the truncated file), not its dump of the TensorStore spec.

@@ -29,7 +29,8 @@ from trapo_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "trapo_layout.jsonl")
-ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sft_prefix", "trapo_fixed_prefix")
+ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sft_prefix", "trapo_fixed_prefix",
+                     "hpt")
 
 
 def tiny(cfg, workdir: str, steps: int = 3):
@@ -94,6 +95,8 @@ def test_every_algorithm_runs_three_steps(name, tmp_path):
     assert all("loss/luffy" in r and "loss/trsft" not in r for r in rows)
   if name == "sft_then_rl":
     assert [r["phase_sft"] for r in rows] == [1.0, 0.0, 0.0]
+  if name == "hpt":  # prompts the random policy cannot solve train on their demonstration (its rows emptied)
+    assert all(r["loss/sft"] > 0 and r["num_prefix_tokens"] > 0 for r in rows)
   if name == "default":  # the dumps hold every imitated and own token of each step, as the step counted them
     dumps = metrics_lib.read_token_probs(workdir)
     assert [d[0] for d in dumps] == [1, 2, 3]
@@ -161,7 +164,8 @@ def test_non_finite_update_is_skipped(tmp_path):
                response_mask=jnp.ones((m, mb, lb), bool), advantages=jnp.full((m, mb), jnp.nan),
                rewards=jnp.zeros((m, mb)), kind=jnp.zeros((m, mb), jnp.int32))
   phase = ctx.method.phase_at(cfg, 0)
-  step = functools.partial(trainer.jit_step(ctx, phase), weights=phase.objective.weights_at(0))
+  jitted = trainer.jit_step(ctx, phase)  # shardings stated: arguments are positional
+  step = lambda s, b: jitted(s, b, phase.objective.weights_at(0))
   new, metrics = step(state, batch)
   assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
   after = jax.device_get(new)
@@ -236,8 +240,8 @@ def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
     cfg.train.max_bad_steps = 2
   real = trainer.train_one_step
 
-  def poisoned(ctx, state, batch, step_fns):
-    state, m = real(ctx, state, batch, step_fns)
+  def poisoned(*args, **kwargs):
+    state, m = real(*args, **kwargs)
     return state, dict(m, skipped=1.0)
 
   monkeypatch.setattr(trainer, "train_one_step", poisoned)

@@ -19,6 +19,9 @@ REMAT = ("none", "full", "dots")
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # trapo_jax/models/rope.py
 TEMPLATES = ("train", "eval", "eval_official", "qwen3", "qwen3_no_think", "llama3")  # trapo_jax/data/templates.py
+IMPORTANCE_RATIOS = ("token", "sequence")
+KL_IN = ("loss", "reward")
+OLD_LOGP = ("recompute", "sampler")
 mesh_shape = sharding.mesh_shape
 
 
@@ -32,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
       hf_dir="",
       tokenizer_dir="",  # defaults to hf_dir
       # Without hf_dir the model is described by the keys below (random init, or shapes to compile); with hf_dir
-      # they are all read from its config.json.
+      # they are all read from its config.json, except that a non-zero rope_theta or max_position_embeddings
+      # overrides config.json's (the official 7B run: 40000 and 16384 on Qwen2.5-Math-7B).
       model_type="qwen2",  # qwen2 | qwen3 | llama
       vocab_size=256,
       hidden_size=64,
@@ -41,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_heads=4,
       num_kv_heads=2,
       head_dim=16,
-      rope_theta=10000.0,
+      rope_theta=0.0,  # 0: config.json's with hf_dir, else 10000
       # config.json's rope_scaling: rope_type default | linear | llama3 | yarn, and the keys that type reads.
       rope_scaling=ml_collections.ConfigDict(dict(
           rope_type="default",
@@ -57,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       qkv_bias=True,  # qwen2: true; qwen3, llama: false
       qk_norm=False,  # qwen3: true (RMSNorm of each query and key head)
-      max_position_embeddings=4096,
+      max_position_embeddings=0,  # 0: config.json's with hf_dir, else 4096; must hold prompt + response
       dtype="float32",  # compute dtype
       param_dtype="float32",
       remat="none",  # none | full | dots: activation rematerialisation of each layer
@@ -88,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Sample every stage's alternatives in one decode pass and keep, after grading, the rows the stages would have
       # chosen (docs/algorithm.md#one-pass); False runs the stages one after the other. The same rows either way.
       one_pass=True,
+      # DAPO's overlong handling (docs/algorithm.md#rl-options): off by default.
+      overlong_buffer=0,  # soft overlong punishment over the last this many tokens of data.max_response_len; 0 = off
+      overlong_penalty=1.0,  # the punishment at data.max_response_len tokens
+      overlong_filter=False,  # rows that reach data.max_response_len without EOS leave the loss
   ))
 
   # What every RL objective shares (docs/algorithm.md, "Normalisation"); each method adds its own terms.
@@ -97,6 +105,17 @@ def base_config() -> ml_collections.ConfigDict:
       aggregation="seq_sum_over_max_len",
       seq_scale=8.0,  # official normaliser sums a GPU's 8 sequences: sum / (L_max * 8) over 64 sequences
       use_std=False,  # GRPO std normalisation of advantages (official: off)
+      # RL options (docs/algorithm.md#rl-options), every one off by default.
+      advantage="grpo",  # grpo | dr_grpo | rloo
+      clip_eps_high=-1.0,  # DAPO clip-higher: the ratio's upper bound 1 + this (needs clip_eps); < 0 = clip_eps
+      dual_clip=-1.0,  # dual-clip PPO: c > 1 caps the loss of negative advantages at -c A; < 0 = off
+      importance_ratio="token",  # token | sequence (GSPO's length-normalised sequence ratio)
+      tis_cap=0.0,  # sampler/trainer mismatch: importance weight pi_train / pi_sampler capped at this; 0 = off
+      tis_level="token",  # token | sequence (the product over the row's own tokens)
+      tis_mode="truncate",  # truncate (TIS: min(rho, cap)) | mask (MIS: rho, or 0 above the cap)
+      kl_coef=0.0,  # KL to the frozen reference (initial) policy; 0 = off
+      kl_estimator="k3",  # k1 | k2 | k3
+      kl_in="loss",  # loss (a term of the objective) | reward (a penalty on each row's reward)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -112,6 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       max_bad_steps=5,  # consecutive non-finite updates before the run stops
       dump_token_probs=False,  # write each step's expert/own token probabilities (token_probs/, the paper's figure)
+      # PPO-style updates and DAPO's dynamic sampling (docs/algorithm.md#rl-options): off by default.
+      ppo_epochs=1,  # passes over each rollout batch
+      mini_batches=1,  # optimizer steps per pass, over consecutive rows
+      old_logp="recompute",  # recompute (the trainer's, before the first update) | sampler (those sampled with)
+      dynamic_sampling=False,  # drop groups whose rewards are all equal, refill from further prompts
+      max_refill_rounds=4,  # extra prompt batches a step may draw to refill
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -194,8 +219,24 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(r.temperature > 0, "rollout.temperature", "must be > 0")
   _require(0 < r.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
   _require(r.n >= 1, "rollout.n", "must be >= 1")
+  _require(0 <= r.overlong_buffer < d.max_response_len, "rollout.overlong_buffer",
+           f"must lie in [0, data.max_response_len={d.max_response_len})")
+  _require(r.overlong_penalty >= 0, "rollout.overlong_penalty", "must be >= 0")
   lc = cfg.loss
   _require(lc.aggregation in losses.AGGREGATIONS, "loss.aggregation", f"must be one of {losses.AGGREGATIONS}")
+  _require(lc.advantage in losses.ADVANTAGE_ESTIMATORS, "loss.advantage",
+           f"must be one of {losses.ADVANTAGE_ESTIMATORS}")
+  _require(not lc.use_std or lc.advantage == "grpo", "loss.use_std", f"only GRPO's estimator divides by the std, "
+           f"not {lc.advantage!r}")
+  _require(lc.clip_eps_high < 0 or lc.clip_eps >= 0, "loss.clip_eps_high", "needs loss.clip_eps >= 0 (the lower bound)")
+  _require(lc.dual_clip < 0 or lc.dual_clip > 1, "loss.dual_clip", "must be > 1, or < 0 for off")
+  _require(lc.importance_ratio in IMPORTANCE_RATIOS, "loss.importance_ratio", f"must be one of {IMPORTANCE_RATIOS}")
+  _require(lc.tis_cap >= 0, "loss.tis_cap", "must be > 0, or 0 for off")
+  _require(lc.tis_level in losses.IS_LEVELS, "loss.tis_level", f"must be one of {losses.IS_LEVELS}")
+  _require(lc.tis_mode in losses.IS_MODES, "loss.tis_mode", f"must be one of {losses.IS_MODES}")
+  _require(lc.kl_coef >= 0, "loss.kl_coef", "must be >= 0")
+  _require(lc.kl_estimator in losses.KL_ESTIMATORS, "loss.kl_estimator", f"must be one of {losses.KL_ESTIMATORS}")
+  _require(lc.kl_in in KL_IN, "loss.kl_in", f"must be one of {KL_IN}")
   o = cfg.optim
   _require(o.lr > 0, "optim.lr", "must be > 0")
   _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -207,6 +248,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(t.logprob_chunk >= 1, "train.logprob_chunk", "must be >= 1")
   _require(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
   _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+  _require(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
+  _require(t.mini_batches >= 1, "train.mini_batches", "must be >= 1")
+  _require(t.old_logp in OLD_LOGP, "train.old_logp", f"must be one of {OLD_LOGP}")
+  _require(lc.tis_cap == 0 or t.old_logp == "recompute", "loss.tis_cap",
+           "weighs the trainer's old log-probs against the sampler's: needs train.old_logp='recompute'")
+  _require(t.max_refill_rounds >= 0, "train.max_refill_rounds", "must be >= 0")
   e = cfg.eval
   for name in e.benchmarks:
     _require(name in e.samples, "eval.benchmarks", f"no sample count for {name!r} in eval.samples")
@@ -215,6 +262,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(e.template in TEMPLATES, "eval.template", f"must be one of {TEMPLATES}")
   # The method last: its checks may read any key above.
   method.check(cfg)
+  _require(not (cfg.train.dynamic_sampling and method.initial_state(cfg)), "train.dynamic_sampling",
+           f"not with {cfg.algo}, whose run state follows each step's own prompts (refilled groups come from others)")
   if num_devices is not None:
     data, fsdp, _ = mesh_shape(cfg, num_devices)
     algorithms.base.check_rows(cfg, method.phases(cfg), data * fsdp)

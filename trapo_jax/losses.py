@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -24,11 +25,18 @@ import jax.numpy as jnp
 
 
 def _vocab_chunk(n_tokens: int, vocab: int, chunk_size: int) -> int:
-  """Columns per backward chunk: about as many logits as a forward chunk, preferably dividing V exactly."""
+  """Columns per backward chunk: about as many logits as a forward chunk, dividing V exactly when it can.
+
+  Among the divisors near the target, one that is a multiple of 128 (then of 8) is preferred: a chunk takes every
+  (V / chunk)-th column, so a vocabulary split over up to that many devices splits every chunk the same way.
+  """
   target = max(128, min(vocab, chunk_size * vocab // max(n_tokens, 1)))
-  for k in range(-(-vocab // target), min(vocab, 4 * (-(-vocab // target))) + 1):
-    if vocab % k == 0:
-      return vocab // k
+  first = -(-vocab // target)
+  counts = [k for k in range(first, min(vocab, 4 * first) + 1) if vocab % k == 0]
+  for multiple in (128, 8, 1):
+    for k in counts:
+      if (vocab // k) % multiple == 0:
+        return vocab // k
   return target
 
 
@@ -45,7 +53,9 @@ def _forward_stats(hidden, unembed, targets, chunk_size, temperature):
     hc, yc = xs
     z = jnp.einsum("bcd,dv->bcv", hc, unembed.astype(hc.dtype), preferred_element_type=jnp.float32) / temperature
     logz = jax.nn.logsumexp(z, axis=-1)
-    target_z = jnp.take_along_axis(z, yc[..., None], axis=-1)[..., 0]
+    # A masked sum, not a gather: with the vocabulary split over devices it reduces across them like log Z does,
+    # where a gather along the split axis would collect every device's logits first.
+    target_z = jnp.sum(jnp.where(jnp.arange(z.shape[-1]) == yc[..., None], z, 0.0), axis=-1)
     entropy = logz - jnp.sum(jnp.exp(z - logz[..., None]) * z, axis=-1)
     return None, (target_z - logz, entropy, logz)
 
@@ -75,22 +85,25 @@ def _token_logprobs_bwd(chunk_size, temperature, residuals, cotangents):
   gl, ge = g_logp.reshape(n, 1), g_ent.reshape(n, 1)
   vc = _vocab_chunk(n, v, chunk_size)
   nv = -(-v // vc)
-  w = jnp.pad(unembed, ((0, 0), (0, nv * vc - v)))
+  # Chunk j holds the columns j, j + nv, j + 2 nv, ...: [D, V] viewed as [D, vc, nv]. A vocabulary split over devices
+  # in contiguous blocks is then a split of the vc axis, and taking chunk j (a slice of the unsplit nv axis) or
+  # writing its gradient stays on each device: the unembedding is never gathered.
+  w = jnp.pad(unembed, ((0, 0), (0, nv * vc - v))).reshape(d, vc, nv)
 
   def step(carry, j):
     dh, dw = carry
-    wc = jax.lax.dynamic_slice_in_dim(w, j * vc, vc, axis=1).astype(h.dtype)
-    col = j * vc + jnp.arange(vc)[None]
+    wc = jax.lax.dynamic_index_in_dim(w, j, axis=2, keepdims=False).astype(h.dtype)
+    col = jnp.arange(vc)[None] * nv + j
     logp = jnp.dot(h, wc, preferred_element_type=jnp.float32) / temperature - lz
     p = jnp.where(col < v, jnp.exp(logp), 0.0)
     dz = (jnp.where(col == y, gl, 0.0) - p * (gl + ge * (logp + ent))) / temperature
     dh = dh + jnp.dot(dz.astype(h.dtype), wc.T, preferred_element_type=jnp.float32)
     dwc = jnp.dot(h.T, dz.astype(h.dtype), preferred_element_type=jnp.float32).astype(dw.dtype)
-    return (dh, jax.lax.dynamic_update_slice_in_dim(dw, dwc, j * vc, axis=1)), None
+    return (dh, jax.lax.dynamic_update_index_in_dim(dw, dwc, j, axis=2)), None
 
-  init = (jnp.zeros((n, d), jnp.float32), jnp.zeros((d, nv * vc), unembed.dtype))
+  init = (jnp.zeros((n, d), jnp.float32), jnp.zeros((d, vc, nv), unembed.dtype))
   (dh, dw), _ = jax.lax.scan(step, init, jnp.arange(nv))
-  return dh.reshape(b, t, d).astype(hidden.dtype), dw[:, :v], None
+  return dh.reshape(b, t, d).astype(hidden.dtype), dw.reshape(d, vc * nv)[:, :v], None
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
@@ -126,13 +139,88 @@ def sft_loss(logp: jax.Array) -> jax.Array:
 
 
 def policy_gradient_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, *,
-                         clip_eps: float | None = None) -> jax.Array:
-  """-A * exp(logp - old_logp) (no clip by default, docs/algorithm.md); with clip_eps the PPO clipped surrogate."""
+                         clip_eps: float | None = None, clip_eps_high: float | None = None,
+                         dual_clip: float | None = None) -> jax.Array:
+  """-A * exp(logp - old_logp) (no clip by default, docs/algorithm.md); with clip_eps the PPO clipped surrogate.
+
+  clip_eps_high: the ratio's upper bound 1 + clip_eps_high instead of 1 + clip_eps (DAPO's clip-higher).
+  dual_clip c > 1: where A < 0 the loss is at most -c * A, so a huge ratio cannot blow up a negative update
+  (dual-clip PPO). Both off by default (docs/algorithm.md#rl-options).
+  """
   ratio = jnp.exp(logp - old_logp)
   loss = -advantages * ratio
-  if clip_eps is None:
-    return loss
-  return jnp.maximum(loss, -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    loss = jnp.maximum(loss, -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high))
+  if dual_clip is not None:
+    loss = jnp.where(advantages < 0, jnp.minimum(loss, -advantages * dual_clip), loss)
+  return loss
+
+
+def sequence_log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T] -> [B, 1]: the mean over a row's masked tokens of log(pi / pi_old), GSPO's length-normalised sequence
+  log-ratio (0 for a row without tokens)."""
+  mask = mask.astype(bool)
+  count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(jnp.float32)
+  return jnp.sum(jnp.where(mask, logp - old_logp, 0.0), axis=-1, keepdims=True) / count
+
+
+def gspo_token_logp(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """GSPO-token: log-probs whose ratio to old_logp = 0 has, at every token, the value of the row's sequence ratio s
+  and the gradient s * grad log p_t, so that a sequence mean of per-token losses differentiates like GSPO's
+  sequence objective. [B, T]."""
+  sg = jax.lax.stop_gradient
+  return logp - sg(logp) + sg(sequence_log_ratio(logp, old_logp, mask))
+
+
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("truncate", "mask")
+
+
+def rollout_is_log_ratio(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array,
+                         level: str = "token") -> jax.Array:
+  """log(pi_train / pi_sampler) on the masked tokens ([B, T], 0 elsewhere), or its sum over each row's masked
+  tokens, the log of the sequence's ratio ([B, 1], level "sequence")."""
+  log_rho = jnp.where(mask.astype(bool), trainer_logp - sampler_logp, 0.0)
+  if level == "sequence":
+    return jnp.sum(log_rho, axis=-1, keepdims=True)
+  if level != "token":
+    raise ValueError(f"importance-sampling level {level!r} is unknown (known: {', '.join(IS_LEVELS)})")
+  return log_rho
+
+
+def rollout_is_weight(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, *, cap: float,
+                      level: str = "token", mode: str = "truncate") -> jax.Array:
+  """Importance weight of the trainer's policy over the sampler's, for the sampler/trainer mismatch (no gradient).
+
+  rho = pi_train / pi_sampler per token ([B, T]), or per row the product over its masked tokens ([B, 1], level
+  "sequence"). mode "truncate": min(rho, cap) (truncated IS); "mask": rho where rho <= cap, else 0, the token or
+  row dropped (masked IS). The cap is compared in log space, so a product of many ratios cannot overflow it.
+  """
+  log_rho = rollout_is_log_ratio(trainer_logp, sampler_logp, mask, level)
+  if mode == "truncate":
+    weight = jnp.minimum(jnp.exp(log_rho), cap)
+  elif mode == "mask":
+    weight = jnp.where(log_rho <= math.log(cap), jnp.exp(log_rho), 0.0)
+  else:
+    raise ValueError(f"importance-sampling mode {mode!r} is unknown (known: {', '.join(IS_MODES)})")
+  return jax.lax.stop_gradient(weight)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+  """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, with log r = log pi_ref - log pi:
+  k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, never negative). [B, T]."""
+  log_r = ref_logp - logp
+  if estimator == "k1":
+    return -log_r
+  if estimator == "k2":
+    return 0.5 * log_r ** 2
+  if estimator == "k3":
+    return jnp.exp(log_r) - 1.0 - log_r
+  raise ValueError(f"KL estimator {estimator!r} is unknown (known: {', '.join(KL_ESTIMATORS)})")
 
 
 def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 0.1) -> jax.Array:
@@ -141,32 +229,86 @@ def luffy_offpolicy_loss(logp: jax.Array, advantages: jax.Array, gamma: float = 
   return -advantages * p / (p + gamma)
 
 
+def phi_weighted_nll(logp: jax.Array) -> jax.Array:
+  """CHORD-phi (docs/algorithm.md#chord): -log p weighted by sg(p (1 - p)), which vanishes at p = 0 and p = 1."""
+  p = jax.lax.stop_gradient(jnp.exp(logp))
+  return -logp * p * (1.0 - p)
+
+
+def row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T], mask [B, T] -> [B, 1]: each row's mean over its masked tokens (0 for a row without any)."""
+  mask = mask.astype(jnp.float32)
+  return (jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0))[:, None]
+
+
+def top_share(values: jax.Array, selected: jax.Array, drop_share: float) -> jax.Array:
+  """[B, T] bool: the selected tokens left after dropping the floor(K * drop_share) of lowest value, K the number
+  selected (ties in index order), as the official entropy reshaper of Prefix-RFT ranks a micro-batch's prefix
+  tokens."""
+  flat = jnp.where(selected, values, jnp.inf).reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype)).reshape(values.shape)
+  drop = jnp.floor(jnp.sum(selected.astype(jnp.float32)) * drop_share)
+  return selected & (rank >= drop)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Advantages and aggregation.
 
 
 def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False,
-                     eps: float = 1e-6) -> jax.Array:
+                     eps: float = 1e-6, member: jax.Array | None = None) -> jax.Array:
   """rewards [N], group ids [N] (ints in [0, N)) -> reward minus its group mean [N] (GRPO, docs/algorithm.md#advantages).
 
   With use_std, divided by (group std + eps); the std is unbiased (ddof=1) as torch.std in the official code. A
-  group of one keeps its reward (the official estimator takes mean 0 and std 1 for it).
+  group of one keeps its reward (the official estimator takes mean 0 and std 1 for it). member [N] bool: only these
+  rows form the groups; the others (demonstration rows outside the group) get advantage 0.
   """
   rewards = rewards.astype(jnp.float32)
   n = rewards.shape[0]
-  count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_segments=n)
+  inside = jnp.ones_like(rewards) if member is None else member.astype(jnp.float32)
+  rewards = rewards * inside
+  count = jax.ops.segment_sum(inside, group_ids, num_segments=n)
   mean = jax.ops.segment_sum(rewards, group_ids, num_segments=n) / jnp.maximum(count, 1.0)
-  centred = rewards - mean[group_ids]
+  centred = (rewards - mean[group_ids]) * inside
   size = count[group_ids]
   std = jnp.ones_like(rewards)
   if use_std:
     var = jax.ops.segment_sum(centred ** 2, group_ids, num_segments=n)[group_ids] / jnp.maximum(size - 1.0, 1.0)
     std = jnp.where(size > 1, jnp.sqrt(var), 1.0)
     centred = centred / (std + eps)
-  return jnp.where(size > 1, centred, rewards / (std + eps) if use_std else rewards)
+  return jnp.where(size > 1, centred, rewards / (std + eps) if use_std else rewards) * inside
 
 
-AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean")
+def rloo_advantages(rewards: jax.Array, group_ids: jax.Array, *, member: jax.Array | None = None) -> jax.Array:
+  """RLOO: each reward minus the mean of the other rewards of its group, n/(n-1) x (R - group mean) [N]. A group
+  of one has no other reward and keeps its own. member [N] bool: only these rows form the groups (others get 0)."""
+  rewards = rewards.astype(jnp.float32)
+  n = rewards.shape[0]
+  inside = jnp.ones_like(rewards) if member is None else member.astype(jnp.float32)
+  rewards = rewards * inside
+  count = jax.ops.segment_sum(inside, group_ids, num_segments=n)[group_ids]
+  total = jax.ops.segment_sum(rewards, group_ids, num_segments=n)[group_ids]
+  return jnp.where(count > 1, rewards - (total - rewards) / jnp.maximum(count - 1.0, 1.0), rewards) * inside
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def advantages(estimator: str, rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False,
+               member: jax.Array | None = None) -> jax.Array:
+  """[N] advantages by name (docs/algorithm.md#rl-options): "grpo" (group mean, std with use_std), "dr_grpo" (group
+  mean, never the std: Dr. GRPO), "rloo" (leave-one-out mean). member [N] bool: the rows that form the groups."""
+  if estimator == "grpo":
+    return group_advantages(rewards, group_ids, use_std=use_std, member=member)
+  if estimator == "dr_grpo":
+    return group_advantages(rewards, group_ids, member=member)
+  if estimator == "rloo":
+    return rloo_advantages(rewards, group_ids, member=member)
+  raise ValueError(f"advantage estimator {estimator!r} is unknown (known: {', '.join(ADVANTAGE_ESTIMATORS)})")
+
+
+AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean", "row_share_token_mean")
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) -> jax.Array:
@@ -175,7 +317,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) ->
   seq_sum_over_max_len: sum over tokens / (max_len * B) — each sequence's sum over the fixed L_max, averaged over
     sequences (the official normaliser is this times the sequences per GPU: see LossConfig.seq_scale);
   token_mean: sum / number of tokens; seq_mean_token_mean: per-sequence token mean, averaged over sequences that
-    have tokens.
+    have tokens; row_share_token_mean: the token mean times the share of the B rows that have tokens (CHORD's
+    per-micro-batch weighting of each row type, docs/algorithm.md#chord).
   """
   mask = mask.astype(jnp.float32)
   total = per_token * mask
@@ -188,6 +331,9 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) ->
     seq = jnp.sum(total, axis=-1) / jnp.maximum(tokens, 1.0)
     has = (tokens > 0).astype(jnp.float32)
     return jnp.sum(seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+  if mode == "row_share_token_mean":
+    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+    return jnp.sum(total) / jnp.maximum(jnp.sum(mask), 1.0) * rows / per_token.shape[0]
   raise ValueError(f"aggregation mode {mode!r} is unknown")
 
 
@@ -214,6 +360,8 @@ class TokenInputs:
   prefix_mask: jax.Array  # expert tokens given, not generated
   off_loss_mask: jax.Array  # expert tokens chosen for imitation (one prefix imitated once per micro-group)
   response_mask: jax.Array
+  sampler_logp: jax.Array | None = None  # the log-probs the rows were sampled with (0 on given tokens); sampled rows
+  ref_logp: jax.Array | None = None  # log pi_ref of the frozen reference policy, where a KL option asks for it
 
 
 SELECTORS = {
@@ -226,8 +374,55 @@ SELECTORS = {
 }
 
 
-def _policy_gradient(x: TokenInputs, clip_eps: float | None = None) -> jax.Array:
-  return policy_gradient_loss(x.logp, x.old_logp, x.advantages[:, None], clip_eps=clip_eps)
+def _policy_gradient(x: TokenInputs, clip_eps: float | None = None, clip_eps_high: float | None = None,
+                     dual_clip: float | None = None, ratio: str = "token", tis_cap: float | None = None,
+                     tis_level: str = "token", tis_mode: str = "truncate") -> jax.Array:
+  """The policy-gradient term and its options (docs/algorithm.md#rl-options); with none set, exactly
+  policy_gradient_loss(logp, old_logp, A, clip_eps)."""
+  logp, old = _pg_logps(x, ratio)
+  loss = policy_gradient_loss(logp, old, x.advantages[:, None], clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                              dual_clip=dual_clip)
+  if tis_cap is not None:
+    loss = loss * _is_weight(x, tis_cap, tis_level, tis_mode)
+  return loss
+
+
+def _pg_logps(x: TokenInputs, ratio: str) -> tuple[jax.Array, jax.Array]:
+  """(log-probs, old log-probs) whose exp-difference is the importance ratio: per token, or GSPO's per sequence."""
+  if ratio == "token":
+    return x.logp, x.old_logp
+  if ratio == "sequence":
+    return gspo_token_logp(x.logp, x.old_logp, SELECTORS["own"](x)), jnp.zeros_like(x.old_logp)
+  raise ValueError(f"importance ratio {ratio!r} is unknown (known: token, sequence)")
+
+
+def _is_weight(x: TokenInputs, cap: float, level: str, mode: str) -> jax.Array:
+  if x.sampler_logp is None:
+    raise ValueError("rollout importance sampling (loss.tis_cap) needs the sampler's log-probs: a phase that samples")
+  return rollout_is_weight(x.old_logp, x.sampler_logp, SELECTORS["own"](x), cap=cap, level=level, mode=mode)
+
+
+def _reference_kl(x: TokenInputs, estimator: str) -> jax.Array:
+  if x.ref_logp is None:
+    raise ValueError("the reference_kl loss needs the reference policy's log-probs (ref_logp)")
+  return kl_estimate(x.logp, x.ref_logp, estimator)
+
+
+def _srft_reinforce(x: TokenInputs, correct: float, wrong: float) -> jax.Array:
+  """SRFT on the model's own tokens: -w log p, w = correct * sg(exp(H)) on a row with reward 1, `wrong` otherwise;
+  H the row's mean token entropy (docs/algorithm.md#srft)."""
+  h = jax.lax.stop_gradient(row_mean(x.entropy, x.response_mask))
+  w = jnp.where((x.rewards == 1.0)[:, None], correct * jnp.exp(h), wrong)
+  return -w * x.logp
+
+
+def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, dual_clip: float, entropy_drop: float) -> jax.Array:
+  """The dual-clip PPO surrogate on imitated expert tokens, whose advantage survives only on those outside the
+  lowest-entropy `entropy_drop` share of the micro-batch's imitated tokens (docs/algorithm.md#prefix-rft)."""
+  imitated = SELECTORS["imitated"](x)
+  keep = top_share(jax.lax.stop_gradient(x.entropy), imitated, entropy_drop)
+  return policy_gradient_loss(x.logp, x.old_logp, jnp.where(keep, x.advantages[:, None], 0.0), clip_eps=clip_eps,
+                              dual_clip=dual_clip)
 
 
 TOKEN_LOSSES = {
@@ -236,6 +431,12 @@ TOKEN_LOSSES = {
     "nll": lambda x: sft_loss(x.logp),
     "luffy_shaped": lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma),
     "entropy": lambda x: x.entropy,
+    "reference_kl": _reference_kl,
+    "prefix_rft_surrogate": _prefix_rft_surrogate,
+    "phi_nll": lambda x: phi_weighted_nll(x.logp),
+    # SRFT's demonstration loss: -sg(exp(-H)) log p, H the row's mean token entropy.
+    "entropy_weighted_nll": lambda x: -jax.lax.stop_gradient(jnp.exp(-row_mean(x.entropy, x.response_mask))) * x.logp,
+    "srft_reinforce": _srft_reinforce,
 }
 
 
@@ -337,4 +538,39 @@ def objective_loss(x: TokenInputs, objective: Objective,
   # The share of imitated tokens outside TrSFT's trust region (the paper's training-dynamics figure).
   if objective.trust_region is not None:
     metrics["expert_frac_below_alpha"] = _masked_mean((p < objective.trust_region).astype(jnp.float32), imitated)
+  for term in objective.terms:
+    if term.loss == "policy_gradient":
+      metrics.update(policy_gradient_metrics(x, **dict(term.params)))
   return loss, metrics
+
+
+def policy_gradient_metrics(x: TokenInputs, clip_eps: float | None = None, clip_eps_high: float | None = None,
+                            dual_clip: float | None = None, ratio: str = "token", tis_cap: float | None = None,
+                            tis_level: str = "token", tis_mode: str = "truncate") -> dict[str, jax.Array]:
+  """What each policy-gradient option did, as means over the model's own tokens (none without options):
+  pg/clip_frac_high and pg/clip_frac_low (tokens whose gradient the clip removed: A > 0 above 1 + eps_high, A < 0
+  below 1 - eps), pg/dual_clip_frac (A < 0 capped at -c A), tis/weight_mean and tis/frac_capped (ratio above the
+  cap: truncated, or dropped)."""
+  out = {}
+  own = SELECTORS["own"](x)
+  logp, old = _pg_logps(x, ratio)
+  r = jnp.exp(jax.lax.stop_gradient(logp - old))
+  a = jnp.broadcast_to(x.advantages[:, None], r.shape)
+  frac = lambda cond: _masked_mean(cond.astype(jnp.float32), own)
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    out["pg/clip_frac_high"] = frac((a > 0) & (r > 1.0 + high))
+    out["pg/clip_frac_low"] = frac((a < 0) & (r < 1.0 - clip_eps))
+  if dual_clip is not None:
+    out["pg/dual_clip_frac"] = frac((a < 0) & (r > dual_clip))
+  if tis_cap is not None:
+    out["tis/weight_mean"] = _masked_mean(jnp.broadcast_to(_is_weight(x, tis_cap, tis_level, tis_mode), r.shape), own)
+    log_rho = rollout_is_log_ratio(x.old_logp, x.sampler_logp, own, tis_level)
+    out["tis/frac_capped"] = frac(jnp.broadcast_to(log_rho > math.log(tis_cap), r.shape))
+  return out
+
+
+def mismatch_metrics(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """|log pi_train - log pi_sampler| over the masked (generated) tokens: its mean and its max."""
+  gap = jnp.where(mask.astype(bool), jnp.abs(jax.lax.stop_gradient(trainer_logp) - sampler_logp), 0.0)
+  return {"mismatch/abs_logp_mean": _masked_mean(gap, mask), "mismatch/abs_logp_max": jnp.max(gap)}

@@ -5,6 +5,7 @@ r"""trapo_jax entry point.
       --workdir=gs://bucket/run1 --config.model.hf_dir=/path/to/Qwen2.5-Math-7B
   python -m trapo_jax.main --mode=eval --workdir=...         # evaluate the workdir's latest checkpoint
   python -m trapo_jax.main --mode=export --workdir=...       # write the policy as a Hugging Face directory
+  python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=...  # does the run fit that slice? (aot.py)
 
 Exit codes: 0 done; 2 a user-facing error (config, paths, data, checkpoints, a locked workdir), printed as one line
 (`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM after saving a checkpoint (rerun to
@@ -86,7 +87,7 @@ try:
 except Exception as e:  # an override of the default config that cannot apply
   fail(_config_error(sys.argv, e))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs (default: runs/<config name>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "compile"], "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export target (default: <workdir>/hf).")
 _ALLOW_INITIAL_POLICY = flags.DEFINE_bool(
     "allow_initial_policy", False, "--mode=eval/export on a workdir without a checkpoint: use the initial policy "
@@ -95,6 +96,10 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir although the config differs from its run's in keys that change "
     "what a step computes (algorithm, model shape, loss, rollouts, data, optimizer, seed).")
 flags.DEFINE_bool("verbose", False, "Show the traceback of a user-facing error (also TRAPO_VERBOSE=1).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "--mode=compile target: a Cloud TPU accelerator type (v5p-32, "
+                                "v6e-16, ...), cpu:N, or empty for this machine's devices.")
+_ALL_METHODS = flags.DEFINE_bool("all_methods", False, "--mode=compile: every registered method, not only the "
+                                 "config's.")
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -156,6 +161,9 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _MODE.value == "compile":
+    compile_run()
+    return
   enable_compilation_cache()
   cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
@@ -184,6 +192,21 @@ def main(argv: list[str]) -> None:
     fail(f"error: {_reason(str(e))}")
   except trainer.TrainingError as e:
     fail(f"training error: {_reason(str(e))}")
+
+
+def compile_run() -> None:
+  """--mode=compile: no cache (the compile times are measured), no data, no weights, no distributed start."""
+  from trapo_jax import aot
+  cfg = _CONFIG.value
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    fail(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
+  try:
+    aot.prepare(_TOPOLOGY.value)
+    aot.run(cfg, _TOPOLOGY.value, all_methods=_ALL_METHODS.value)
+  except config_lib.ConfigError as e:
+    fail(f"config error: {e}")
+  except aot.CompileError as e:
+    fail(str(e))
 
 
 def entry() -> None:

@@ -25,6 +25,8 @@ DEFAULT_RULES = (
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
     ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),  # the KV cache's heads (models/transformer.py, KVCache)
+    ("activation_head_dim", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -58,8 +60,9 @@ def make_mesh(cfg=None, devices: Sequence[jax.Device] | None = None,
     shape = mesh_shape(cfg, len(devices)) if cfg is not None else (1, len(devices), 1)
   if int(np.prod(shape)) != len(devices):
     raise ConfigError(f"mesh: shape {shape} needs {int(np.prod(shape))} devices, {len(devices)} present")
-  if len(devices) == len(jax.devices()):
-    # Let JAX order the devices for the physical topology (ICI rings on TPU, NVLink on GPU).
+  if len(devices) == len(jax.devices()) or devices[0].platform != jax.default_backend():
+    # All devices (of this machine, or of a compile-only topology: trapo_jax/aot.py): let JAX order them for the
+    # physical topology (ICI rings on TPU, NVLink on GPU).
     # Auto axes: XLA's partitioner propagates shardings from the inputs and the logical constraints.
     return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * 3)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -85,6 +88,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def dividing(s: NamedSharding, shape: tuple[int | None, ...]) -> NamedSharding:
+  """`s` without the mesh axes that do not divide their dimension of `shape` (None: a size always padded to fit).
+
+  E.g. 4 KV heads on tensor=8 stay whole on every device rather than fail to split.
+  """
+  spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+  for i, (axes, size) in enumerate(zip(spec, shape)):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if size is not None and size % int(np.prod([s.mesh.shape[a] for a in names])):
+      spec[i] = None
+  return NamedSharding(s.mesh, P(*spec))
 
 
 def put_global(tree: Any, shardings: Any) -> Any:

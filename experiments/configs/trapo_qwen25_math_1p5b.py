@@ -26,9 +26,9 @@ def get_config():
   c.model.rms_norm_eps = 1e-6
   c.model.qkv_bias = True
   c.model.tie_embeddings = True
-  # The checkpoint declares 4096 positions while prompt + response here is 9216 tokens, as in the 7B run, whose
-  # model is a 16k-context variant. Guess: the same recipe; use a 16k-context variant of the 1.5B model, or
-  # --config.data.max_response_len=3072 to stay inside 4096.
+  # The checkpoint declares 4096 positions while prompt + response here is 9216 tokens, so loading it stops with a
+  # line naming the fix. Guess: the 7B run's overrides (--config.model.rope_theta=40000
+  # --config.model.max_position_embeddings=16384), or --config.data.max_response_len=3072 to stay inside 4096.
   c.model.max_position_embeddings = 4096
   # Everything else is the 7B run (the Qwen chat templates, 8 prompts x 8 samples, lr 1e-6): a guess, the paper
   # reports no separate 1.5B hyper-parameters.

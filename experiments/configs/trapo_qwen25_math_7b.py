@@ -1,7 +1,13 @@
 """The paper's main run (docs/algorithm.md#trapo): TRAPO on Qwen2.5-Math-7B with OpenR1-Math demonstrations.
 
+  python -m trapo_jax.main --config=experiments/configs/trapo_qwen25_math_7b.py --mode=compile --topology=v5p-32
   python -m trapo_jax.main --config=experiments/configs/trapo_qwen25_math_7b.py --workdir=gs://bucket/run1 \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+
+The model is the official run's: the stock Qwen2.5-Math-7B checkpoint (4096 positions, RoPE base 10000) with the 16k
+context and RoPE base 40000 that the LUFFY/HPT/ReLIFT training scripts give it, since a sequence here is 1024 + 8192
+tokens. This config sets both (model.rope_theta, model.max_position_embeddings), so they override the checkpoint's
+config.json; without them loading that checkpoint stops with a line naming them.
 """
 
 from trapo_jax import config as config_lib
@@ -10,9 +16,9 @@ from trapo_jax import config as config_lib
 def get_config():
   c = config_lib.base_config()
   c.algo = "trapo"
-  c.model.hf_dir = ""  # set on the command line: a local Qwen2.5-Math-7B(-16k-think) directory
-  # The model's shapes, so that the config compiles without weights (benchmarks/compile_7b.py); a run reads them
-  # from hf_dir's config.json instead. Qwen2.5-Math-7B's config.json:
+  c.model.hf_dir = ""  # set on the command line: a local Qwen2.5-Math-7B directory
+  # The model's shapes, so that the config compiles without weights (--mode=compile); a run reads them from
+  # hf_dir's config.json instead. Qwen2.5-Math-7B's config.json:
   c.model.model_type = "qwen2"
   c.model.vocab_size = 152064
   c.model.hidden_size = 3584
@@ -21,11 +27,11 @@ def get_config():
   c.model.num_heads = 28
   c.model.num_kv_heads = 4
   c.model.head_dim = 128
-  c.model.rope_theta = 10000.0  # the -16k-think variant raises it (value unverified)
+  c.model.rope_theta = 40000.0  # the official scripts' value; overrides the checkpoint's 10000
   c.model.rms_norm_eps = 1e-6
   c.model.qkv_bias = True
   c.model.tie_embeddings = False
-  c.model.max_position_embeddings = 16384  # the -16k-think variant's; Qwen2.5-Math-7B itself declares 4096
+  c.model.max_position_embeddings = 16384  # the official scripts' value; overrides the checkpoint's 4096
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"  # gradient checkpointing, as the official FSDP run

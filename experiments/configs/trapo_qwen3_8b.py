@@ -11,6 +11,7 @@ def get_config():
   c = trapo_qwen25_math_7b.get_config()
   c.model.hf_dir = ""  # set on the command line: a local Qwen3-8B (or Qwen3-8B-Base) directory
   # Shapes for compiling without weights; a run reads them from hf_dir's config.json. Qwen/Qwen3-8B's:
+  # (rope_theta and max_position_embeddings, being set, override config.json's: they are the checkpoint's own.)
   c.model.model_type = "qwen3"
   c.model.vocab_size = 151936
   c.model.hidden_size = 4096

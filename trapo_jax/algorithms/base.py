@@ -12,8 +12,10 @@ import dataclasses
 from typing import Any, ClassVar
 
 import ml_collections
+import numpy as np
 
 from trapo_jax import losses
+from trapo_jax.data import templates
 from trapo_jax.errors import ConfigError, require
 from trapo_jax.sampling import microgroup
 
@@ -27,6 +29,8 @@ class Phase:
   # The update's log-probs are of softmax(logits / temperature), the distribution the rows were sampled from, as the
   # official actor divides by rollout.temperature in both its old-log-prob pass and its update.
   temperature: float = 1.0
+  optimizer: str = ""  # which optimizer updates: "" the run's (cfg.optim), else one of Method.optimizers
+  prompts: int = 0  # prompts per update; 0: train.batch_prompts (a phase run from `after_update` may differ)
 
   @property
   def rows_per_prompt(self) -> int:
@@ -70,6 +74,29 @@ class Method:
   def check(self, cfg) -> None:
     """Raises ConfigError naming the key of a value this method cannot work with."""
     del cfg
+
+  def advantage_std(self, cfg) -> bool:
+    """Whether group advantages are divided by the group's std. Default: loss.use_std."""
+    return bool(cfg.loss.use_std)
+
+  def optimizers(self, cfg) -> dict[str, dict[str, Any]]:
+    """Optimizers besides the run's, by name: each the cfg.optim keys it changes. Their state is part of the train
+    state (and so of every checkpoint). Default: none."""
+    del cfg
+    return {}
+
+  def initial_state(self, cfg) -> dict[str, Any]:
+    """The method's own run state, JSON-serialisable, saved with every checkpoint. Default: none."""
+    del cfg
+    return {}
+
+  def after_update(self, cfg, step: int, uids: np.ndarray, rewards: np.ndarray,
+                   state: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Phase, list[int]]]]:
+    """After optimizer step `step` (0-based) on the prompts `uids` [G] whose rows got `rewards` [G, rows] (the
+    global batch): the method's new run state and further updates to run now, each a phase of demonstration rows and
+    the uids of the prompts it trains on. Default: none."""
+    del cfg, step, uids, rewards
+    return state, []
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -119,22 +146,53 @@ def from_config(cfg) -> Method:
 
 
 def objective(cfg, *terms: losses.Term) -> losses.Objective:
-  """The terms over the run's fixed response length and sequence scale (docs/algorithm.md, normalisation)."""
+  """The terms over the run's fixed response length and sequence scale (docs/algorithm.md, normalisation); an RL
+  objective (one with a policy-gradient term) also gets the KL to the reference policy when loss.kl_in is "loss"."""
+  if any(t.loss == "policy_gradient" for t in terms) and cfg.loss.kl_coef > 0 and cfg.loss.kl_in == "loss":
+    terms += (reference_kl(cfg),)
   return losses.Objective(terms=tuple(terms), max_len=int(cfg.data.max_response_len),
                           seq_scale=float(cfg.loss.seq_scale))
 
 
-def policy_gradient(cfg) -> losses.Term:
-  """-A * ratio on the tokens the model generated itself; PPO clip only if loss.clip_eps >= 0 (official: none)."""
-  clip = None if cfg.loss.clip_eps < 0 else float(cfg.loss.clip_eps)
-  return losses.Term("pg", tokens="own", loss="policy_gradient", aggregation=cfg.loss.aggregation,
-                     params=(("clip_eps", clip),))
+def policy_gradient(cfg, *, weight=1.0, aggregation: str | None = None, over: str = "response",
+                    **params) -> losses.Term:
+  """-A * ratio on the tokens the model generated itself; PPO clip only if loss.clip_eps >= 0 (official: none).
+
+  The options of docs/algorithm.md#rl-options enter as further params, only when set, so that the official term
+  is the same Term as before them. A method with its own clip (`clip_eps=`, `dual_clip=`), weight or aggregation
+  passes it here and keeps every other option.
+  """
+  lc = cfg.loss
+  options = {"clip_eps": None if lc.clip_eps < 0 else float(lc.clip_eps)}
+  if lc.clip_eps_high >= 0:
+    options["clip_eps_high"] = float(lc.clip_eps_high)
+  if lc.dual_clip >= 0:
+    options["dual_clip"] = float(lc.dual_clip)
+  if lc.importance_ratio != "token":
+    options["ratio"] = lc.importance_ratio
+  if lc.tis_cap > 0:
+    options.update(tis_cap=float(lc.tis_cap), tis_level=lc.tis_level, tis_mode=lc.tis_mode)
+  options.update(params)
+  return losses.Term("pg", tokens="own", loss="policy_gradient", weight=weight,
+                     aggregation=aggregation or cfg.loss.aggregation, over=over, params=tuple(options.items()))
+
+
+def reference_kl(cfg) -> losses.Term:
+  """loss.kl_coef x the KL estimate (loss.kl_estimator) to the frozen reference policy on the model's own tokens."""
+  return losses.Term("kl", tokens="own", loss="reference_kl", weight=float(cfg.loss.kl_coef),
+                     aggregation=cfg.loss.aggregation, params=(("estimator", cfg.loss.kl_estimator),))
 
 
 def entropy_bonus(cfg) -> losses.Term:
   """-entropy_coef x the token-mean entropy of every response token, prefixes and demonstrations included."""
   return losses.Term("entropy", tokens="response", loss="entropy", weight=-float(cfg.loss.entropy_coef),
                      aggregation="token_mean")
+
+
+def whole_response(cfg) -> str:
+  """The whole demonstration as a response (LUFFY's target: `tgt[0]['content']`), without its opening "<think>\n"
+  when the prompt already ends with one."""
+  return "response_after_think" if templates.opens_think(cfg.data.template) else "response"
 
 
 def own_rollouts(cfg) -> microgroup.Plan:
@@ -145,10 +203,14 @@ def own_rollouts(cfg) -> microgroup.Plan:
 def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
   """Every phase's rows per step split evenly over the batch shards; every term can be evaluated."""
   for phase in phases:
-    rows = cfg.train.batch_prompts * phase.rows_per_prompt
+    rows = (phase.prompts or cfg.train.batch_prompts) * phase.rows_per_prompt
     require(rows % batch_shards == 0, "train.batch_prompts",
             f"{rows} sequences per step ({phase.name} phase) do not split over the {batch_shards} batch shards "
             "(mesh data x fsdp)")
+    k = cfg.train.mini_batches
+    require(rows % (k * batch_shards) == 0, "train.mini_batches",
+            f"{rows} sequences per step ({phase.name} phase) do not split into {k} mini-batches over the "
+            f"{batch_shards} batch shards")
     for term in phase.objective.terms:
       try:
         losses.check_term(term)

@@ -176,6 +176,7 @@ class PromptLoader:
                    _listed([examples[i].uid for i in dropped]))
     self.examples: tuple[Example, ...] = tuple(examples[i] for i in keep)
     self._prompts = [np.asarray(ids[i], np.int32) for i in keep]
+    self._row_of_uid = {e.uid: i for i, e in enumerate(self.examples)}
     if drop_remainder and len(self.examples) < batch_size:
       raise demos_lib.DataError(f"batch_size {batch_size}: only {len(self.examples)} examples fit max_prompt_len "
                        f"{max_prompt_len}; a training loader needs at least one full batch")
@@ -213,6 +214,13 @@ class PromptLoader:
     rows = self._order(self._epoch)[self._index:self._index + self.batch_size]
     self._index += len(rows)
     return self._batch(rows)
+
+  def prompts(self, uids: Sequence[int]) -> PromptBatch:
+    """The batch of the examples with these uids, in this order (a method's replay of earlier prompts)."""
+    missing = [u for u in uids if u not in self._row_of_uid]
+    if missing or not len(uids):
+      raise ValueError(f"uids {_listed(missing)}: not among this loader's examples" if missing else "no uids given")
+    return self._batch(np.asarray([self._row_of_uid[u] for u in uids]))
 
   def _demo_ids(self, examples: Sequence[Example]) -> list[list[np.ndarray]]:
     """Per example, demos #0 and #1 in the loader's form, tokenised alone, truncated to max_response_len - 1, EOS

@@ -186,9 +186,14 @@ class Synthetic(ArrayRecordBuilder):
 # Tokenizer.
 
 
+# The templates the synthetic task's tokenizer was trained on. Named here, not read off templates.TEMPLATES, so that
+# adding a template for a real model cannot change the shipped vocabulary (and every synthetic result with it).
+CORPUS_TEMPLATES = ("train", "eval", "eval_official")
+
+
 def tokenizer_corpus() -> list[str]:
-  from trapo_jax.data.templates import TEMPLATES
-  texts = [t.replace("{problem}", "") for t in TEMPLATES.values()]
+  from trapo_jax.data.templates import format_prompt
+  texts = [format_prompt("", t) for t in CORPUS_TEMPLATES]
   for ex in generate_split("train", 3000, LEVELS, seed=123):
     texts += [ex["problem"], *ex["demos"]]
   return texts

@@ -48,12 +48,15 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
   attention_block: int = 512  # without a cache, longer sequences attend one query block at a time
+  attention_unroll: bool = False  # blocks unrolled, not looped: for cost estimates (XLA counts a loop body once)
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
-    """From the `model` group of an experiment config (random-init sizes)."""
+    """From the `model` group of an experiment config (random-init sizes; a zero rope_theta or
+    max_position_embeddings takes the default)."""
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: model_cfg[k] for k in model_cfg.keys() if k in names}
+    kwargs = {k: v for k, v in kwargs.items() if v or k not in ("rope_theta", "max_position_embeddings")}
     if "rope_scaling" in kwargs:
       kwargs["rope_scaling"] = rope.RopeScaling(**kwargs["rope_scaling"])
     return cls(**kwargs)
@@ -77,6 +80,14 @@ class KVCache:
   v: jax.Array  # [layers, B, kv_heads, S, head_dim]
   valid: jax.Array  # [B, S] bool
   end: jax.Array  # [] int32: the next slot to write, shared by all rows
+
+  @classmethod
+  def logical_axes(cls) -> "KVCache":
+    """Each field's logical axes (trapo_jax/sharding.py maps them to the mesh): rows over the batch shards, KV heads
+    over tensor, slots and head_dim whole."""
+    spec = jax.sharding.PartitionSpec
+    kv = spec("layers", "activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+    return cls(k=kv, v=kv, valid=spec("activation_batch", "activation_length"), end=spec())
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> "KVCache":
@@ -115,7 +126,7 @@ def attention_mask(kv_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array, q_slots: jax.Array,
-                        block: int) -> jax.Array:
+                        block: int, unroll: bool = False) -> jax.Array:
   """Causal attention of q [B, T, H, Dh] over k, v [B, S, K, Dh], one rematerialised block of queries at a time.
 
   Scores exist for one [B, H, block, S] block at a time, forward and backward, instead of [B, H, T, S]: a 9216-token
@@ -132,7 +143,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.
     qc, sl = args
     return jax.nn.dot_product_attention(qc, k, v, mask=attention_mask(kv_valid, sl))
 
-  out = jax.lax.map(one, (qb, slots))
+  out = jnp.stack([one((qb[i], slots[i])) for i in range(n)]) if unroll else jax.lax.map(one, (qb, slots))
   return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
@@ -177,7 +188,7 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(rope.apply_rope(k, sin, cos), heads)
     v = nn.with_logical_constraint(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), heads)
     if cache is None and isinstance(mask, tuple):
-      out = blockwise_attention(q, k, v, *mask, block=cfg.attention_block)
+      out = blockwise_attention(q, k, v, *mask, block=cfg.attention_block, unroll=cfg.attention_unroll)
     elif cache is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
@@ -299,6 +310,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   """Random parameters, boxed with their logical axis names (nn.Partitioned); `nn.unbox` strips them."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Decoder(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), bool))
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+  """The boxed parameter tree as shapes (jax.ShapeDtypeStruct leaves with their logical axes); computes nothing."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

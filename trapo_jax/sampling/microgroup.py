@@ -45,12 +45,23 @@ def next_level(stage: int, cumulative_correct: float, thresholds: Sequence[int] 
   return stage if cumulative_correct < thresholds[stage - 1] else 0
 
 
+SAMPLED_MODES = ("random", "hint")  # modes whose prefixes are drawn at random (collect needs an rng)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """A rollout plan: stage sizes and how guidance is chosen. One type covers every algorithm.
 
   mode "adaptive": TRAPO levels from thresholds; "fixed": every prompt is guided after stage 1 at `fixed_ratio`
-  (the ablation without adaptive levels; only the last guided sample gets the prefix loss); "none": no prefixes.
+  (the ablation without adaptive levels; only the last guided sample gets the prefix loss); "none": no prefixes;
+  "random": after `unguided_stages` stages, each stage of each prompt continues a prefix of a randomly chosen
+  demonstration at a ratio drawn from `ratio_bounds` (Prefix-RFT, `random_prefixes`); "hint": every stage continues
+  the first k of up to `hint_segments` step-aligned segments of demo #0, k ~ Binomial(segments, `hint_prob`) per
+  prompt (UFT, `hint_prefixes`).
+
+  What happens after grading: `demos` appends whole demonstrations to each prompt's rows, ungraded and outside its
+  GRPO group (CHORD); `gate` >= 0 replaces the rollouts of a prompt with at most `gate` correct ones by its
+  demonstration `gate_demo` (HPT: its first row becomes the demonstration, the others are emptied).
   """
   stages: tuple[int, ...] = (4, 2, 1, 1)
   mode: str = "adaptive"
@@ -58,10 +69,21 @@ class Plan:
   prefix_ratios: tuple[float, ...] = (0.25, 0.5, 1.0)
   fixed_ratio: float = 0.5
   window: float = 0.3
+  unguided_stages: int = 1  # "random": the first stages are the model's own
+  ratio_bounds: tuple[float, float] = (0.0, 1.0)  # "random": ratio = low + (high - low) * Beta(ratio_beta)
+  ratio_beta: tuple[float, float] = (1.0, 1.0)
+  min_prefix: int = 1  # "random": fewest prefix tokens
+  hint_prob: float = 0.0  # "hint": the probability of keeping each segment
+  hint_segments: int = 5
+  imitate: str = "last"  # whose given prefix is imitated: the "last" row of a guided stage, or "all" its rows
+  grade_given: bool = True  # the grader reads the given prefix too (False: only what the model generated)
+  demos: tuple[int, ...] = ()
+  gate: int = -1
+  gate_demo: int = 0
 
   @property
   def n(self) -> int:
-    return sum(self.stages)
+    return sum(self.stages) + len(self.demos)
 
   @property
   def one_pass_rows(self) -> int:
@@ -69,7 +91,7 @@ class Plan:
     this): every stage's alternatives where one pass applies (11 for TRAPO's 4, 2, 1, 1), else the largest stage."""
     if not one_pass_applies(self):
       return max(self.stages)
-    return sum(a.size for a in alternatives(self) if a.generated)
+    return len(one_pass_contexts(self)[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +129,13 @@ class StageInputs:
 
 
 def stage_inputs(plan: Plan, stage: int, levels: np.ndarray, demo_ids: np.ndarray, demo_lens: np.ndarray,
-                 split_ids: np.ndarray) -> StageInputs:
-  """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included) -> the stage's prefixes."""
+                 split_ids: np.ndarray, rng: np.random.Generator | None = None) -> StageInputs:
+  """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included) -> the stage's prefixes (`rng` for SAMPLED_MODES)."""
+  if plan.mode in SAMPLED_MODES:
+    if rng is None:
+      raise ValueError(f"a plan in mode {plan.mode!r} draws its prefixes at random: pass an rng")
+    draw = random_prefixes if plan.mode == "random" else hint_prefixes
+    return draw(plan, stage, demo_ids, demo_lens, split_ids, rng)
   ratios = stage_ratios(plan, stage, levels)
   g, _, width = demo_ids.shape
   prefix = np.zeros((g, width), np.int32)
@@ -129,11 +156,81 @@ def prefix_loss_rows(plan: Plan, stage: int, guided: np.ndarray) -> np.ndarray:
   """[G, stage size] bool: which samples' prefix tokens get the prefix loss.
 
   The last sample of a guided stage; in "fixed" mode only in the last stage, so each prompt imitates one prefix.
+  With `imitate="all"`, every sample of a guided stage.
   """
   rows = np.zeros((guided.shape[0], plan.stages[stage]), bool)
-  if plan.mode != "fixed" or stage == len(plan.stages) - 1:
+  if plan.imitate == "all":
+    rows[:] = guided[:, None]
+  elif plan.mode != "fixed" or stage == len(plan.stages) - 1:
     rows[:, -1] = guided
   return rows
+
+
+def _given(prefixes: list[np.ndarray], ratios: np.ndarray, width: int) -> StageInputs:
+  g = len(prefixes)
+  ids = np.zeros((g, width), np.int32)
+  lens = np.asarray([len(p) for p in prefixes], np.int32)
+  for i, p in enumerate(prefixes):
+    ids[i, :len(p)] = p
+  return StageInputs(ratios=np.asarray(ratios, np.float32), prefix_ids=ids, prefix_lens=lens,
+                     expert_full=np.zeros((g,), bool))
+
+
+def random_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.ndarray, split_ids: np.ndarray,
+                    rng: np.random.Generator) -> StageInputs:
+  """Prefix-RFT's prefixes (docs/algorithm.md#prefix-rft, official `PrefixRFTDataset.__getitem__`/`_get_prefix`).
+
+  Per prompt: one of its demonstrations at random, r = low + (high - low) * Beta(a, b), and its first
+  max(floor(r * m), min_prefix) tokens, at most m - 1, m the demonstration's length without EOS (at least one
+  of its tokens is left to generate). The ratio recorded is the prefix length over m.
+  """
+  del split_ids
+  g, _, width = demo_ids.shape
+  if stage < plan.unguided_stages:
+    return _given([np.zeros(0, np.int32)] * g, np.zeros(g), width)
+  low, high = min(plan.ratio_bounds), max(plan.ratio_bounds)
+  prefixes, ratios = [], []
+  for i in range(g):
+    have = np.flatnonzero(demo_lens[i] > 1)
+    which = int(rng.choice(have)) if have.size else 0
+    r = low + (high - low) * rng.beta(*plan.ratio_beta)
+    m = int(demo_lens[i, which]) - 1  # without EOS
+    k = min(max(int(r * m), plan.min_prefix), m - 1) if m > 1 else 0
+    prefixes.append(demo_ids[i, which, :k])
+    ratios.append(k / m if m > 0 else 0.0)
+  return _given(prefixes, ratios, width)
+
+
+def segment_ends(demo: np.ndarray, split_ids: np.ndarray, segments: int) -> list[int]:
+  """Token counts of the first 0, 1, ..., num segments of a demonstration without EOS (docs/algorithm.md#uft).
+
+  The demonstration's steps end just after each "\n\n" token; num = min(segments, steps) segments of round(j /
+  num * steps) steps (Python's rounding, as the official `separation`), the last ending with the text.
+  """
+  m = len(demo)
+  ends = [j + 1 for j in np.flatnonzero(np.isin(demo, split_ids)) if j + 1 < m] + [m]
+  if m == 0:
+    return [0]
+  num = min(segments, len(ends))
+  steps = [round(j / num * len(ends)) for j in range(num)] + [len(ends)]
+  return [0 if s == 0 else ends[s - 1] for s in steps]
+
+
+def hint_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.ndarray, split_ids: np.ndarray,
+                  rng: np.random.Generator) -> StageInputs:
+  """UFT's hints (docs/algorithm.md#uft, official `RLHFDataset.__getitem__`): per prompt and stage, the first k of
+  the num segments of demo #0, k ~ Binomial(num, hint_prob); every row of the stage continues the same hint (UFT
+  has one stage, so one hint per prompt). The ratio recorded is the hint's share of the demonstration."""
+  del stage
+  g, _, width = demo_ids.shape
+  prefixes, ratios = [], []
+  for i in range(g):
+    demo = demo_ids[i, 0, :max(int(demo_lens[i, 0]) - 1, 0)]
+    ends = segment_ends(demo, split_ids, plan.hint_segments)
+    k = int((rng.random(len(ends) - 1) < plan.hint_prob).sum())
+    prefixes.append(demo[:ends[k]])
+    ratios.append(ends[k] / int(demo_lens[i, 0]) if demo_lens[i, 0] else 0.0)
+  return _given(prefixes, ratios, width)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,7 +259,8 @@ class Alternative:
     return self.ratio < 1.0
 
 
-# Modes whose stages can all be sampled up front: a stage's rows depend on its level's prefix alone.
+# Modes whose stages can all be sampled up front: a stage's rows depend on its level's prefix alone, and its level
+# on the rewards before it. The SAMPLED_MODES draw their prefixes on the host per stage: they keep their stages.
 ONE_PASS_MODES = ("adaptive", "fixed", "none")
 
 
@@ -186,6 +284,14 @@ def alternatives(plan: Plan) -> tuple[Alternative, ...]:
       ratio = float(stage_ratios(plan, s, np.asarray([level]))[0])
       out.append(Alternative(stage=s, level=level, size=size, ratio=ratio))
   return tuple(out)
+
+
+def one_pass_contexts(plan: Plan) -> tuple[tuple[float, ...], tuple[int, ...]]:
+  """(ratios, branches): the prefix ratios a prompt's one-pass rows continue, one context each after the bare
+  prompt, and the context of each generated row (0: the bare prompt, b: ratios[b - 1]), in `alternatives` order."""
+  alts = [a for a in alternatives(plan) if a.generated]
+  ratios = tuple(sorted({a.ratio for a in alts if a.ratio > 0}))
+  return ratios, tuple(b for a in alts for b in [ratios.index(a.ratio) + 1 if a.ratio > 0 else 0] * a.size)
 
 
 def select_levels(plan: Plan, rewards: Sequence[np.ndarray]) -> np.ndarray:

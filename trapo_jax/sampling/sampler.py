@@ -11,9 +11,8 @@ tokens only (`cumsum(mask) - 1`), so left padding shifts no row's rotary phases 
 same tokens right-padded, computes the same log-probs.
 
 `sample_shared` decodes several contexts of each prompt in one pass (docs/algorithm.md#one-pass): the prompt is
-prefilled once, each of its prefixes extends that cache once, and every row starts from its context's copy. The
-prompt fills slots [0, P) and the prefix slots [P, P + X), each left-padded, so all contexts still end at one slot;
-the invalid slots in the middle are never attended, and positions continue over real tokens.
+prefilled once, each of its prefixes extends that cache once (by the prefix tokens alone), and every row starts from
+a copy of its context's cache, packed so that all contexts still end at one slot.
 
 The response buffer [B, L] starts with the prefix and the continuation is written behind it; a row stops at an EOS
 id or when prefix + continuation reaches L (the official assembly truncates prefix + continuation to L). Tokens
@@ -27,7 +26,7 @@ import functools
 from typing import Any, Sequence
 
 import flax
-import flax.linen as nn
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,6 @@ from trapo_jax.shapes import bucket
 
 
 _DECODE_SEGMENTS = 4  # more segments read less cache but compile one more loop body each
-_CACHE_AXES = (None, "activation_batch", "activation_heads", None, None)  # KVCache.k/v [layers, B, kv_heads, S, Dh]
 
 
 @flax.struct.dataclass
@@ -88,6 +86,13 @@ def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float, top_k: 
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
+def cache_shardings(cfg: tfm.ModelConfig, mesh, rules=sharding.DEFAULT_RULES) -> tfm.KVCache:
+  """The KV cache's NamedShardings from its logical axes; KV heads stay whole where tensor does not divide them."""
+  named = flax.linen.logical_to_mesh_sharding(tfm.KVCache.logical_axes(), mesh, rules)
+  kv = (cfg.num_layers, None, cfg.num_kv_heads, None, cfg.head_dim)
+  return named.replace(k=sharding.dividing(named.k, kv), v=sharding.dividing(named.v, kv))
+
+
 def _left_align(prompts, prompt_lens, prefixes, prefix_lens, width: int):
   """Right-padded prompts [B, P] and prefixes [B, K] -> left-padded contexts [B, width] and their mask."""
   total = prompt_lens + prefix_lens
@@ -117,13 +122,24 @@ class Sampler:
     self.mesh = mesh
     self.rules = rules
     self.traces: dict[str, int] = {"prefill": 0, "decode": 0}
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("width", "cache_size", "n", "sp"))
-    self._decode = jax.jit(self._decode_fn, static_argnames=("budget", "sp"), donate_argnames=("state",))
-    self._prefill_shared = jax.jit(self._prefill_shared_fn, static_argnames=(
-        "prompt_width", "prefix_width", "width", "cache_size", "branches", "sp"))
+    prefill, decode = {}, {}
+    if mesh is not None:
+      # Every input and output placed as stated: params by their logical axes, rows over the batch shards, the
+      # cache by KVCache.logical_axes, the key and the step counter replicated.
+      params = sharding.logical_shardings(tfm.abstract_params(cfg), mesh, rules)
+      rows, rep = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
+      state = _State(step=rep, cache=cache_shardings(cfg, mesh, rules), logits=rows, next_pos=rows, tokens=rows,
+                     logprobs=rows, lengths=rows, done=rows, eos=rows, keys=rows)
+      prefill = dict(in_shardings=(params,) + (rows,) * 6 + (rep,), out_shardings=state)
+      decode = dict(in_shardings=(params, state), out_shardings=(rows, state))
+    # Static arguments are positional: jit takes no keyword arguments once shardings are stated.
+    self._prefill = jax.jit(self._prefill_fn, static_argnums=(8, 9, 10, 11), **prefill)
+    self._decode = jax.jit(self._decode_fn, static_argnums=(2, 3), donate_argnums=(1,), **decode)
+    # The shared prefill takes the same inputs, shaped per prompt ([G], [G, X, L], [G, R]), split over prompts.
+    self._prefill_shared = jax.jit(self._prefill_shared_fn, static_argnums=(8, 9, 10, 11, 12, 13), **prefill)
 
   # -- in-graph parts ---------------------------------------------------------------------------------------------
-  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, *, width,
+  def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, width,
                   cache_size, n, sp):
     self.traces["prefill"] += 1  # runs at trace time only: counts compilations
     cfg = self.cfg
@@ -148,7 +164,7 @@ class Sampler:
                   keys=jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(rng, rep(row_ids)),
                                                     jnp.tile(jnp.arange(n), row_ids.shape[0])))
 
-  def _prefill_shared_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, row_ids, sample_ids, rng, *,
+  def _prefill_shared_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, row_ids, sample_ids, rng,
                          prompt_width, prefix_width, width, cache_size, branches, sp):
     """Each prompt's KV once, each of its prefixes' KV once on top of it, then one row per entry of `branches`.
 
@@ -193,15 +209,13 @@ class Sampler:
     pack = lambda parts: jnp.pad(
         jnp.take_along_axis(jnp.concatenate(parts, 2), jnp.clip(src, 0, span - 1)[None, :, :, None, :, None], axis=4),
         [(0, 0)] * 4 + [(0, cache_size - width), (0, 0)])
-    # Contexts [.., G, 1 + X, ..] -> rows [.., G * R, ..]: each row takes its branch's cache and next-token logits.
+    # Contexts [.., G, 1 + X, ..] -> rows [.., G * R, ..]: each row takes its branch's cache and next-token logits
+    # (the jit's out_shardings place them over the batch shards, as the decode expects).
     branch = jnp.asarray(branches, jnp.int32)
     rows = lambda a, axis: (lambda b: b.reshape(b.shape[:axis] + (-1,) + b.shape[axis + 2:]))(
         jnp.take(a, branch, axis=axis + 1))
-    # Rows were gathered from contexts: say where they live, as the decode expects (split over the batch axes).
-    by_row = lambda a, *rest: nn.with_logical_constraint(a, ("activation_batch",) + rest)
-    on_rows = lambda a: nn.with_logical_constraint(a, _CACHE_AXES)
-    cache = tfm.KVCache(k=on_rows(rows(pack(ks), 1)), v=on_rows(rows(pack(vs), 1)),
-                        valid=by_row(rows(jnp.pad(valid, [(0, 0), (0, 0), (0, cache_size - width)]), 0), None),
+    cache = tfm.KVCache(k=rows(pack(ks), 1), v=rows(pack(vs), 1),
+                        valid=rows(jnp.pad(valid, [(0, 0), (0, 0), (0, cache_size - width)]), 0),
                         end=jnp.asarray(width, jnp.int32))
     pre = jnp.concatenate([jnp.full((g, 1, resp_len), sp.pad_id, prefixes.dtype), prefixes], 1)
     lens = jnp.take(jnp.minimum(ctx_prefix, resp_len), branch, axis=1).reshape(-1)  # [G * R]
@@ -211,12 +225,12 @@ class Sampler:
     ends_eos = (lens > 0) & jnp.isin(last, jnp.asarray(sp.eos_ids or (-1,), jnp.int32))
     keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids.reshape(-1)),
                                         sample_ids.reshape(-1))
-    return _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=by_row(rows(jnp.concatenate(all_logits, 1), 0), None),
-                  next_pos=by_row(jnp.repeat(prompt_lens, len(branches)) + lens), tokens=by_row(tokens, None),
-                  logprobs=by_row(jnp.zeros(tokens.shape, jnp.float32), None), lengths=by_row(lens.astype(jnp.int32)),
-                  done=by_row(ends_eos | (lens >= resp_len)), eos=by_row(ends_eos), keys=keys)
+    return _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=rows(jnp.concatenate(all_logits, 1), 0),
+                  next_pos=jnp.repeat(prompt_lens, len(branches)) + lens, tokens=tokens,
+                  logprobs=jnp.zeros(tokens.shape, jnp.float32), lengths=lens.astype(jnp.int32),
+                  done=ends_eos | (lens >= resp_len), eos=ends_eos, keys=keys)
 
-  def _decode_fn(self, params, state: _State, *, budget, sp):
+  def _decode_fn(self, params, state: _State, budget, sp):
     self.traces["decode"] += 1
     cfg = self.cfg
     resp_len = state.tokens.shape[1]
@@ -256,6 +270,52 @@ class Sampler:
     return out, s
 
   # -- host API -----------------------------------------------------------------------------------------------------
+  def lower(self, params, *, prompts: int, prompt_len: int, max_len: int, width: int, budget: int, n: int,
+            sp: SamplingParams) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+    """The prefill and decode programs `sample` runs for `prompts` rows (a multiple of the mesh's batch shards) of
+    `prompt_len` tokens, context bucket `width` and decode budget `budget`, lowered for abstract inputs.
+
+    params: ShapeDtypeStructs (with shardings) or arrays. Nothing is computed: for --mode=compile (trapo_jax/aot.py).
+    """
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    inputs = (i32(prompts, prompt_len), i32(prompts), i32(prompts, max_len), i32(prompts),
+              jax.ShapeDtypeStruct((prompts,), jnp.bool_), i32(prompts))
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    with sharding.activate(self.mesh, self.rules):
+      prefill = self._prefill.lower(params, *inputs, rng, width, width + budget, n, sp)
+      state = jax.eval_shape(self._prefill, params, *inputs, rng, width, width + budget, n, sp)
+      return prefill, self._decode.lower(params, state, budget, sp)
+
+  def lower_shared(self, params, *, prompts: int, prompt_len: int, max_len: int, prefixes: int, branches: tuple,
+                   prompt_width: int, prefix_width: int, width: int, budget: int,
+                   sp: SamplingParams) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+    """The shared prefill and the decode `sample_shared` runs for `prompts` prompts (a multiple of the mesh's batch
+    shards) with `prefixes` prefixes each and len(branches) rows per prompt, lowered for abstract inputs (as `lower`)."""
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    r = len(branches)
+    inputs = (i32(prompts, prompt_len), i32(prompts), i32(prompts, prefixes, max_len), i32(prompts, prefixes),
+              i32(prompts, r), i32(prompts, r))
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    static = (prompt_width, prefix_width, width, width + budget, tuple(branches), sp)
+    with sharding.activate(self.mesh, self.rules):
+      prefill = self._prefill_shared.lower(params, *inputs, rng, *static)
+      state = jax.eval_shape(self._prefill_shared, params, *inputs, rng, *static)
+      return prefill, self._decode.lower(params, state, budget, sp)
+
+  @staticmethod
+  def shared_shapes(prompt_lens: np.ndarray, prefix_lens: np.ndarray, branches: Sequence[int],
+                    max_len: int) -> tuple[int, int, int, int]:
+    """(prompt_width, prefix_width, width, budget) of a `sample_shared` call: prompt lengths [G], prefix lengths
+    [G, X] (at most max_len), each row's context `branches` [R]."""
+    prompt_lens, prefix_lens = np.asarray(prompt_lens), np.asarray(prefix_lens)
+    row_lens = np.concatenate([np.zeros((len(prompt_lens), 1), np.int64), prefix_lens], 1)[:, list(branches)]
+    prompt_width = bucket(int(prompt_lens.max()))
+    prefix_width = bucket(int(prefix_lens.max(initial=0))) if prefix_lens.shape[1] else 0
+    # The packed contexts need the longest one's slots; a bucket above the two widths would only add slots.
+    width = min(bucket(int((prompt_lens[:, None] + row_lens).max())), prompt_width + prefix_width)
+    budget = bucket(max_len - int(row_lens.min()), cap=max_len)
+    return prompt_width, prefix_width, width, budget
+
   def sample(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray | None = None,
              prefix_lens: np.ndarray | None = None, *, max_len: int, rng: jax.Array, n: int = 1,
              active: np.ndarray | None = None, row_ids: np.ndarray | None = None,
@@ -289,17 +349,16 @@ class Sampler:
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
     inputs = (prompts, prompt_lens, pre, prefix_lens, active, row_ids)
     if self.mesh is None:
-      state = self._prefill(params, *inputs, rng, width=width, cache_size=width + budget, n=n, sp=sp)
-      return self._decode(params, state, budget=budget, sp=sp)[0]
+      state = self._prefill(params, *inputs, rng, width, width + budget, n, sp)
+      return self._decode(params, state, budget, sp)[0]
     # Rows must split evenly over the batch shards of this process: pad with inactive one-token rows, drop after.
     extra = -b % sharding.local_batch_shards(self.mesh)
     if extra:
       inputs = tuple(np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in inputs)
       inputs[4][b:] = False
     with sharding.activate(self.mesh, self.rules):
-      state = self._prefill(params, *sharding.put_batch(self.mesh, inputs), rng, width=width,
-                            cache_size=width + budget, n=n, sp=sp)
-      out, _ = self._decode(params, state, budget=budget, sp=sp)
+      state = self._prefill(params, *sharding.put_batch(self.mesh, inputs), rng, width, width + budget, n, sp)
+      out, _ = self._decode(params, state, budget, sp)
     out = sharding.to_host(self.mesh, out)
     return jax.tree.map(lambda x: x[:b * n], out) if extra else out
 
@@ -326,28 +385,22 @@ class Sampler:
     pre = np.full((g, x, max_len), pad_id, np.int32)
     k = min(np.shape(prefixes)[2], max_len)
     pre[:, :, :k] = np.asarray(prefixes, np.int32)[:, :, :k]
-    row_lens = np.concatenate([np.zeros((g, 1), np.int32), prefix_lens], 1)[:, list(branches)]
-    prompt_width = bucket(int(prompt_lens.max()))
-    prefix_width = bucket(int(prefix_lens.max(initial=0))) if x else 0
-    # The packed contexts need the longest one's slots; a bucket above the two widths would only add slots.
-    width = min(bucket(int((prompt_lens[:, None] + row_lens).max())), prompt_width + prefix_width)
-    budget = bucket(max_len - int(row_lens.min()), cap=max_len)
-    prompt_width, prefix_width, width, budget = sharding.agree_max(prompt_width, prefix_width, width, budget)
+    shapes = sharding.agree_max(*self.shared_shapes(prompt_lens, prefix_lens, branches, max_len))
+    prompt_width, prefix_width, width, budget = shapes
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
       rng = jax.random.wrap_key_data(rng)
     inputs = (prompts, prompt_lens, pre, prefix_lens, np.asarray(row_ids, np.int32), np.asarray(sample_ids, np.int32))
-    static = dict(prompt_width=prompt_width, prefix_width=prefix_width, width=width, cache_size=width + budget,
-                  branches=branches, sp=sp)
+    static = (prompt_width, prefix_width, width, width + budget, branches, sp)
     if self.mesh is None:
-      state = self._prefill_shared(params, *inputs, rng, **static)
-      return self._decode(params, state, budget=budget, sp=sp)[0]
+      state = self._prefill_shared(params, *inputs, rng, *static)
+      return self._decode(params, state, budget, sp)[0]
     # Prompts must split evenly over the batch shards of this process (then so do their rows): pad, drop after.
     extra = -g % sharding.local_batch_shards(self.mesh)
     if extra:
       inputs = tuple(np.concatenate([a, np.repeat(a[-1:], extra, 0)]) for a in inputs)
     with sharding.activate(self.mesh, self.rules):
-      state = self._prefill_shared(params, *sharding.put_batch(self.mesh, inputs), rng, **static)
-      out, _ = self._decode(params, state, budget=budget, sp=sp)
+      state = self._prefill_shared(params, *sharding.put_batch(self.mesh, inputs), rng, *static)
+      out, _ = self._decode(params, state, budget, sp)
     out = sharding.to_host(self.mesh, out)
     return jax.tree.map(lambda a: a[:g * len(branches)], out) if extra else out

@@ -7,8 +7,10 @@ that it saves those steps again.
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import shutil
+import sys
 from typing import Any, Callable
 
 import jax
@@ -38,6 +40,44 @@ def reason(error: BaseException) -> str:
   lines = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
   return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "..."
+
+
+def _from_orbax(tb) -> bool:
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _OrphanedReadFilter(logging_std.Filter):
+  """Drops asyncio's "exception was never retrieved" records of orbax's abandoned reads."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and "never retrieved" in record.getMessage() and _from_orbax(error.__traceback__))
+
+
+def _silence_orphaned_reads() -> None:
+  """Drops the stderr tracebacks of orbax's orphaned reads, once a read has failed.
+
+  When one array of a checkpoint fails to read, orbax raises the first error and abandons the sibling reads; each
+  one, collected later (often at exit), prints its own error and a TensorStore spec: through asyncio's logger (a
+  future whose exception was never retrieved) or sys.unraisablehook (a coroutine that never finished). The failure
+  is already reported in one line (`_unreadable`), so only those are filtered; anything else gets through.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "trapo_jax_filter", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "orbax" not in code.co_filename:
+      previous(unraisable)
+
+  hook.trapo_jax_filter = True
+  sys.unraisablehook = hook
+  logging_std.getLogger("asyncio").addFilter(_OrphanedReadFilter())
 
 
 class Checkpointer:
@@ -113,6 +153,7 @@ class Checkpointer:
     return None
 
   def _unreadable(self, step: int, error: Exception) -> tuple[int, str]:
+    _silence_orphaned_reads()
     why = reason(error)
     logging.warning("checkpoint %s/%d does not restore (%s); trying the next older one", self.directory, step, why)
     return step, why

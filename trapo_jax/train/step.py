@@ -41,9 +41,10 @@ class PackedBatch:
   advantages: np.ndarray  # [M, mb]
   rewards: np.ndarray  # [M, mb]
   kind: np.ndarray  # [M, mb] int32: losses.ROW_OWN | ROW_GUIDED | ROW_DEMO
+  sampler_logp: np.ndarray | None = None  # [M, mb, Lb]: the sampler's log-probs (sampled rows only)
 
   def arrays(self) -> dict[str, np.ndarray]:
-    return dataclasses.asdict(self)
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def micro_batch_rows(num_rows: int, seq_len: int, token_budget: int, shards: int) -> int:
@@ -58,8 +59,13 @@ def micro_batch_rows(num_rows: int, seq_len: int, token_budget: int, shards: int
   return mb
 
 
-def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: int) -> PackedBatch:
-  """A RolloutBatch -> packed, bucketed, micro-batched host arrays."""
+def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: int,
+         mini_batches: int = 1) -> PackedBatch:
+  """A RolloutBatch -> packed, bucketed, micro-batched host arrays.
+
+  mini_batches K: the micro-batches split into K mini-batches of consecutive rows (Updates), each a whole number of
+  micro-batches.
+  """
   n = rb.tokens.shape[0]
   resp_lens = rb.response_mask.sum(-1).astype(np.int32)
   lb = bucket(int(resp_lens.max()), cap=rb.tokens.shape[1])
@@ -72,7 +78,9 @@ def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: 
     seq[i, :lp] = rb.prompt_ids[i, :lp]
     seq[i, lp:lp + lr] = rb.tokens[i, :lr]
     mask[i, :lp + lr] = True
-  mb = micro_batch_rows(n, t, token_budget, shards)
+  if n % mini_batches:
+    raise ValueError(f"cannot split {n} rows into {mini_batches} mini-batches")
+  mb = micro_batch_rows(n // mini_batches, t, token_budget, shards)
   m = n // mb
   fit = lambda x: np.ascontiguousarray(x[:, :lb]).reshape(m, mb, lb)
   return PackedBatch(
@@ -80,7 +88,8 @@ def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: 
       resp_start=rb.prompt_lens.astype(np.int32).reshape(m, mb), resp_tokens=fit(rb.tokens.astype(np.int32)),
       prefix_mask=fit(rb.prefix_mask), off_loss_mask=fit(rb.off_loss_mask), response_mask=fit(rb.response_mask),
       advantages=advantages.astype(np.float32).reshape(m, mb), rewards=rb.rewards.astype(np.float32).reshape(m, mb),
-      kind=rb.kind.astype(np.int32).reshape(m, mb))
+      kind=rb.kind.astype(np.int32).reshape(m, mb),
+      sampler_logp=None if rb.logprobs is None else fit(rb.logprobs.astype(np.float32)))
 
 
 def response_logprobs(params, model_cfg: tfm.ModelConfig, mb: dict, chunk_size: int, temperature: float = 1.0):
@@ -101,24 +110,72 @@ def packed_logprobs(params, batch: dict, *, model_cfg: tfm.ModelConfig, chunk_si
   return jax.lax.map(lambda mb: response_logprobs(params, model_cfg, mb, chunk_size, temperature)[0], batch)
 
 
-def loss_fn(params, mb: dict, weights: jax.Array, *, model_cfg: tfm.ModelConfig, objective: losses.Objective,
-            chunk_size: int, temperature: float = 1.0):
-  """The objective of one micro-batch -> (loss, metrics). weights [num_terms]: each term's weight this step."""
+@dataclasses.dataclass(frozen=True)
+class Updates:
+  """How one rollout batch updates the policy (docs/algorithm.md#rl-options).
+
+  `epochs` passes over the batch, each in `mini_batches` optimizer steps over consecutive rows (PPO's epochs and
+  mini-batches). old_logp: "recompute", the trainer's log-probs under the parameters the step starts from (with one
+  update, those of the update itself: ratio 1, the official setting); or "sampler", the log-probs the rows were
+  sampled with.
+  """
+  epochs: int = 1
+  mini_batches: int = 1
+  old_logp: str = "recompute"
+
+  @property
+  def count(self) -> int:
+    return self.epochs * self.mini_batches
+
+
+def _own_tokens(mb: dict) -> jax.Array:
+  return mb["response_mask"].astype(bool) & ~mb["prefix_mask"].astype(bool)
+
+
+def loss_fn(params, mb: dict, weights: jax.Array, ref_params=None, *, model_cfg: tfm.ModelConfig,
+            objective: losses.Objective, chunk_size: int, temperature: float = 1.0, old_logp: str = "current"):
+  """The objective of one micro-batch -> (loss, metrics). weights [num_terms]: each term's weight this step.
+
+  old_logp: "current" (the log-probs just computed, without gradient), "sampler" (mb["sampler_logp"]) or "batch"
+  (mb["old_logp"]; the current ones where mb["first"], the step's first update, made with the old parameters).
+  ref_params: the frozen reference policy, for a term that reads its log-probs when mb holds none ("ref_logp").
+  """
   logp, entropy = response_logprobs(params, model_cfg, mb, chunk_size, temperature)
-  # One update per batch (ppo_epochs=1, one mini-batch): old log-probs are the current ones, ratio = 1 with the
-  # gradient of log pi, exactly as the official recomputation right before the update (docs/algorithm.md).
+  sg = jax.lax.stop_gradient
+  if old_logp == "current":
+    # One update per batch (ppo_epochs=1, one mini-batch): old log-probs are the current ones, ratio = 1 with the
+    # gradient of log pi, exactly as the official recomputation right before the update (docs/algorithm.md).
+    old = sg(logp)
+  elif old_logp == "sampler":
+    old = mb["sampler_logp"]
+  else:
+    old = jnp.where(mb["first"], sg(logp), mb["old_logp"])
+  ref = mb.get("ref_logp")
+  if ref is None and ref_params is not None:
+    ref = sg(response_logprobs(ref_params, model_cfg, mb, chunk_size, temperature)[0])
   inputs = losses.TokenInputs(
-      logp=logp, old_logp=jax.lax.stop_gradient(logp), entropy=entropy, advantages=mb["advantages"],
+      logp=logp, old_logp=old, entropy=entropy, advantages=mb["advantages"],
       rewards=mb["rewards"], kind=mb["kind"], prefix_mask=mb["prefix_mask"], off_loss_mask=mb["off_loss_mask"],
-      response_mask=mb["response_mask"])
-  return losses.objective_loss(inputs, objective, weights)
+      response_mask=mb["response_mask"], sampler_logp=mb.get("sampler_logp"), ref_logp=ref)
+  loss, metrics = losses.objective_loss(inputs, objective, weights)
+  own = _own_tokens(mb)
+  if old_logp == "batch":  # several updates: the mismatch is measured once per step (ppo_updates)
+    metrics["ppo/abs_log_ratio_max"] = jnp.max(jnp.where(own, jnp.abs(sg(logp) - old), 0.0))
+    metrics["ppo/kl"] = jnp.sum(jnp.where(own, old - sg(logp), 0.0)) / jnp.maximum(jnp.sum(own), 1)
+  elif "sampler_logp" in mb:
+    metrics.update(losses.mismatch_metrics(logp, mb["sampler_logp"], own))
+  return loss, metrics
 
 
 # Masked means over tokens, with the count that weights them: a micro-batch's mean counts by its tokens, so the step
 # reports the batch's mean (NaN where the batch has no such tokens, e.g. expert tokens under GRPO).
 _TOKEN_WEIGHTED = {"expert_prob": "num_prefix_tokens", "expert_frac_below_alpha": "num_prefix_tokens",
-                   "own_prob": "num_own_tokens"}
+                   "own_prob": "num_own_tokens",
+                   **{k: "num_own_tokens" for k in ("pg/clip_frac_high", "pg/clip_frac_low", "pg/dual_clip_frac",
+                                                    "tis/weight_mean", "tis/frac_capped", "mismatch/abs_logp_mean",
+                                                    "ppo/kl")}}
 _TOTALS = ("num_prefix_tokens", "num_own_tokens")
+_MAXED = ("mismatch/abs_logp_max", "ppo/abs_log_ratio_max")  # maxima over micro-batches and updates
 
 
 def combine_metrics(summed: dict, num_micro: int) -> dict:
@@ -129,48 +186,122 @@ def combine_metrics(summed: dict, num_micro: int) -> dict:
       count = summed[_TOKEN_WEIGHTED[k]]
       out[k] = jnp.where(count > 0, v / jnp.maximum(count, 1.0), jnp.nan)
     else:
-      out[k] = v if k in _TOTALS else v / num_micro
+      out[k] = v if k in _TOTALS or k in _MAXED else v / num_micro
   return out
 
 
-def accumulate_gradients(params, batch: dict, weights: jax.Array, *, model_cfg: tfm.ModelConfig,
-                         objective: losses.Objective, chunk_size: int, temperature: float = 1.0) -> tuple[Any, dict]:
+def accumulate_gradients(params, batch: dict, weights: jax.Array, ref_params=None, *, model_cfg: tfm.ModelConfig,
+                         objective: losses.Objective, chunk_size: int, temperature: float = 1.0,
+                         old_logp: str = "current") -> tuple[Any, dict]:
   """The step's gradient and metrics over [M, mb, ...] micro-batches: the mean of the micro-batch gradients."""
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg, objective=objective,
-                                                 chunk_size=chunk_size, temperature=temperature), has_aux=True)
+                                                 chunk_size=chunk_size, temperature=temperature, old_logp=old_logp),
+                               has_aux=True)
   num_micro = batch["advantages"].shape[0]
 
   def accumulate(carry, mb):
     grads, metrics = carry
-    (_, m), g = grad_fn(params, mb, weights)
+    (_, m), g = grad_fn(params, mb, weights, ref_params)
     m = {k: v * m[_TOKEN_WEIGHTED[k]] if k in _TOKEN_WEIGHTED else v for k, v in m.items()}
-    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
+    metrics = {k: jnp.maximum(metrics[k], v) if k in _MAXED else jnp.add(metrics[k], v) for k, v in m.items()}
+    return (jax.tree.map(jnp.add, grads, g), metrics), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   first = jax.tree.map(lambda x: x[0], batch)
   metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                              jax.eval_shape(grad_fn, params, first, weights)[0][1])
+                              jax.eval_shape(grad_fn, params, first, weights, ref_params)[0][1])
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), batch)
   return jax.tree.map(lambda g: g / num_micro, grads), combine_metrics(metrics, num_micro)
 
 
-def train_step(state: TrainState, batch: dict, weights: jax.Array, *, tx: optax.GradientTransformation,
-               model_cfg: tfm.ModelConfig, objective: losses.Objective, chunk_size: int,
-               temperature: float = 1.0) -> tuple[TrainState, dict]:
-  """One optimizer step over [M, mb, ...] micro-batches. A non-finite loss or gradient skips the update.
-
-  weights [num_terms] float32: the objective's term weights at this step (an input, so schedules never recompile).
-  """
-  grads, metrics = accumulate_gradients(state.params, batch, weights, model_cfg=model_cfg, objective=objective,
-                                        chunk_size=chunk_size, temperature=temperature)
+def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, metrics: dict):
+  """One AdamW update -> (params, opt_state, metrics + grad_norm, skipped); a non-finite loss or gradient keeps the
+  old parameters and optimizer state."""
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-  return state.replace(step=state.step + 1, params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state)), metrics
+  return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+
+def train_step(state: TrainState, batch: dict, weights: jax.Array, ref_params=None, *,
+               tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig, objective: losses.Objective,
+               chunk_size: int, temperature: float = 1.0, updates: Updates = Updates()) -> tuple[TrainState, dict]:
+  """One rollout batch's update over [M, mb, ...] micro-batches: one optimizer step (the default), or
+  updates.count of them (ppo_updates). A non-finite loss or gradient skips an update.
+
+  weights [num_terms] float32: the objective's term weights at this step (an input, so schedules never recompile).
+  ref_params: the frozen reference policy, placed like state.params, when a term reads its log-probs; else None.
+  """
+  if updates.count > 1:
+    params, opt_state, per_update, metrics = ppo_updates(
+        state.params, state.opt_state, batch, weights, ref_params, tx=tx, model_cfg=model_cfg, objective=objective,
+        chunk_size=chunk_size, temperature=temperature, updates=updates)
+    metrics.update(reduce_updates(per_update, updates.mini_batches))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  grads, metrics = accumulate_gradients(state.params, batch, weights, ref_params, model_cfg=model_cfg,
+                                        objective=objective, chunk_size=chunk_size, temperature=temperature,
+                                        old_logp="sampler" if updates.old_logp == "sampler" else "current")
+  params, opt_state, metrics = apply_gradients(tx, state.params, state.opt_state, grads, metrics)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def ppo_updates(params, opt_state, batch: dict, weights: jax.Array, ref_params=None, *,
+                tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig, objective: losses.Objective,
+                chunk_size: int, temperature: float = 1.0, updates: Updates):
+  """updates.count optimizer steps over one batch of [M, mb, ...] micro-batches: update u = e * K + k takes
+  mini-batch k (micro-batches k M/K .. (k+1) M/K - 1) in epoch e.
+
+  Old log-probs ("recompute") and the reference's are computed once, before the first update; the first update
+  takes its own log-probs as old ones, so its ratio is exactly 1, as with one update.
+  -> (params, opt_state, per-update metrics [count] each, the step's mismatch metrics).
+  """
+  num_micro = batch["advantages"].shape[0]
+  k_count = updates.mini_batches
+  if num_micro % k_count:
+    raise ValueError(f"{num_micro} micro-batches do not split into {k_count} mini-batches")
+  per_mini = num_micro // k_count
+  logprobs = functools.partial(packed_logprobs, model_cfg=model_cfg, chunk_size=chunk_size, temperature=temperature)
+  sg = jax.lax.stop_gradient
+  start = sg(logprobs(params, batch))  # the trainer's log-probs before any update
+  batch = dict(batch, old_logp=start if updates.old_logp == "recompute" else batch["sampler_logp"])
+  if ref_params is not None:
+    batch["ref_logp"] = sg(logprobs(ref_params, batch))
+  step_metrics = {}
+  if "sampler_logp" in batch:
+    step_metrics = losses.mismatch_metrics(start, batch["sampler_logp"], _own_tokens(batch))
+  first_is_current = updates.old_logp == "recompute"
+
+  def update(carry, u):
+    params, opt_state = carry
+    mini = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, (u % k_count) * per_mini, per_mini, axis=0),
+                        batch)
+    mini["first"] = jnp.broadcast_to((u == 0) & first_is_current, (per_mini,))
+    grads, metrics = accumulate_gradients(params, mini, weights, model_cfg=model_cfg, objective=objective,
+                                          chunk_size=chunk_size, temperature=temperature, old_logp="batch")
+    params, opt_state, metrics = apply_gradients(tx, params, opt_state, grads, metrics)
+    return (params, opt_state), metrics
+
+  (params, opt_state), per_update = jax.lax.scan(update, (params, opt_state), jnp.arange(updates.count))
+  return params, opt_state, per_update, step_metrics
+
+
+def reduce_updates(per_update: dict, mini_batches: int) -> dict:
+  """Per-update metrics [count] -> the step's: token totals over one epoch, maxima (and `skipped`: any update
+  skipped) over all updates, the rest the mean over updates (ignoring undefined ones)."""
+  out = {}
+  for k, v in per_update.items():
+    if k in _TOTALS:
+      out[k] = jnp.sum(v[:mini_batches])
+    elif k in _MAXED or k == "skipped":
+      out[k] = jnp.max(v)
+    elif k in _TOKEN_WEIGHTED:
+      out[k] = jnp.nanmean(v)
+    else:
+      out[k] = jnp.mean(v)
+  return out
 
 
 def micro_batch_sharding(mesh, ndim: int):
@@ -179,7 +310,30 @@ def micro_batch_sharding(mesh, ndim: int):
                                                                      *([None] * (ndim - 2))))
 
 
+def packed_sharding(mesh) -> jax.sharding.NamedSharding:
+  """Every array of a packed batch, whatever its rank ([M, mb, ...]): the rows of each micro-batch over (data,
+  fsdp), the rest whole."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+
 def put_packed(mesh, packed: PackedBatch) -> dict[str, Any]:
   arrays = packed.arrays()
-  return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, v.ndim), v)
-          for k, v in arrays.items()}
+  return {k: jax.make_array_from_process_local_data(packed_sharding(mesh), v) for k, v in arrays.items()}
+
+
+def jit_train_step(tx: optax.GradientTransformation, model_cfg: tfm.ModelConfig, mesh, *,
+                   objective: losses.Objective, chunk_size: int, temperature: float = 1.0, updates: Updates = Updates(),
+                   state_tx: optax.GradientTransformation | None = None, reference: bool = False):
+  """`train_step` jitted with every sharding stated: the state's own (TrainState.shardings, donated), the packed
+  batch's, replicated term weights and metrics, and the reference params like the params when `reference`. The
+  trainer runs it; --mode=compile lowers it (trapo_jax/aot.py).
+
+  tx: the optimizer this step updates with; state_tx: the state's whole optimizer when that differs (a method's
+  second optimizer lives in the same state, state.slot), which fixes the state's structure and shardings.
+  """
+  state = TrainState.shardings(model_cfg, mesh, state_tx or tx)
+  rep = sharding.replicated(mesh)
+  ins = (state, packed_sharding(mesh), rep) + ((state.params,) if reference else ())
+  return jax.jit(functools.partial(train_step, tx=tx, model_cfg=model_cfg, objective=objective, chunk_size=chunk_size,
+                                   temperature=temperature, updates=updates),
+                 in_shardings=ins, out_shardings=(state, rep), donate_argnums=(0,))

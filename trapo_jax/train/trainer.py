@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -53,10 +55,43 @@ class Context:
   eos_ids: tuple[int, ...]
   pad_id: int
   split_ids: np.ndarray
+  reference: Any = None  # the frozen reference policy of the KL options, built on first use (reference_policy)
+  # Optimizers by name ("" the run's), when the method has more than one: their states share the train state.
+  txs: dict[str, Any] | None = None
+  loader: Any = None  # the training PromptLoader, once `run` has built it (updates from `after_update` read it)
+  algo_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's run state (checkpointed)
 
   @property
   def shards(self) -> int:
     return sharding.local_batch_shards(self.mesh)
+
+  def tx_of(self, phase: algorithms.Phase):
+    return phase_optimizer(self.txs, self.tx, phase)
+
+
+def make_optimizers(cfg, method: algorithms.Method) -> dict[str, Any] | None:
+  """The method's optimizers by name when it declares any besides the run's (cfg.optim), else None."""
+  extra = method.optimizers(cfg)
+  if not extra:
+    return None
+  txs = {"": state_lib.make_optimizer(cfg.optim)}
+  for name, changes in sorted(extra.items()):
+    txs[name] = state_lib.make_optimizer(ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **changes)))
+  return txs
+
+
+def state_optimizer(cfg, txs: dict[str, Any] | None):
+  """The state's whole optimizer: the run's, or all of the method's in one state (state.slot, the first updating)."""
+  return state_lib.make_optimizer(cfg.optim) if txs is None else state_lib.slot(tuple(txs.values()), 0)
+
+
+def phase_optimizer(txs: dict[str, Any] | None, tx, phase: algorithms.Phase):
+  """The optimizer a phase updates with: the run's (`tx`), or its slot of the shared state."""
+  if txs is None:
+    if phase.optimizer:
+      raise TrainingError(f"phase {phase.name}: optimizer {phase.optimizer!r} is not one of the method's")
+    return tx
+  return state_lib.slot(tuple(txs.values()), list(txs).index(phase.optimizer))
 
 
 def build_context(cfg, workdir: str) -> Context:
@@ -71,11 +106,14 @@ def build_context(cfg, workdir: str) -> Context:
     raise TrainingError(f"{tok_dir}: the tokenizer has no eos token")
   if len(tokenizer) > model_cfg.vocab_size:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
-  return Context(cfg=cfg, workdir=workdir, method=algorithms.from_config(cfg), mesh=mesh, model_cfg=model_cfg,
+  method = algorithms.from_config(cfg)
+  txs = make_optimizers(cfg, method)
+  return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg,
                  tokenizer=tokenizer,
-                 tx=state_lib.make_optimizer(cfg.optim), sampler=Sampler(model_cfg, mesh=mesh),
+                 tx=state_optimizer(cfg, txs),
+                 sampler=Sampler(model_cfg, mesh=mesh),
                  eos_ids=(int(tokenizer.eos_token_id),), pad_id=pipeline.pad_id(tokenizer),
-                 split_ids=microgroup.split_token_ids(tokenizer))
+                 split_ids=microgroup.split_token_ids(tokenizer), txs=txs, algo_state=method.initial_state(cfg))
 
 
 def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
@@ -89,7 +127,7 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
     out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active, row_ids=row_ids,
                              max_len=ctx.cfg.data.max_response_len, rng=rng, n=n, temperature=r.temperature,
                              top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
-    out = np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)  # waits for the decode
+    out = _host_rows(out)  # waits for the decode
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
     return out
 
@@ -110,6 +148,12 @@ def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, fl
   return sample_fn, grade_fn
 
 
+def _host_rows(out) -> tuple[np.ndarray, ...]:
+  """The sampler's rows as rollout.collect takes them: tokens, prefix_mask, response_mask, logprobs, eos."""
+  return (np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask),
+          np.asarray(out.logprobs), np.asarray(out.eos))
+
+
 def make_shared_sample_fn(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
   """The sampler closure of rollout.collect_one_pass (Sampler.sample_shared), keyed and timed as make_rollout_fns'."""
   r = ctx.cfg.rollout
@@ -120,23 +164,23 @@ def make_shared_sample_fn(ctx: Context, params, rng: jax.Array, timings: dict[st
                                     row_ids=row_ids, sample_ids=sample_ids, max_len=ctx.cfg.data.max_response_len,
                                     rng=rng, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
-    out = np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask)
+    out = _host_rows(out)
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
     return out
 
   return sample_fn
 
 
-def collect_rollouts(ctx: Context, plan: microgroup.Plan, local, params, rng: jax.Array,
-                     timings: dict[str, float]) -> rollout_lib.RolloutBatch:
-  """This process's share of the step's rows: in one decode pass if rollout.one_pass and the plan has stages to
-  choose between, else stage by stage."""
+def collect_rollouts(ctx: Context, plan: microgroup.Plan, local, params, rng: jax.Array, timings: dict[str, float],
+                     draws: np.random.Generator | None = None) -> rollout_lib.RolloutBatch:
+  """This process's share of a prompt batch's rows: in one decode pass if rollout.one_pass and the plan's stages
+  are chosen by rewards (microgroup.one_pass_applies), else stage by stage. draws: the plan's host draws."""
   sample_fn, grade_fn = make_rollout_fns(ctx, params, rng, timings)
   first = jax.process_index() * local.prompt_ids.shape[0]
   if ctx.cfg.rollout.one_pass and microgroup.one_pass_applies(plan):
     return rollout_lib.collect_one_pass(plan, local, make_shared_sample_fn(ctx, params, rng, timings), grade_fn,
                                         ctx.split_ids, first, pad_id=ctx.pad_id)
-  return rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids, first)
+  return rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids, rng=draws, first_prompt=first)
 
 
 def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
@@ -145,38 +189,50 @@ def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
     return rb
   from jax.experimental import multihost_utils
   fields = dict(rewards=rb.rewards, stage=rb.stage, ratio=rb.ratio, levels=rb.levels, group_ids=rb.group_ids,
-                prefix_mask=rb.prefix_mask, response_mask=rb.response_mask, kind=rb.kind)
+                prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
+  if rb.truncated is not None:
+    fields["truncated"] = rb.truncated
+  if rb.in_group is not None:
+    fields["in_group"] = rb.in_group
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
   counts = np.asarray(multihost_utils.process_allgather(np.asarray([rb.sampled_rows, rb.decode_passes])))
-  return dataclasses.replace(rb, **gathered, sampled_rows=int(counts[:, 0].sum()),
-                             decode_passes=int(counts[:, 1].max()))
+  return dataclasses.replace(rb, **gathered, kind=np.asarray(multihost_utils.process_allgather(rb.kind, tiled=True)),
+                             sampled_rows=int(counts[:, 0].sum()), decode_passes=int(counts[:, 1].max()))
 
 
 def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
-  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation)."""
+  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation).
+
+  Rewards are those of the graded rows in their prompt's group (demonstration rows a plan adds are not graded);
+  lengths those of rows that kept their tokens."""
   rb = global_rollouts(rb)
-  m: dict[str, float] = {"reward/mean": float(rb.rewards.mean())}
+  graded = np.ones(rb.rewards.shape, bool) if rb.in_group is None else rb.in_group
+  kept = rb.lengths > 0
+  m: dict[str, float] = {"reward/mean": float(rb.rewards[graded].mean())}
   for s in range(num_stages):
-    sel = rb.stage == s
+    sel = (rb.stage == s) & graded
     if sel.any():
       m[f"reward/stage_{s + 1}"] = float(rb.rewards[sel].mean())
-  own = rb.ratio == 0
+  own = (rb.ratio == 0) & graded
   if own.any():
     m["reward/own"] = float(rb.rewards[own].mean())
-    m["length/own"] = float(rb.lengths[own].mean())
+  if (own & kept).any():
+    m["length/own"] = float(rb.lengths[own & kept].mean())
   expert = rb.ratio >= 1
   if expert.any():
     m["length/expert"] = float(rb.lengths[expert].mean())
-  guided = (rb.ratio > 0) & (rb.ratio < 1)
+  guided = (rb.ratio > 0) & (rb.ratio < 1) & graded
   if guided.any():
     m["reward/guided"] = float(rb.rewards[guided].mean())
   top = rb.levels.max(axis=1)
   for level in range(num_stages):
     m[f"hint_level_{level}"] = float((top == level).mean())
-  per_prompt = rb.rewards.reshape(rb.levels.shape[0], -1)
-  m["solve_all"] = float((per_prompt.min(1) == 1).mean())
-  m["solve_none"] = float((per_prompt.max(1) == 0).mean())
+  per_prompt = np.where(graded, rb.rewards, np.nan).reshape(rb.levels.shape[0], -1)
+  m["solve_all"] = float((np.nanmin(per_prompt, 1) == 1).mean())
+  m["solve_none"] = float((np.nanmax(per_prompt, 1) == 0).mean())
   m["prefix_tokens"] = float(rb.prefix_mask.sum())
+  if rb.truncated is not None:
+    m["overlong/truncated_frac"] = float(rb.truncated.mean())
   m["response_tokens"] = float(rb.response_mask.sum())
   # What one-pass sampling trades: one decode pass for more rows generated than used (docs/algorithm.md#one-pass).
   m["rollout/decode_passes"] = float(rb.decode_passes)
@@ -210,10 +266,33 @@ class _Preemption:
 
 
 def jit_step(ctx: Context, phase: algorithms.Phase):
-  """The phase's train step, compiled on first use: (state, packed batch, term weights) -> (state, metrics)."""
-  return jax.jit(functools.partial(step_lib.train_step, tx=ctx.tx, model_cfg=ctx.model_cfg, objective=phase.objective,
-                                   chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
-                 donate_argnums=(0,))
+  """The phase's train step, compiled on first use: (state, packed batch, term weights[, reference params]) ->
+  (state, metrics), every sharding stated (step.jit_train_step)."""
+  return step_lib.jit_train_step(ctx.tx_of(phase), ctx.model_cfg, ctx.mesh, objective=phase.objective,
+                                 chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature,
+                                 updates=updates_of(ctx.cfg, phase), state_tx=ctx.tx,
+                                 reference=uses_reference(phase))
+
+
+def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
+  """The phase's PPO epochs and mini-batches; a phase of demonstrations alone (SFT) makes one update, as the
+  official SFT step does, and has no sampler log-probs."""
+  t = cfg.train
+  if not phase.samples:
+    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute")
+  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=t.mini_batches, old_logp=t.old_logp)
+
+
+def uses_reference(phase: algorithms.Phase) -> bool:
+  return any(t.loss == "reference_kl" for t in phase.objective.terms)
+
+
+def reference_policy(ctx: Context):
+  """The frozen reference policy pi_ref of the KL options: the initial policy, placed like the policy's params
+  (built once; a resumed run builds the same one)."""
+  if ctx.reference is None:
+    ctx.reference = state_lib.init_params(ctx.cfg, ctx.model_cfg, ctx.mesh)
+  return ctx.reference
 
 
 def _loader(ctx: Context, split: str = "train"):
@@ -249,11 +328,7 @@ def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorith
                      step_fns: dict) -> None:
   """The probabilities the policy about to be updated gives imitated expert tokens and its own tokens, written to
   <workdir>/token_probs/ (this process's rows; process 0 writes)."""
-  key = f"{phase.name}/logprobs"
-  if key not in step_fns:
-    step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
-                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature))
-  p = np.exp(np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1)))
+  p = np.exp(_packed_logprobs(ctx, params, placed, phase, step_fns))
   resp = packed.response_mask.astype(bool)
   prefix = resp & packed.prefix_mask.astype(bool)
   if jax.process_index() == 0:
@@ -261,35 +336,119 @@ def dump_token_probs(ctx: Context, params, placed: dict, packed, phase: algorith
                                   p[resp & ~prefix])
 
 
-def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict) -> tuple[Any, dict]:
-  """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics."""
+def _packed_logprobs(ctx: Context, params, placed: dict, phase: algorithms.Phase, step_fns: dict) -> np.ndarray:
+  """log-probs [M, mb, Lb] of this process's rows of a placed packed batch under `params`, as numpy."""
+  key = f"{phase.name}/logprobs"
+  if key not in step_fns:
+    rows = step_lib.packed_sharding(ctx.mesh)
+    step_fns[key] = jax.jit(functools.partial(step_lib.packed_logprobs, model_cfg=ctx.model_cfg,
+                                              chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature),
+                            in_shardings=(state_lib.param_shardings(ctx.model_cfg, ctx.mesh), rows),
+                            out_shardings=rows)
+  return np.asarray(sharding.to_host(ctx.mesh, step_fns[key](params, placed), batch_axis=1))
+
+
+def kl_reward_penalty(ctx: Context, params, placed: dict, packed, phase: algorithms.Phase,
+                      step_fns: dict) -> np.ndarray:
+  """[N] loss.kl_coef x the sum over each row's own tokens of the KL estimate between the policy that sampled the
+  rows (its old log-probs) and the reference policy: the KL as a reward penalty (docs/algorithm.md#rl-options)."""
+  cfg = ctx.cfg
+  ref = _packed_logprobs(ctx, reference_policy(ctx), placed, phase, step_fns)
+  old = (packed.sampler_logp if updates_of(cfg, phase).old_logp == "sampler"
+         else _packed_logprobs(ctx, params, placed, phase, step_fns))
+  kl = np.asarray(losses.kl_estimate(jnp.asarray(old), jnp.asarray(ref), cfg.loss.kl_estimator))
+  own = packed.response_mask & ~packed.prefix_mask
+  return cfg.loss.kl_coef * np.where(own, kl, 0.0).sum(-1).reshape(-1)
+
+
+def refill(ctx: Context, rb: rollout_lib.RolloutBatch, collect, more_prompts) -> tuple[Any, dict]:
+  """DAPO's dynamic sampling over the prompts `more_prompts` yields after this step's (train.dynamic_sampling)."""
+  if more_prompts is None:
+    raise TrainingError("train.dynamic_sampling: this step was given no further prompts to draw refills from")
+  more = lambda: collect(local_share(next(more_prompts), jax.process_index(), jax.process_count()))
+  # Every process must make the same rounds: it goes on while any process lacks informative groups.
+  all_done = lambda done: sharding.agree_max(int(not done))[0] == 0
+  rb, stats = rollout_lib.dynamic_sampling(rb, more, groups=rb.levels.shape[0],
+                                           max_rounds=ctx.cfg.train.max_refill_rounds, all_done=all_done)
+  counts = np.asarray([stats[k] for k in ("informative_groups", "filtered_groups", "kept_uninformative")])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
+  return rb, {"dynamic_sampling/rounds": float(stats["rounds"]),
+              **{f"dynamic_sampling/{k}": float(v)
+                 for k, v in zip(("informative_groups", "filtered_groups", "kept_uninformative"), counts)}}
+
+
+def shaped_rewards(cfg, rb: rollout_lib.RolloutBatch) -> tuple[np.ndarray, dict]:
+  """The graded rewards plus DAPO's soft overlong punishment of generated rows (rollout.overlong_buffer > 0)."""
+  if cfg.rollout.overlong_buffer <= 0:
+    return rb.rewards, {}
+  penalty = rollout_lib.overlong_penalty(rb.lengths, cfg.data.max_response_len, cfg.rollout.overlong_buffer,
+                                         cfg.rollout.overlong_penalty)
+  penalty = np.where(rb.kind == losses.ROW_DEMO, 0.0, penalty).astype(np.float32)
+  return rb.rewards + penalty, {"overlong/penalty_mean": float(penalty.mean())}
+
+
+def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict,
+                   more_prompts=None) -> tuple[Any, dict]:
+  """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics.
+
+  more_prompts: an iterator of further PromptBatches (the run's loader) that dynamic sampling draws refills from;
+  the loader's position then counts them, so a checkpoint resumes after them.
+  """
   cfg = ctx.cfg
   step = int(state.step)
   phase = ctx.method.phase_at(cfg, step)
   timings: dict[str, float] = {}
+  option_metrics: dict[str, float] = {}
   t0 = time.perf_counter()
   local = local_share(batch, jax.process_index(), jax.process_count())
   if phase.samples:
-    rb = collect_rollouts(ctx, phase.rows, local, state.params, jax.random.fold_in(state.rng, step), timings)
+    rng = jax.random.fold_in(state.rng, step)
+    # Host draws of the plan (random prefixes, hints): seeded by the run's key, the step and the process.
+    draws = np.random.default_rng([*np.asarray(jax.device_get(state.rng)).tolist(), step, jax.process_index()])
+    rounds = itertools.count()  # dynamic sampling's rounds sample other prompts at the same positions: new keys
+    collect = lambda prompts: collect_rollouts(ctx, phase.rows, prompts, state.params,
+                                               jax.random.fold_in(rng, next(rounds)), timings, draws)
+    rb = collect(local)
+    if cfg.train.dynamic_sampling:
+      rb, option_metrics = refill(ctx, rb, collect, more_prompts)
   else:
     rb = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=cfg.data.max_response_len)
-  advantages = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),
-                                                  use_std=cfg.loss.use_std))
-  packed = step_lib.pack(rb, advantages, token_budget=cfg.train.micro_batch_tokens, shards=ctx.shards,
-                         pad_id=ctx.pad_id)
-  t1 = time.perf_counter()
+  rewards, shaping = shaped_rewards(cfg, rb) if phase.samples else (rb.rewards, {})
+  option_metrics.update(shaping)
+  train_rb = rb
+  if cfg.rollout.overlong_filter and rb.truncated is not None:
+    train_rb = rollout_lib.without_rows(rb, rb.truncated)  # DAPO's overlong filtering
+    option_metrics["overlong/filtered_rows"] = float(rb.truncated.sum())
+  packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
+                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates_of(cfg, phase).mini_batches)
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
+    if phase.samples and cfg.loss.kl_coef > 0 and cfg.loss.kl_in == "reward":
+      penalty = kl_reward_penalty(ctx, state.params, step_lib.put_packed(ctx.mesh, packed), packed, phase, step_fns)
+      rewards = rewards - penalty.astype(np.float32)
+      option_metrics["kl/reward_penalty"] = float(penalty.mean())
+    member = None if rb.in_group is None else jnp.asarray(rb.in_group)
+    advantages = np.asarray(losses.advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
+                                              use_std=ctx.method.advantage_std(cfg), member=member))
+    packed.advantages = advantages.astype(np.float32).reshape(packed.advantages.shape)
+    t1 = time.perf_counter()
     placed = step_lib.put_packed(ctx.mesh, packed)
     if cfg.train.dump_token_probs:
       dump_token_probs(ctx, state.params, placed, packed, phase, step + 1, step_fns)
-    state, step_metrics = step_fns[phase.name](state, placed, phase.objective.weights_at(step))
+    reference = (reference_policy(ctx),) if uses_reference(phase) else ()
+    state, step_metrics = step_fns[phase.name](state, placed, phase.objective.weights_at(step), *reference)
   step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   t2 = time.perf_counter()
   m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
+  m.update(option_metrics)
   m.update(step_metrics)
-  m["lr"] = state_lib.learning_rate(cfg.optim, step)
+  if phase.samples:
+    state, after = _after_update(ctx, state, batch, rb, step, step_fns)
+    m.update(after)
+  m["lr"] = state_lib.learning_rate(cfg.optim, step * updates_of(cfg, phase).count)  # at the step's first update
   m["time/sampling"] = timings.get("sampling", 0.0)
   m["time/grading"] = timings.get("grading", 0.0)
   m["grader/timeouts"] = timings.get("grader_timeouts", 0)
@@ -298,6 +457,37 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   m["time/step"] = t2 - t0
   m["tokens_per_s"] = float(packed.seq_mask.sum()) / max(t2 - t0, 1e-9)
   m.update({f"phase_{p.name}": float(p.name == phase.name) for p in ctx.method.phases(cfg)})
+  return state, m
+
+
+def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step: int,
+                  step_fns: dict) -> tuple[Any, dict]:
+  """The method's `after_update`: its new run state, and the updates it asks for, run now on the demonstrations of
+  the prompts it names (global uids; each process takes its share). They do not count as optimizer steps."""
+  rewards = rb.rewards
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    rewards = np.asarray(multihost_utils.process_allgather(rewards, tiled=True))
+  rewards = rewards.reshape(len(batch.uids), -1)
+  ctx.algo_state, extra = ctx.method.after_update(ctx.cfg, step, np.asarray(batch.uids), rewards, ctx.algo_state)
+  m = {f"algo/{k}_size": float(len(v)) for k, v in ctx.algo_state.items() if isinstance(v, (list, tuple))}
+  for phase, uids in extra:
+    if phase.samples:
+      raise TrainingError(f"phase {phase.name}: updates after the step train on demonstration rows only")
+    if ctx.loader is None:
+      raise TrainingError(f"phase {phase.name}: needs the run's prompt loader (trainer.run sets it)")
+    local = local_share(ctx.loader.prompts(uids), jax.process_index(), jax.process_count())
+    rows = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=ctx.cfg.data.max_response_len)
+    packed = step_lib.pack(rows, np.zeros(rows.rewards.shape, np.float32), shards=ctx.shards, pad_id=ctx.pad_id,
+                           token_budget=ctx.cfg.train.micro_batch_tokens)
+    if phase.name not in step_fns:
+      step_fns[phase.name] = jit_step(ctx, phase)
+    with sharding.activate(ctx.mesh):
+      state, metrics = step_fns[phase.name](state, step_lib.put_packed(ctx.mesh, packed),
+                                            phase.objective.weights_at(step))
+    # train_step counts every update; the step count stays that of the main updates.
+    state = state.replace(step=jax.device_put(np.int32(step + 1), state.step.sharding))
+    m.update({f"{phase.name}/{k}": float(v) for k, v in jax.device_get(metrics).items()})
   return state, m
 
 
@@ -318,6 +508,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   logging.info("policy: %s, %.1fM parameters; mesh %s", ctx.model_cfg.model_type, ctx.model_cfg.num_params / 1e6,
                dict(ctx.mesh.shape))
   loader = _loader(ctx)
+  ctx.loader = loader
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, every=cfg.train.ckpt_every)
   identity = workdir_lib.run_identity(cfg, ctx.model_cfg)
@@ -326,6 +517,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   if restored is not None:
     state, meta = restored
     loader.restore(meta["data"])
+    ctx.algo_state = meta.get("algo_state", ctx.algo_state)
   start = int(state.step)
   results: dict[str, Any] = {}
   if evaluate is None and (cfg.eval.at_start or cfg.eval.every or cfg.eval.at_end):
@@ -339,13 +531,13 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   try:
     with _Preemption() as preempt:
       while int(state.step) < cfg.train.steps:
-        state, m = train_one_step(ctx, state, next(loader), step_fns)
+        state, m = train_one_step(ctx, state, next(loader), step_fns, more_prompts=loader)
         step = int(state.step)
         bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
         if m["skipped"]:
           logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
         writer.write(step, m)
-        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity}
+        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity, "algo_state": ctx.algo_state}
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)

@@ -1,0 +1,20 @@
+"""HPT on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#hpt), the official
+`exp_scripts/train.sh` settings where this trainer has them.
+
+  python -m trapo_jax.main --config=experiments/configs/hpt_qwen25_math_7b.py --workdir=gs://bucket/hpt \
+      --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+"""
+
+from experiments.configs import trapo_qwen25_math_7b
+
+
+def get_config():
+  c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
+  c.algo = "hpt"
+  c.train.batch_prompts = 128  # official train_batch_size; its 2 PPO mini-batches of 64 are one update here
+  c.train.steps = 500  # official total_training_steps
+  c.loss.seq_scale = 128.0  # sum / (8192 x 8 GPUs) over the batch's 1024 sequences, as the official normaliser
+  c.optim.lr = 5e-6  # official LR
+  c.optim.grad_clip = 1.0  # official; its max_grad_norm=80 (skip larger updates) is not reproduced
+  # hpt.gate = 0, hpt.sft_coef = 1.0: official SWITCH_GATE and SFT_LOSS_COEF for the 7B model.
+  return c

@@ -1,0 +1,20 @@
+"""Prefix-RFT on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#prefix-rft). The official
+repository ships its trainer defaults (`recipe/prefix_rft/config/prefix_rft_trainer.yaml`) but no run script:
+everything else is a guess, as are the layout and schedule defaults of the `prefix_rft` group.
+
+  python -m trapo_jax.main --config=experiments/configs/prefix_rft_qwen25_math_7b.py --workdir=gs://bucket/prefix \
+      --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+"""
+
+from experiments.configs import trapo_qwen25_math_7b
+
+
+def get_config():
+  c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
+  c.algo = "prefix_rft"
+  c.train.batch_prompts = 128  # guess
+  c.train.steps = 500  # guess
+  c.optim.lr = 1e-6  # trainer default
+  c.optim.grad_clip = 1.0  # trainer default
+  # guess: loss.seq_scale stays 8 (sum / max tokens per micro-batch of the official dr_grpo aggregation).
+  return c

@@ -1,0 +1,20 @@
+"""ReLIFT on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#relift), the official
+`examples/math-7b/train.sh` settings where this trainer has them.
+
+  python -m trapo_jax.main --config=experiments/configs/relift_qwen25_math_7b.py --workdir=gs://bucket/relift \
+      --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+"""
+
+from experiments.configs import trapo_qwen25_math_7b
+
+
+def get_config():
+  c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
+  c.algo = "relift"
+  c.train.batch_prompts = 128  # official train_batch_size; its 2 PPO mini-batches of 64 are one update here
+  c.train.steps = 500  # guess: the official run is 3 epochs of its data, length not given in steps
+  c.loss.seq_scale = 128.0  # sum / (8192 x 8 GPUs) over the batch's 1024 sequences, as the official normaliser
+  c.optim.lr = 1e-6
+  c.optim.grad_clip = 0.7  # official RL clip; the fine-tuning AdamW clips at relift.sft_grad_clip = 1.0
+  # relift.buffer_batches = 1.0 -> a buffer of 128 prompts (official sft_data_size); fine-tuning lr 1e-6.
+  return c

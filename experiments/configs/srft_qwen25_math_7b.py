@@ -1,0 +1,18 @@
+"""SRFT on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#srft), the settings of the HPT
+repository's `exp_scripts/train_srft.sh` (SRFT publishes none) where this trainer has them.
+
+  python -m trapo_jax.main --config=experiments/configs/srft_qwen25_math_7b.py --workdir=gs://bucket/srft \
+      --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+"""
+
+from experiments.configs import trapo_qwen25_math_7b
+
+
+def get_config():
+  c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
+  c.algo = "srft"
+  c.train.batch_prompts = 128  # official train_batch_size; its 2 PPO mini-batches of 64 are one update here
+  c.train.steps = 500  # official total_training_steps
+  c.loss.seq_scale = 128.0  # sum / (8192 x 8 GPUs) over the batch's 1024 sequences, as the official normaliser
+  c.optim.lr = 1e-6  # official LR
+  return c

@@ -1,0 +1,20 @@
+"""UFT on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#uft), the official `run.py` settings
+where this trainer has them (its runs use Qwen2.5 0.5B-3B models with 1024-token responses).
+
+  python -m trapo_jax.main --config=experiments/configs/uft_qwen25_math_7b.py --workdir=gs://bucket/uft \
+      --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+"""
+
+from experiments.configs import trapo_qwen25_math_7b
+
+
+def get_config():
+  c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
+  c.algo = "uft"
+  c.rollout.n = 4  # official n_rollouts
+  c.train.batch_prompts = 256  # official train_batch_size; its 4 PPO mini-batches of 64 are one update here
+  c.train.steps = 500  # official T; uft.hint_steps = 0.6 -> T_hint = 300
+  c.optim.lr = 1e-6
+  # guess: responses stay 8192 tokens long (official 1024 for its smaller models and data); the KL loss to the
+  # reference policy (0.001) is not reproduced.
+  return c

@@ -1,0 +1,179 @@
+"""--mode=compile (trapo_jax/aot.py) and the shardings stated at every jit boundary.
+
+The compiles here are of tiny models on the 8 simulated CPU devices; compiling the 7B run for TPU slices takes
+minutes a program and lives in benchmarks (benchmarks/compile_7b.py, `benchmarks.run --suite=tpu_aot`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from trapo_jax import algorithms
+from trapo_jax import aot
+from trapo_jax import config as config_lib
+from trapo_jax import sharding
+from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling.sampler import Sampler, SamplingParams, cache_shardings
+from trapo_jax.train import state as state_lib
+from trapo_jax.train import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=4)
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def test_accelerator_types_name_slices_of_their_chip_count():
+  """v4 and v5p names count TensorCores (two per chip), v5e and v6e names count chips."""
+  assert aot.ACCELERATOR_TYPES["v5p-32"] == ("v5p", "2x2x4")
+  assert aot.ACCELERATOR_TYPES["v4-8"] == ("v4", "2x2x1")
+  assert aot.ACCELERATOR_TYPES["v5litepod-64"] == aot.ACCELERATOR_TYPES["v5e-64"] == ("v5e", "8x8")
+  assert aot.ACCELERATOR_TYPES["v6e-16"] == ("v6e", "4x4")
+  for name, (chip, shape) in aot.ACCELERATOR_TYPES.items():
+    count = int(name.rsplit("-", 1)[1])
+    chips = count // 2 if chip in ("v4", "v5p") else count
+    assert math.prod(int(x) for x in shape.split("x")) == chips, name
+    assert chip in aot.CHIPS
+
+
+def test_topologies_that_cannot_be_had_say_why_in_one_line(monkeypatch):
+  with pytest.raises(aot.CompileError, match=r"^--topology=v9-8: not a Cloud TPU accelerator type"):
+    aot.target("v9-8")
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed
+  with pytest.raises(aot.CompileError, match=r'^--topology=v5p-8: compiling for TPU needs libtpu .*pip install '
+                                             r'"jax\[tpu\]==' + jax.__version__):
+    aot.target("v5p-8")
+  with pytest.raises(aot.CompileError, match="expected cpu:N"):
+    aot.target("cpu:zero")
+
+
+def test_main_reports_a_bad_topology_without_a_traceback():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "trapo_jax.main", "--mode=compile", "--topology=v9-8"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("--topology=v9-8: not a Cloud TPU accelerator type")
+
+
+def test_rollout_calls_of_each_method():
+  cfg = config_lib.base_config()  # 1024-token prompts, 8192-token responses
+  calls = lambda name: aot.rollout_calls(cfg, algorithms.get(name).from_config(cfg).phases(cfg)[0])
+  # TRAPO's later stages may continue a prefix of up to (0.5 + 0.3) x 8192 tokens: context bucket 8192.
+  assert calls("trapo") == [(4, 1024, 8192), (2, 8192, 8192), (1, 8192, 8192), (1, 8192, 8192)]
+  assert calls("grpo") == [(8, 1024, 8192)]
+  assert calls("luffy") == [(7, 1024, 8192), (1, 1024, 8192)]  # the demonstration row is not sampled
+
+
+def test_out_of_memory_messages_are_read():
+  assert aot._needed("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                     "(35.71G) exceeds available HBM (31.25G).") == int(35.71 * 2 ** 30)
+  assert aot._needed("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 103.5G of 95.74G "
+                     "hbm. Exceeded hbm capacity by 7.8G.") == int(103.5 * 2 ** 30)
+  assert aot._needed("RESOURCE_EXHAUSTED: something else") is None
+
+
+def test_kv_cache_declares_its_axes():
+  mesh = sharding.make_mesh(shape=(2, 2, 2))
+  cfg = tfm.ModelConfig(**TINY)
+  sh = cache_shardings(cfg, mesh)
+  assert sh.k.spec == P(None, ("data", "fsdp"), "tensor", None, None) and sh.v.spec == sh.k.spec
+  assert sh.valid.spec == P(("data", "fsdp"), None) and sh.end.spec == P()
+  # One KV head cannot split over tensor=2: it stays whole on every device instead of failing.
+  assert cache_shardings(cfg.replace(num_heads=2, num_kv_heads=1), mesh).k.spec == P(None, ("data", "fsdp"), None,
+                                                                                        None, None)
+
+
+def _equivalent(actual, stated) -> bool:
+  return all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), actual, stated)))
+
+
+def test_the_state_is_placed_as_train_state_shardings_says():
+  mesh = sharding.make_mesh(shape=(1, 4, 2))
+  cfg = config_lib.base_config()
+  cfg.model.update(**TINY)
+  model_cfg = tfm.ModelConfig.from_config(cfg.model)
+  tx = state_lib.make_optimizer(cfg.optim)
+  stated = state_lib.TrainState.shardings(model_cfg, mesh, tx)
+  state = state_lib.init_state(cfg, model_cfg, mesh, tx)
+  assert _equivalent(state, stated)
+  assert stated.params["params"]["lm_head"]["kernel"].spec == P("fsdp", "tensor")
+  mu = stated.opt_state[1][0].mu["params"]["lm_head"]["kernel"]  # AdamW's first moment, like its parameter
+  assert mu.spec == P("fsdp", "tensor")
+  abstract = state_lib.TrainState.abstract(model_cfg, mesh, tx)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), state)
+
+
+def test_jitted_step_and_sampler_state_their_shardings():
+  """The compiled programs take and give exactly the stated shardings (nothing left to propagation)."""
+  mesh = sharding.make_mesh(shape=(2, 2, 2))
+  cfg = config_lib.base_config()
+  cfg.model.update(**TINY)
+  cfg.data.update(max_prompt_len=8, max_response_len=8)
+  model_cfg = tfm.ModelConfig.from_config(cfg.model)
+  tx = state_lib.make_optimizer(cfg.optim)
+  phase = algorithms.from_config(cfg).phases(cfg)[0]
+  cfg.train.batch_prompts = 1
+  program = aot.train_program(cfg, phase, model_cfg, mesh, tx, state_lib.TrainState.abstract(model_cfg, mesh, tx))
+  compiled = program.lower().compile()
+  state_in, batch_in, _ = compiled.input_shardings[0]
+  assert _equivalent(state_lib.TrainState.abstract(model_cfg, mesh, tx), state_in)
+  assert all(s.is_equivalent_to(step_lib.packed_sharding(mesh), 3) for s in jax.tree.leaves(batch_in)
+             if s.spec and len(s.spec) > 1)
+  state_out, _ = compiled.output_shardings
+  assert _equivalent(state_lib.TrainState.abstract(model_cfg, mesh, tx), state_out)
+
+  sampler = Sampler(model_cfg, mesh=mesh)
+  params = state_lib.TrainState.abstract(model_cfg, mesh, tx).params
+  prefill, decode = sampler.lower(params, prompts=4, prompt_len=8, max_len=8, width=16, budget=8, n=2,
+                                  sp=SamplingParams())
+  cache = decode.compile().output_shardings[1].cache
+  assert cache.k.spec == P(None, ("data", "fsdp"), "tensor", None, None)
+  assert prefill.compile().output_shardings.cache.k.spec == cache.k.spec
+
+
+def _big_vocab_config():
+  """A 1-layer model whose embedding and head (2 x 65536 x 2048 parameters, 12 bytes each with AdamW's moments)
+  need 0.4 GiB of state per device on 8 devices."""
+  cfg = config_lib.base_config()
+  cfg.model.update(vocab_size=65536, hidden_size=2048, intermediate_size=256, num_layers=1, num_heads=16,
+                   num_kv_heads=2, head_dim=128)
+  cfg.data.update(max_prompt_len=16, max_response_len=16)
+  cfg.train.update(batch_prompts=1, logprob_chunk=16)
+  return cfg
+
+
+def test_compile_mode_judges_the_fit_on_cpu_devices(monkeypatch):
+  monkeypatch.setattr(aot, "host_memory", lambda: 2 * 2 ** 30)  # 256 MiB for each of 8 simulated devices
+  rep = aot.compile_run(_big_vocab_config(), "cpu:8", programs=("train",), estimate=False, log=lambda s: None)
+  (r,) = rep.results
+  state = 2 * 65536 * 2048 * 12 / 8  # embedding and head, params and both moments, split over 8 devices
+  assert r.params + r.opt_state >= state and r.total > r.params + r.opt_state + r.temp
+  line = aot.verdict(rep.results, rep.target)
+  assert line.startswith(f"train step (rl) needs {r.total / 2 ** 30:.3g} GiB per chip, cpu:8 has 0.25 GiB: try ")
+  assert "--config.model.remat=full" in line and "--config.mesh.tensor=2" in line
+  roomy = aot.Target("cpu:8", rep.target.devices, 64 * 2 ** 30)
+  assert aot.verdict(rep.results, roomy) is None and r.fits(roomy.hbm_bytes)
+  monkeypatch.setattr(aot, "compile_run", lambda *a, **k: rep)
+  with pytest.raises(aot.CompileError, match=r"^train step \(rl\) needs .* per chip, cpu:8 has 0\.25 GiB: try"):
+    aot.run(_big_vocab_config(), "cpu:8", log=lambda s: None)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install \"jax[tpu]\"): no TPU topology")
+def test_seven_b_without_tensor_parallelism_does_not_fit_a_v5e_4():
+  """The 7B run's state alone (7.6B parameters x 12 bytes over 4 chips) exceeds a v5e chip's 16 GiB."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "trapo_jax.main", "--mode=compile", "--topology=v5e-4",
+                        "--config=experiments/configs/trapo_qwen25_math_7b.py"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("train step (rl) ") and ", v5e has 16 GiB: try " in last, last

@@ -1,0 +1,76 @@
+"""UFT (docs/algorithm.md#uft): each prompt's rollouts continue a hint, the first k of up to 5 segments of its
+solution, each segment kept with probability p(t) = 0.05 + 0.45 (1 + cos(pi t / T_hint)) and no hint after T_hint;
+loss = GRPO on the generated tokens + beta x the token-mean NLL of the hint tokens.
+
+Official code: liumy2010/UFT, `verl/utils/dataset/rl_dataset.py:RLHFDataset.__getitem__` (the hint: num = min(5,
+steps) segments of the solution's steps, k = the number of num Bernoulli(p) draws, the first k segments appended to
+the prompt; `timestep` from 1), `verl/workers/actor/dp_actor.py:update_policy` (PPO loss, clip 0.2, token mean;
+`sft_loss_coef` x the token-mean cross-entropy of the hint tokens; entropy 0.001), `verl/trainer/ppo/core_algos.py:
+compute_grpo_outcome_advantage` (divided by the group std), `run.py` (T = 500, T_hint = 300, p from 0.05 to 0.95,
+beta = 0.001, 4 rollouts, 256 prompts per batch).
+
+Here the hint is a given prefix of the response rather than the end of the prompt: the same tokens in the same order,
+but the grader reads only what the model generated (`grade_given=False`), as the official reward reads the response
+alone, and the policy gradient and entropy see only generated tokens. Segments are the demonstration's "\\n\\n"
+steps; T_hint is `hint_steps` x train.steps (0.6 = the official 300 of 500).
+
+Not reproduced: the KL loss to the reference policy (official use_kl_loss, 0.001); the PPO mini-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from trapo_jax import losses
+from trapo_jax.algorithms import base
+from trapo_jax.algorithms import schedules
+from trapo_jax.errors import require
+from trapo_jax.sampling import microgroup
+
+
+@base.register
+@dataclasses.dataclass(frozen=True)
+class Uft(base.Method):
+  name: ClassVar[str] = "uft"
+  hint_steps: float = 0.6  # T_hint / train.steps (official 300 / 500)
+  p_low: float = 0.05
+  p_high: float = 0.95
+  segments: int = 5
+  sft_coef: float = 0.001  # beta: weight of the hint tokens' NLL
+  clip_eps: float = 0.2
+  use_std: bool = True
+
+  def demo_form(self, cfg) -> str:
+    return base.whole_response(cfg)
+
+  def t_hint(self, cfg) -> int:
+    return round(self.hint_steps * cfg.train.steps)
+
+  def hint_prob(self, cfg, step: int) -> float:
+    """p at optimizer step `step` (0-based; the official timestep is step + 1)."""
+    return schedules.uft_hint_prob(step + 1, self.t_hint(cfg), self.p_low, self.p_high)
+
+  def phase_at(self, cfg, step: int) -> base.Phase:
+    """Only the rows change with the step (p): one objective, compiled once."""
+    plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="hint", hint_prob=self.hint_prob(cfg, step),
+                           hint_segments=self.segments, imitate="all", grade_given=False)
+    pg = base.policy_gradient(cfg, aggregation="token_mean", over="selected", clip_eps=float(self.clip_eps))
+    hint = losses.Term("hint_nll", tokens="imitated", loss="nll", weight=float(self.sft_coef),
+                       aggregation="token_mean", over="selected")
+    entropy = losses.Term("entropy", tokens="own", loss="entropy", weight=-float(cfg.loss.entropy_coef),
+                          aggregation="token_mean", over="selected")
+    return base.Phase("rl", plan, base.objective(cfg, pg, hint, entropy), temperature=float(cfg.rollout.temperature))
+
+  def phases(self, cfg) -> tuple[base.Phase, ...]:
+    return (self.phase_at(cfg, 0),)
+
+  def advantage_std(self, cfg) -> bool:
+    return self.use_std
+
+  def check(self, cfg) -> None:
+    require(0 <= self.hint_steps <= 1, "uft.hint_steps", "must lie in [0, 1] (a fraction of train.steps)")
+    require(0 <= self.p_low <= self.p_high <= 1, "uft.p_low", "needs 0 <= p_low <= p_high <= 1")
+    require(self.segments >= 1, "uft.segments", "must be >= 1")
+    require(self.sft_coef >= 0, "uft.sft_coef", "must be >= 0")
+    require(self.clip_eps > 0, "uft.clip_eps", "must be > 0")
