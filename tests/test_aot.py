@@ -67,10 +67,16 @@ def test_main_reports_a_bad_topology_without_a_traceback():
 def test_rollout_calls_of_each_method():
   cfg = config_lib.base_config()  # 1024-token prompts, 8192-token responses
   calls = lambda name: aot.rollout_calls(cfg, algorithms.get(name).from_config(cfg).phases(cfg)[0])
-  # TRAPO's later stages may continue a prefix of up to (0.5 + 0.3) x 8192 tokens: context bucket 8192.
-  assert calls("trapo") == [(4, 1024, 8192), (2, 8192, 8192), (1, 8192, 8192), (1, 8192, 8192)]
-  assert calls("grpo") == [(8, 1024, 8192)]
-  assert calls("luffy") == [(7, 1024, 8192), (1, 1024, 8192)]  # the demonstration row is not sampled
+  # One pass (the default): every alternative of TRAPO's 4, 2, 1, 1 stages at once, 11 rows per prompt: 4 + 2 + 1 + 1
+  # of its own, 2 + 1 continuing the 25 % and 50 % prefixes (up to (0.5 + 0.3) x 8192 tokens: context bucket 8192).
+  (one,) = calls("trapo")
+  assert one == (11, 8192, 8192, (0,) * 4 + (0, 0, 1, 1) + (0, 2) + (0,), 2, 1024, 8192)
+  stages = lambda *calls: [aot.RolloutCall(*c) for c in calls]  # calls of Sampler.sample, one per stage
+  assert calls("grpo") == stages((8, 1024, 8192))
+  assert calls("luffy") == [(7, 1024, 8192, (0,) * 7, 0, 1024, 0)]  # the demonstration row is not sampled
+  cfg.rollout.one_pass = False  # stage by stage: a call per stage, the later ones continuing prefixes
+  assert calls("trapo") == stages((4, 1024, 8192), (2, 8192, 8192), (1, 8192, 8192), (1, 8192, 8192))
+  assert calls("luffy") == stages((7, 1024, 8192), (1, 1024, 8192))
 
 
 def test_out_of_memory_messages_are_read():
@@ -138,6 +144,33 @@ def test_jitted_step_and_sampler_state_their_shardings():
   cache = decode.compile().output_shardings[1].cache
   assert cache.k.spec == P(None, ("data", "fsdp"), "tensor", None, None)
   assert prefill.compile().output_shardings.cache.k.spec == cache.k.spec
+
+
+def test_one_pass_rollout_programs_compile_for_the_larger_batch():
+  """--mode=compile lowers the one-pass call (Sampler.sample_shared) the trainer makes: 11 rows per prompt, the
+  cache of all of them placed as stated; stage by stage, the largest stage's call."""
+  mesh = sharding.make_mesh(shape=(2, 2, 2))
+  cfg = config_lib.base_config()
+  cfg.model.update(**TINY)
+  cfg.data.update(max_prompt_len=8, max_response_len=16)
+  cfg.train.batch_prompts = 4
+  model_cfg = tfm.ModelConfig.from_config(cfg.model)
+  rollout = lambda: [p for p in aot.run_programs(cfg, ("trapo",), model_cfg, mesh, log=lambda s: None)
+                     if p.kind == "rollout"]
+  prefill, decode = rollout()
+  # Contexts: prompts of 8 tokens (bucket 16) and prefixes of up to 0.8 x 16 = 13 tokens (bucket 16).
+  assert prefill.layout == "4 prompts x 11 rows in one pass (2 prefixes), cache 32 + 16 slots"
+  lowered = decode.lower()
+  assert lowered.out_info[1].tokens.shape == (4 * 11, 16)
+  cache = lowered.compile().output_shardings[1].cache
+  assert cache.k.spec == P(None, ("data", "fsdp"), "tensor", None, None)
+  assert prefill.lower().compile().output_shardings.cache.k.spec == cache.k.spec
+  # Keys and values (fp32) of 44 rows x 48 slots over all 8 chips, the valid mask over the 4 batch shards, the end.
+  kv = 2 * model_cfg.num_layers * 44 * model_cfg.num_kv_heads * 48 * model_cfg.head_dim * 4 // 8 + 44 * 48 // 4 + 4
+  assert decode.kv_bytes == kv and "--config.rollout.one_pass=False" in decode.fixes
+  cfg.rollout.one_pass = False
+  prefill, _ = rollout()
+  assert prefill.layout == "4 prompts x 4 samples, cache 16 + 16 slots"
 
 
 def _big_vocab_config():

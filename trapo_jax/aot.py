@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from trapo_jax import config as config_lib
 from trapo_jax import sharding
 from trapo_jax.errors import ConfigError
 from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling import microgroup
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, cache_shardings
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
@@ -202,10 +203,23 @@ def _per_chip(tree) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def rollout_calls(cfg, phase: algorithms.Phase) -> list[tuple[int, int, int]]:
-  """(samples per prompt, context width, decode budget) of each sampler call a phase's rows can make, at the
-  largest buckets: a stage after the first may continue an expert prefix of up to (ratio + window) of a
-  demonstration while another prompt of the batch is unguided."""
+class RolloutCall(NamedTuple):
+  """One sampler call of a step: `rows` per prompt, context bucket `width`, decode `budget`; a one-pass call
+  (Sampler.sample_shared) also names its prefixes per prompt, each row's context and the prefill's two widths."""
+  rows: int
+  width: int
+  budget: int
+  branches: tuple[int, ...] = ()  # one-pass: each row's context (0: the bare prompt, b: prefix b - 1)
+  prefixes: int = 0
+  prompt_width: int = 0
+  prefix_width: int = 0
+
+
+def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
+  """Each sampler call a phase's rows can make, at the largest buckets: a stage after the first may continue an
+  expert prefix of up to (ratio + window) of a demonstration while another prompt of the batch is unguided. With
+  rollout.one_pass, a plan whose stages are chosen by rewards makes one call of all its alternatives (11 rows per
+  prompt for TRAPO's 4, 2, 1, 1; docs/algorithm.md#one-pass)."""
   d = cfg.data
   plan = phase.rows
   stages = getattr(plan, "stages", (plan.n,))
@@ -216,11 +230,14 @@ def rollout_calls(cfg, phase: algorithms.Phase) -> list[tuple[int, int, int]]:
   if guided:
     longest = min(d.max_response_len, math.ceil((max(guided) + getattr(plan, "window", 0.0)) * d.max_response_len))
   budget = bucket(d.max_response_len, cap=d.max_response_len)
-  calls = []
-  for s, size in enumerate(stages):
-    width = bucket(d.max_prompt_len + (longest if s > 0 else 0))
-    calls.append((size, width, budget))
-  return calls
+  if cfg.rollout.one_pass and isinstance(plan, microgroup.Plan) and microgroup.one_pass_applies(plan):
+    prefixes, branches = microgroup.one_pass_contexts(plan)
+    prompt_width = bucket(d.max_prompt_len)
+    prefix_width = bucket(longest) if prefixes else 0
+    width = min(bucket(d.max_prompt_len + (longest if prefixes else 0)), prompt_width + prefix_width)
+    return [RolloutCall(len(branches), width, budget, branches, len(prefixes), prompt_width, prefix_width)]
+  return [RolloutCall(size, bucket(d.max_prompt_len + (longest if s > 0 else 0)), budget)
+          for s, size in enumerate(stages)]
 
 
 def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh, tx, state, state_tx=None) -> Program:
@@ -274,7 +291,8 @@ def _abstract_cache(model_cfg: tfm.ModelConfig, rows: int, slots: int, mesh) -> 
 
 def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: int, width: int, budget: int,
                      max_len: int, prompt_len: int, sp: SamplingParams, mesh, resident: int,
-                     fixes: tuple[str, ...]) -> list[Program]:
+                     fixes: tuple[str, ...], call: RolloutCall | None = None) -> list[Program]:
+  """The prefill and decode of one sampler call; `call` with branches: a one-pass call (Sampler.sample_shared)."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   prompts = -(-prompts // shards) * shards  # the sampler pads rows to split over the batch shards
   kv = _abstract_cache(sampler.cfg, prompts * n, width + budget, mesh)
@@ -282,13 +300,19 @@ def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: i
 
   def part(i):
     def lower():
-      if not lowered:
+      if not lowered and call is not None and call.branches:
+        lowered["both"] = sampler.lower_shared(
+            params, prompts=prompts, prompt_len=prompt_len, max_len=max_len, prefixes=call.prefixes,
+            branches=call.branches, prompt_width=call.prompt_width, prefix_width=call.prefix_width, width=width,
+            budget=budget, sp=sp)
+      elif not lowered:
         lowered["both"] = sampler.lower(params, prompts=prompts, prompt_len=prompt_len, max_len=max_len, width=width,
                                         budget=budget, n=n, sp=sp)
       return lowered["both"][i]
     return lower
 
-  layout = f"{prompts} prompts x {n} samples, cache {width} + {budget} slots"
+  rows = f"{n} rows in one pass ({call.prefixes} prefixes)" if call is not None and call.branches else f"{n} samples"
+  layout = f"{prompts} prompts x {rows}, cache {width} + {budget} slots"
   return [Program(label, f"{label} prefill", layout, part(0), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes),
           Program(label, f"{label} decode", layout, part(1), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes)]
 
@@ -325,14 +349,15 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
       if not phase.samples:
         continue
       # The call with the most cache slots of the phase (rows x slots: its KV cache).
-      n, width, budget = max(rollout_calls(mcfg, phase), key=lambda c: (c[0] * (c[1] + c[2]), c[0]))
-      key = ("rollout", n, width, budget, phase.temperature)
+      call = max(rollout_calls(mcfg, phase), key=lambda c: (c.rows * (c.width + c.budget), c.rows))
+      key = ("rollout",) + tuple(call) + (phase.temperature,)
       if key not in programs:
         sp = SamplingParams(phase.temperature, r.top_p, r.top_k, (0,), 0)
-        for p in sampler_programs("rollout", sampler, state.params, prompts=cfg.train.batch_prompts, n=n,
-                                  width=width, budget=budget, max_len=d.max_response_len,
-                                  prompt_len=d.max_prompt_len, sp=sp, mesh=mesh, resident=resident,
-                                  fixes=tuple(_tensor_fix(cfg, model_cfg, mesh)) + ("a larger slice",)):
+        for p in sampler_programs("rollout", sampler, state.params, prompts=cfg.train.batch_prompts, n=call.rows,
+                                  width=call.width, budget=call.budget, max_len=d.max_response_len,
+                                  prompt_len=d.max_prompt_len, sp=sp, mesh=mesh, resident=resident, call=call,
+                                  fixes=tuple(_tensor_fix(cfg, model_cfg, mesh)) + ("a larger slice",)
+                                  + (("--config.rollout.one_pass=False",) if call.branches else ())):
           programs[key + (p.name,)] = p
   n = max(e.samples[b] for b in e.benchmarks)
   sp = SamplingParams(e.temperature, e.top_p, -1, (0,), 0)
