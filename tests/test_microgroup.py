@@ -279,6 +279,9 @@ ONE_PASS_PLANS = {
     # Here a guided stage's rewards can undo the guidance of the next one (TRAPO's thresholds never let them).
     "other_thresholds": microgroup.Plan(stages=(2, 2, 2), thresholds=(2, 3), prefix_ratios=(0.5, 1.0)),
     "no_guidance": microgroup.Plan(stages=(4, 4), mode="none"),
+    # What a plan does after grading (appended demonstrations, the gate) and how it imitates and grades.
+    "after_grading": microgroup.Plan(stages=(2, 2), thresholds=(2,), prefix_ratios=(0.5,), demos=(0, 1), gate=1,
+                                     imitate="all", grade_given=False),
 }
 
 
@@ -308,7 +311,8 @@ def test_one_pass_rows_per_prompt():
   assert [(a.stage, a.level, a.size, a.ratio) for a in microgroup.alternatives(microgroup.Plan())] == [
       (0, 0, 4, 0.0), (1, 0, 2, 0.0), (1, 1, 2, 0.25), (2, 0, 1, 0.0), (2, 2, 1, 0.5), (3, 0, 1, 0.0), (3, 3, 1, 1.0)]
   assert {k: p.one_pass_rows for k, p in ONE_PASS_PLANS.items()} == {
-      "trapo": 11, "fixed_ratio": 8, "luffy": 7, "other_thresholds": 2 + 4 + 2, "no_guidance": 8}
+      "trapo": 11, "fixed_ratio": 8, "luffy": 7, "other_thresholds": 2 + 4 + 2, "no_guidance": 8,
+      "after_grading": 6}
 
 
 def test_select_levels_on_the_scripted_layouts():
