@@ -248,6 +248,9 @@ def measure(result: dict, gpu: bool) -> None:
   result["sampler_roofline"] = roofline_figure(result["sampler"]) if gpu else {"value": None, "reason": no_gpu}
   print("train-step MFU ...", flush=True)
   result["train_mfu"] = mfu_figure() if gpu else {"value": None, "reason": no_gpu}
+  print("sampling per TRAPO step ...", flush=True)
+  from benchmarks import sampler_speed
+  result["trapo_step_sampling"] = sampler_speed.trapo_step_sampling(steps=5, batch_prompts=8)
   print("log-prob gap ...", flush=True)
   result["sampler_logprob_gap"] = logprob_gap()
   print("loss memory ...", flush=True)
@@ -284,6 +287,14 @@ def table(result: dict) -> str:
                 f"(params + live KV at {r['copy_bandwidth_gbs']:.0f} GB/s) | {100 * r['fraction']:.0f}% |")
     rows.append(f"| train step, 0.5B shapes, 4x4096 tokens | {m['model_tflops']:.0f} TFLOP/s | "
                 f"{m['peak_tflops']:.0f} TFLOP/s (bf16 matmul peak) | MFU {100 * m['mfu']:.0f}% |")
+  t = result.get("trapo_step_sampling")
+  if t:  # runs before this figure existed lack it
+    one, seq, grpo = t["one_pass"], t["stages"], t["grpo"]
+    rows.append(f"| sampling per TRAPO step, default task, {t['batch_prompts']} prompts (decode passes, s) | one pass: "
+                f"{one['decode_passes']:.0f}, {one['sampling_s']:.2f} s ({one['rows_sampled']:.0f} rows for "
+                f"{one['rows_used']:.0f}) | stage by stage: {seq['decode_passes']:.1f}, {seq['sampling_s']:.2f} s; "
+                f"GRPO: {grpo['decode_passes']:.0f}, {grpo['sampling_s']:.2f} s | {t['one_pass_over_stages']:.2f}x "
+                f"stages, {t['one_pass_over_grpo']:.2f}x GRPO |")
   rows.append(f"| sampler vs trainer log-probs, max abs | fp32 {g['float32']['max_abs']:.1e} | "
               f"bf16 {g['bfloat16']['max_abs']:.1e} | - |")
   for d in ("float32", "bfloat16"):

@@ -3,6 +3,7 @@ and the sampling time of a TRAPO step in one decode pass against stage by stage 
 
   python -m benchmarks.sampler_speed                # CPU: ~10M-parameter model, batch 16, 128 new tokens
   python -m benchmarks.sampler_speed --preset=qwen2_0p5b --batch=64 --new_tokens=256   # GPU
+  python -m benchmarks.sampler_speed --trapo_step --batch=8 --steps=5   # decode passes and sampling s per step
 
 Greedy decoding with EOS disabled so both generate exactly `new_tokens` tokens per row. Each side is warmed up
 once (compilation / allocator), then the two alternate for `repeats` runs each; the figures are generated tokens per
@@ -157,9 +158,23 @@ def trapo_step_sampling(steps: int = 5, batch_prompts: int = 8) -> dict:
   return out
 
 
+def print_trapo_step(r: dict) -> None:
+  print(f"sampling per TRAPO step, default task ({r['params_m']:.1f}M params, {r['batch_prompts']} prompts, "
+        f"{r['max_response_len']}-token responses, median of {r['steps']} steps, {jax.default_backend()})")
+  for name, label in (("one_pass", "TRAPO, one pass"), ("stages", "TRAPO, stage by stage"), ("grpo", "GRPO")):
+    x = r[name]
+    print(f"  {label:22s}: {x['decode_passes']:.2f} decode passes, {x['sampling_s']:.3f} s, "
+          f"{x['rows_sampled']:.0f} rows sampled, {x['rows_used']:.0f} used")
+  print(f"  one pass / stages {r['one_pass_over_stages']:.2f}x, one pass / GRPO {r['one_pass_over_grpo']:.2f}x, "
+        f"stages / GRPO {r['stages_over_grpo']:.2f}x")
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.trapo_step:
+    print_trapo_step(trapo_step_sampling(steps=f.steps, batch_prompts=f.batch))
+    return
   r = measure(f.preset, f.batch, f.prompt_len, f.new_tokens, f.repeats, f.dtype, f.torch)
   print(f"{r['preset']} ({r['params_m']:.1f}M params, {r['dtype']}, {r['backend']}), batch {r['batch']}, "
         f"{r['new_tokens']} new tokens")
@@ -179,6 +194,9 @@ def define_flags():
   flags.DEFINE_integer("repeats", 5, "Timed runs per side.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
   flags.DEFINE_bool("torch", True, "Also time transformers generate.")
+  flags.DEFINE_bool("trapo_step", False, "Instead: sampling per TRAPO step in one pass, stage by stage, and GRPO's, "
+                    "on the default task (--batch prompts per step, --steps steps).")
+  flags.DEFINE_integer("steps", 5, "--trapo_step: timed steps.")
 
 
 if __name__ == "__main__":
