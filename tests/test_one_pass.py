@@ -108,6 +108,12 @@ def test_greedy_one_pass_gives_the_rows_levels_and_loss_of_the_stages(world):
   assert {tuple(x) for x in seq.levels} >= {(0, 0, 0, 0), (0, 1, 2, 3)}  # solved alone, and fully guided
   assert one.decode_passes == 1 and seq.decode_passes in (3, 4)  # 4 when a prompt solved 7 of 7 (an 8th rollout)
   assert one.sampled_rows == 8 * 11 and seq.sampled_rows == (seq.kind != losses.ROW_DEMO).sum()
+  # The step's metrics show the trade: one pass, 11 rows sampled per prompt; stage by stage, every row sampled used.
+  metrics = {k: trainer.rollout_metrics(rb, 4) for k, rb in (("one", one), ("seq", seq))}
+  assert metrics["one"]["rollout/decode_passes"] == 1 and metrics["seq"]["rollout/decode_passes"] == seq.decode_passes
+  assert metrics["one"]["rollout/rows_sampled"] == 88 and metrics["seq"]["rollout/rows_sampled"] == seq.sampled_rows
+  assert metrics["one"]["rollout/rows_used"] == (one.kind != losses.ROW_DEMO).sum() < 88
+  assert metrics["seq"]["rollout/rows_used"] == seq.sampled_rows
   if clean.all():  # the same batch: the same loss, bit for bit (the same program on the same inputs)
     loss = _loss(base, params, seq)
     assert np.isfinite(loss) and _loss(base, params, one) == loss

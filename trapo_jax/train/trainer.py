@@ -237,7 +237,7 @@ def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, 
   # What one-pass sampling trades: one decode pass for more rows generated than used (docs/algorithm.md#one-pass).
   m["rollout/decode_passes"] = float(rb.decode_passes)
   m["rollout/rows_sampled"] = float(rb.sampled_rows)
-  m["rollout/rows_used"] = float((rb.kind != losses.ROW_DEMO).sum())
+  m["rollout/rows_used"] = float(((rb.kind != losses.ROW_DEMO) & kept).sum())  # generated rows the batch keeps
   return m
 
 
