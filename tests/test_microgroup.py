@@ -263,6 +263,8 @@ def _every_reward_combination(plan):
     for k, (stage, guided, j) in enumerate(slots):
       rewards.setdefault((stage, guided), {})[j] = float((p >> k) & 1)
     rewards["demo"] = float((p >> len(slots)) & 1) if has_demo else None
+    if plan.mode in microgroup.SAMPLED_MODES:  # one alternative per stage, guided or not as the draw falls
+      rewards.update({(stage, 1 - guided): r for (stage, guided), r in [i for i in rewards.items() if i[0] != "demo"]})
     table.append(rewards)
   batch = _batch(1)
   g = len(table)
@@ -282,6 +284,11 @@ ONE_PASS_PLANS = {
     # What a plan does after grading (appended demonstrations, the gate) and how it imitates and grades.
     "after_grading": microgroup.Plan(stages=(2, 2), thresholds=(2,), prefix_ratios=(0.5,), demos=(0, 1), gate=1,
                                      imitate="all", grade_given=False),
+    # Prefixes drawn per prompt and stage (Prefix-RFT; UFT's hints in more than one stage): nothing to choose.
+    "prefix_rft": microgroup.Plan(stages=(2, 2, 2), mode="random", unguided_stages=1, ratio_bounds=(0.1, 0.9),
+                                  imitate="all"),
+    "hints": microgroup.Plan(stages=(3, 3), mode="hint", hint_prob=0.5, hint_segments=3, imitate="all",
+                             grade_given=False),
 }
 
 
@@ -291,9 +298,11 @@ def test_one_pass_keeps_the_rows_of_the_stages_for_every_reward_combination(name
   batch, table = _every_reward_combination(plan)
   g = len(table)
   seq_calls, one_calls = [], []
-  seq = rollout.collect(plan, batch, _keyed_sampler(seq_calls), _keyed_grader(plan, table), [SPLIT], first_prompt=0)
+  # Plans that draw prefixes draw the same ones from the same generator (in stage order) on either path.
+  seq = rollout.collect(plan, batch, _keyed_sampler(seq_calls), _keyed_grader(plan, table), [SPLIT],
+                        rng=np.random.default_rng(0), first_prompt=0)
   one = rollout.collect_one_pass(plan, batch, _keyed_shared_sampler(one_calls), _keyed_grader(plan, table), [SPLIT],
-                                 first_prompt=0)
+                                 first_prompt=0, rng=np.random.default_rng(0))
   for f in dataclasses.fields(rollout.RolloutBatch):
     if f.name not in ("sampled_rows", "decode_passes"):
       np.testing.assert_array_equal(getattr(one, f.name), getattr(seq, f.name), err_msg=f.name)
@@ -312,7 +321,7 @@ def test_one_pass_rows_per_prompt():
       (0, 0, 4, 0.0), (1, 0, 2, 0.0), (1, 1, 2, 0.25), (2, 0, 1, 0.0), (2, 2, 1, 0.5), (3, 0, 1, 0.0), (3, 3, 1, 1.0)]
   assert {k: p.one_pass_rows for k, p in ONE_PASS_PLANS.items()} == {
       "trapo": 11, "fixed_ratio": 8, "luffy": 7, "other_thresholds": 2 + 4 + 2, "no_guidance": 8,
-      "after_grading": 6}
+      "after_grading": 6, "prefix_rft": 6, "hints": 6}
 
 
 def test_select_levels_on_the_scripted_layouts():

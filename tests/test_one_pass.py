@@ -119,6 +119,25 @@ def test_greedy_one_pass_gives_the_rows_levels_and_loss_of_the_stages(world):
     assert np.isfinite(loss) and _loss(base, params, one) == loss
 
 
+def test_greedy_one_pass_gives_prefix_rfts_rows_of_the_stages(world):
+  """Prefix-RFT's stages (own rows, then rows continuing a drawn prefix) in one pass: the same draws, the same rows."""
+  from trapo_jax import algorithms
+  base, params, batch = world
+  ctx = _with(base, temperature=0.0)
+  plan = algorithms.get("prefix_rft").from_config(ctx.cfg).phase_at(ctx.cfg, 0).rows
+  assert microgroup.one_pass_applies(plan) and plan.mode == "random"
+  prompts = batch(8)
+  out = {one_pass: trainer.collect_rollouts(_with(ctx, one_pass=one_pass), plan, prompts, params, jax.random.key(0),
+                                            {}, draws=np.random.default_rng(5)) for one_pass in (False, True)}
+  seq, one = out[False], out[True]
+  assert (one.decode_passes, seq.decode_passes) == (1, 2) and one.sampled_rows == seq.sampled_rows == 8 * plan.n
+  for f in ("prefix_mask", "ratio", "stage", "kind", "levels", "off_loss_mask"):
+    np.testing.assert_array_equal(getattr(one, f), getattr(seq, f), err_msg=f)
+  assert (seq.ratio > 0).any() and (seq.ratio == 0).any()
+  numerics.assert_greedy_agrees(one.tokens, seq.tokens, _teacher_forced_logits(ctx, params, seq), LOGIT_TOL,
+                                forced=seq.prefix_mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling: independent seeds, the same distribution.
 

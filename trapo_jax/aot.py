@@ -229,6 +229,8 @@ def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
   longest = 0
   if guided:
     longest = min(d.max_response_len, math.ceil((max(guided) + getattr(plan, "window", 0.0)) * d.max_response_len))
+  if mode in microgroup.SAMPLED_MODES:  # a drawn prefix may be all of a demonstration but its last token
+    longest = d.max_response_len
   budget = bucket(d.max_response_len, cap=d.max_response_len)
   if cfg.rollout.one_pass and isinstance(plan, microgroup.Plan) and microgroup.one_pass_applies(plan):
     prefixes, branches = microgroup.one_pass_contexts(plan)
@@ -236,7 +238,9 @@ def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
     prefix_width = bucket(longest) if prefixes else 0
     width = min(bucket(d.max_prompt_len + (longest if prefixes else 0)), prompt_width + prefix_width)
     return [RolloutCall(len(branches), width, budget, branches, len(prefixes), prompt_width, prefix_width)]
-  return [RolloutCall(size, bucket(d.max_prompt_len + (longest if s > 0 else 0)), budget)
+  # A stage continues a prefix after the first, or where the plan draws one (UFT's hints from the first stage on).
+  guided = lambda s: (microgroup.alternatives(plan)[s].level > 0 if mode in microgroup.SAMPLED_MODES else s > 0)
+  return [RolloutCall(size, bucket(d.max_prompt_len + (longest if guided(s) else 0)), budget)
           for s, size in enumerate(stages)]
 
 

@@ -247,7 +247,8 @@ def stage_levels(plan: Plan, stage: int, cumulative: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Alternative:
-  """`size` rows of 0-based `stage` at guidance `level` (0: the model's own); `ratio` is their prefix ratio."""
+  """`size` rows of 0-based `stage` at guidance `level` (0: the model's own); `ratio` is their prefix ratio (NaN in
+  the SAMPLED_MODES, which draw it per prompt)."""
   stage: int
   level: int
   size: int
@@ -256,12 +257,13 @@ class Alternative:
   @property
   def generated(self) -> bool:
     """A ratio of 1 is the whole demonstration, taken as the response: nothing to sample."""
-    return self.ratio < 1.0
+    return not self.ratio >= 1.0
 
 
 # Modes whose stages can all be sampled up front: a stage's rows depend on its level's prefix alone, and its level
-# on the rewards before it. The SAMPLED_MODES draw their prefixes on the host per stage: they keep their stages.
-ONE_PASS_MODES = ("adaptive", "fixed", "none")
+# on the rewards before it (adaptive) or on nothing (the others; the SAMPLED_MODES draw a prefix per prompt and stage
+# on the host, in stage order either way).
+ONE_PASS_MODES = ("adaptive", "fixed", "none") + SAMPLED_MODES
 
 
 def one_pass_applies(plan: Plan) -> bool:
@@ -273,12 +275,18 @@ def alternatives(plan: Plan) -> tuple[Alternative, ...]:
   """Every block of rows a prompt may use, in one-pass order: stage 1, then per later stage the levels it can take.
 
   A later stage's level is 0 or its own index (adaptive), always 1 (fixed) or always 0 (none), and its rows depend
-  only on the prompt and that level's prefix, not on earlier rows: so every alternative can be sampled up front.
+  only on the prompt and that level's prefix, not on earlier rows: so every alternative can be sampled up front. In
+  the SAMPLED_MODES each stage is one alternative, guided (level 1) after `unguided_stages` ("random") or always
+  ("hint": a hint of no segments is no prefix).
   """
   if plan.mode not in ONE_PASS_MODES:
     raise ValueError(f"plan mode {plan.mode!r}: its stages cannot be sampled in one pass (modes {ONE_PASS_MODES})")
   out = []
   for s, size in enumerate(plan.stages):
+    if plan.mode in SAMPLED_MODES:
+      guided = plan.mode == "hint" or s >= plan.unguided_stages
+      out.append(Alternative(stage=s, level=int(guided), size=size, ratio=float("nan") if guided else 0.0))
+      continue
     levels = (0,) if s == 0 or plan.mode == "none" else (1,) if plan.mode == "fixed" else (0, s)
     for level in levels:
       ratio = float(stage_ratios(plan, s, np.asarray([level]))[0])
@@ -286,12 +294,25 @@ def alternatives(plan: Plan) -> tuple[Alternative, ...]:
   return tuple(out)
 
 
-def one_pass_contexts(plan: Plan) -> tuple[tuple[float, ...], tuple[int, ...]]:
-  """(ratios, branches): the prefix ratios a prompt's one-pass rows continue, one context each after the bare
-  prompt, and the context of each generated row (0: the bare prompt, b: ratios[b - 1]), in `alternatives` order."""
-  alts = [a for a in alternatives(plan) if a.generated]
-  ratios = tuple(sorted({a.ratio for a in alts if a.ratio > 0}))
-  return ratios, tuple(b for a in alts for b in [ratios.index(a.ratio) + 1 if a.ratio > 0 else 0] * a.size)
+def one_pass_contexts(plan: Plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(sources, branches): the prefixes a prompt's one-pass rows continue, each prefilled once after the bare
+  prompt's, named by the index in `alternatives(plan)` of the first alternative continuing it; and the context of
+  each generated row (0: the bare prompt, b: the prefix of sources[b - 1]), in `alternatives` order. Alternatives
+  at one ratio continue one prefix (the fixed ratio's stages); a drawn prefix is its stage's own."""
+  alts = alternatives(plan)
+  key = lambda a: a.stage if plan.mode in SAMPLED_MODES else a.ratio
+  sources, keys, branches = [], [], []
+  for k, a in enumerate(alts):
+    if not a.generated:
+      continue
+    if a.level == 0 or a.ratio == 0:  # the model's own rows (a ratio of 0 is no prefix)
+      branches += [0] * a.size
+      continue
+    if key(a) not in keys:
+      sources.append(k)
+      keys.append(key(a))
+    branches += [keys.index(key(a)) + 1] * a.size
+  return tuple(sources), tuple(branches)
 
 
 def select_levels(plan: Plan, rewards: Sequence[np.ndarray]) -> np.ndarray:

@@ -136,28 +136,29 @@ def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn
 
 
 def collect_one_pass(plan: microgroup.Plan, batch, sample_fn: SharedSampleFn, grade_fn: GradeFn,
-                     split_ids: np.ndarray, first_prompt: int = 0, pad_id: int = 0) -> RolloutBatch:
+                     split_ids: np.ndarray, first_prompt: int = 0, pad_id: int = 0,
+                     rng: np.random.Generator | None = None) -> RolloutBatch:
   """The rows of `collect` from one sampler call (docs/algorithm.md#one-pass).
 
   Every alternative of every stage (`microgroup.alternatives`) is sampled at once, each prompt's bare prompt and
   prefixes prefilled once for all its rows; all rows (the whole demonstrations too) are graded in one call; then
   `microgroup.select_levels` walks the thresholds and each prompt keeps the rows of the levels it reached, in the
   same order, with the same masks, as `collect`; appended demonstrations and the gate follow as there. pad_id fills
-  a whole demonstration's row after its end, as the sampler does.
+  a whole demonstration's row after its end, as the sampler does. Plans that draw their prefixes (`rng`) draw them
+  in stage order, as `collect` does, and keep every stage's rows: there is nothing to choose.
   """
   g = batch.prompt_ids.shape[0]
   alts = microgroup.alternatives(plan)
   inputs = [microgroup.stage_inputs(plan, a.stage, np.full((g,), a.level, np.int32), batch.demo_ids, batch.demo_lens,
-                                    split_ids) for a in alts]
-  # One sampler context per distinct prefix ratio after the bare prompt, prefilled once per prompt.
-  ratios, branches = microgroup.one_pass_contexts(plan)
-  first = {r: next(inp for a, inp in zip(alts, inputs) if a.ratio == r) for r in ratios}
-  prefixes = np.stack([first[r].prefix_ids for r in ratios], 1) if ratios else np.zeros((g, 0, 1), np.int32)
-  prefix_lens = np.stack([first[r].prefix_lens for r in ratios], 1) if ratios else np.zeros((g, 0), np.int32)
+                                    split_ids, rng) for a in alts]
+  # Each prefix a prompt's rows continue is prefilled once per prompt, after the bare prompt.
+  sources, branches = microgroup.one_pass_contexts(plan)
+  prefixes = (np.stack([inputs[k].prefix_ids for k in sources], 1) if sources else np.zeros((g, 0, 1), np.int32))
+  prefix_lens = (np.stack([inputs[k].prefix_lens for k in sources], 1) if sources else np.zeros((g, 0), np.int32))
   ids, samples = [], []
-  for a in alts:
+  for a, inp in zip(alts, inputs):
     if a.generated:
-      ids += [row_ids(first_prompt, g, a.stage, np.full((g,), a.ratio > 0), len(plan.stages))] * a.size
+      ids += [row_ids(first_prompt, g, a.stage, inp.ratios > 0, len(plan.stages))] * a.size
       samples += list(range(a.size))
   tokens, prefix_mask, response_mask, *extra = sample_fn(
       batch.prompt_ids, batch.prompt_lens, prefixes, prefix_lens, branches, np.stack(ids, 1),
@@ -183,12 +184,17 @@ def collect_one_pass(plan: microgroup.Plan, batch, sample_fn: SharedSampleFn, gr
   rewards = np.asarray(grade_fn(tokens.reshape(g * rows, width), graded.reshape(g * rows, width), answers),
                        np.float32).reshape(g, rows)
   starts = np.cumsum([0] + [a.size for a in alts])
-  levels = microgroup.select_levels(plan, [rewards[:, starts[k]:starts[k + 1]] for k in range(len(alts))])
+  if plan.mode in microgroup.SAMPLED_MODES:  # every stage's rows; a stage's level is 1 where it continues a prefix
+    levels = np.stack([(inp.ratios > 0).astype(np.int32) for inp in inputs], 1)
+    pick = np.tile(np.arange(rows), (g, 1))
+  else:
+    levels = microgroup.select_levels(plan, [rewards[:, starts[k]:starts[k + 1]] for k in range(len(alts))])
+    pick = microgroup.selected_rows(plan, levels)
   # Per-row constants of each alternative, then each prompt's chosen rows.
-  loss_rows = np.concatenate([microgroup.prefix_loss_rows(plan, a.stage, np.full((g,), a.ratio > 0)) for a in alts], 1)
+  loss_rows = np.concatenate([microgroup.prefix_loss_rows(plan, a.stage, inp.ratios > 0)
+                              for a, inp in zip(alts, inputs)], 1)
   stage = np.concatenate([np.full((g, a.size), a.stage, np.int32) for a in alts], 1)
-  ratio = np.concatenate([np.full((g, a.size), a.ratio, np.float32) for a in alts], 1)
-  pick = microgroup.selected_rows(plan, levels)
+  ratio = np.concatenate([np.repeat(inp.ratios[:, None], a.size, 1) for a, inp in zip(alts, inputs)], 1)
   take = lambda x: np.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)), 1)
   chosen = dict(tokens=take(tokens), prefix_mask=take(prefix_mask), response_mask=take(response_mask),
                 rewards=take(rewards), off_loss_mask=take(prefix_mask & loss_rows[:, :, None]), stage=take(stage),

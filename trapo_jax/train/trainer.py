@@ -179,7 +179,7 @@ def collect_rollouts(ctx: Context, plan: microgroup.Plan, local, params, rng: ja
   first = jax.process_index() * local.prompt_ids.shape[0]
   if ctx.cfg.rollout.one_pass and microgroup.one_pass_applies(plan):
     return rollout_lib.collect_one_pass(plan, local, make_shared_sample_fn(ctx, params, rng, timings), grade_fn,
-                                        ctx.split_ids, first, pad_id=ctx.pad_id)
+                                        ctx.split_ids, first, pad_id=ctx.pad_id, rng=draws)
   return rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids, rng=draws, first_prompt=first)
 
 
