@@ -313,7 +313,9 @@ def header(sweep_path: str, runs: Sequence[Run], common: dict) -> str:
   import jax
   with open(sweep_path) as f:
     doc = ast.get_docstring(ast.parse(f.read())) or ""  # read, not run: load_sweep already ran the file
-  cmd = "python launch/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--collect_only")
+  # How the table is reproduced in one sitting: without the flags that only steered this sitting.
+  cmd = "python launch/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                             if a != "--collect_only" and not a.startswith("--redo"))
   lines = [
       f"# Sweep `{sweep_path}`", "",
       f"Made by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} CPU cores "

@@ -222,6 +222,14 @@ def test_header_quotes_the_sweep_docstring_without_running_the_file(tmp_path):
   assert "Why this sweep exists." in sweep.header(str(path), [], {})
 
 
+def test_header_command_leaves_out_the_flags_of_one_sitting(tmp_path, monkeypatch):
+  path = tmp_path / "doc_sweep.py"
+  path.write_text('"""Doc."""\n')
+  monkeypatch.setattr(sys, "argv", ["launch/sweep.py", f"--sweep={path}", "--redo=a,b", "--collect_only",
+                                    "--results_md=r.md"])
+  assert f"Made by `python launch/sweep.py --sweep={path} --results_md=r.md` on" in sweep.header(str(path), [], {})
+
+
 @pytest.mark.slow
 def test_two_point_sweep_runs_end_to_end(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
