@@ -167,6 +167,22 @@ def test_compile_mode_judges_the_fit_on_cpu_devices(monkeypatch):
     aot.run(_big_vocab_config(), "cpu:8", log=lambda s: None)
 
 
+def test_a_second_optimizer_counts_in_the_state_of_every_phase():
+  """ReLIFT's fine-tuning AdamW lives in the run's state (state.slot): each of its phases holds both moments."""
+  def opt_state(algo):
+    cfg = config_lib.base_config()
+    cfg.model.update(hf_dir="", **TINY)
+    cfg.data.update(max_prompt_len=8, max_response_len=8)
+    cfg.train.update(batch_prompts=8, logprob_chunk=8)
+    cfg.algo = algo
+    rep = aot.compile_run(cfg, "cpu:8", programs=("train",), estimate=False, log=lambda s: None)
+    return {r.program.name: r.opt_state for r in rep.results}
+
+  one = opt_state("grpo")
+  two = opt_state("relift")
+  assert len(two) == 2 and set(two.values()) == {2 * one["train step (rl)"]}, (one, two)
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install \"jax[tpu]\"): no TPU topology")
 def test_seven_b_without_tensor_parallelism_does_not_fit_a_v5e_4():
   """The 7B run's state alone (7.6B parameters x 12 bytes over 4 chips) exceeds a v5e chip's 16 GiB."""
