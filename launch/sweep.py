@@ -3,12 +3,17 @@ r"""Run a sweep: one training run per point (and seed), each in its own workdir,
   python launch/sweep.py --sweep=experiments/sweeps/paper_table.py              # run every point here, in turn
   python launch/sweep.py --sweep=experiments/sweeps/alpha.py --print_only       # the commands, for a cluster
   python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --collect_only --results_md=docs/results.md
+  python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --redo=TRAPO,GRPO_seed1  # run these again
 
 A sweep file defines `get_sweep() -> list[dict]`: each dict is a point with an optional "name", an optional
 "config" (default experiments/configs/default.py) and config overrides ({"loss.alpha": 0.3}). Optional module
 values: SEEDS (each point runs once per seed, as --config.seed), COMMON (overrides for every point).
-A point whose workdir already holds eval/after/results.json is not run again. A --results_md file that exists keeps
-what follows its NOTES_MARKER line (the hand-written reading of the table) when the table is rewritten.
+A sweep can be completed over several sittings: a run whose workdir already holds eval/after/results.json is skipped
+(one line lists them), an interrupted one resumes from its latest checkpoint, and the table and plot are always
+rebuilt from every result present. --redo=NAME,... (a point: all its seeds; or one run, as TRAPO_seed1) or
+--redo=all runs finished ones again from scratch; the old workdir is kept beside it until the new run succeeds.
+A --results_md file that exists keeps what follows its NOTES_MARKER line (the hand-written reading of the table)
+when the table is rewritten.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +43,8 @@ _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print one command per run 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Same as --print_only.")
 _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plot.")
 _RESULTS_MD = flags.DEFINE_string("results_md", None, "Also write the table to this Markdown file.")
+_REDO = flags.DEFINE_list("redo", [], "Run these finished runs again: point names (all seeds), run names "
+                          "(<point>_seed<n>) or 'all'.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,28 +116,82 @@ def command(run: Run) -> list[str]:
 
 
 _SECONDS_FILE = "sweep_run_seconds.txt"
+_REPLACED_SUFFIX = ".replaced"  # a finished run's old workdir while --redo runs it again
+_COMMAND_FILE = "sweep_command.txt"  # the arguments the sweep ran a workdir with
+
+
+def _command_args(run: Run) -> str:
+  """The run's command without the interpreter, which differs between machines."""
+  return shlex.join(command(run)[1:])
+
+
+def _recorded_command(run: Run) -> str | None:
+  path = os.path.join(run.workdir, _COMMAND_FILE)
+  if not os.path.exists(path):
+    return None  # made before the sweep recorded commands, or by hand
+  with open(path) as f:
+    return f.read().strip()
 
 
 def _finished(run: Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, "eval", "after", "results.json"))
 
 
-def run_all(runs: Sequence[Run]) -> list[Run]:
-  """Runs each unfinished point in turn (cwd = repository root); returns the failed ones."""
+def run_name(run: Run) -> str:
+  return os.path.basename(run.workdir)
+
+
+def select_redo(runs: Sequence[Run], names: Sequence[str]) -> set[str]:
+  """The workdirs of the runs `names` asks to redo: point names (every seed), run names, or "all"."""
+  if "all" in names:
+    return {r.workdir for r in runs}
+  by_name = {}
+  for r in runs:
+    by_name.setdefault(r.point, []).append(r.workdir)
+    by_name.setdefault(run_name(r), []).append(r.workdir)
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"--redo: {', '.join(unknown)} names no point or run of this sweep "
+                     f"(points: {', '.join(dict.fromkeys(r.point for r in runs))})")
+  return {w for n in names for w in by_name[n]}
+
+
+def run_all(runs: Sequence[Run], redo: set[str] = frozenset()) -> list[Run]:
+  """Runs each run not finished before, and those in `redo` (workdirs) from scratch; returns the failed ones.
+
+  A redone run's old workdir is moved to <workdir>.replaced and deleted only once the new run succeeded.
+  """
+  skipped = [r for r in runs if _finished(r) and r.workdir not in redo]
+  if skipped:
+    print(f"skipped {len(skipped)} of {len(runs)} runs, finished before (--redo=NAME,... runs them again): "
+          f"{', '.join(run_name(r) for r in skipped)}", flush=True)
+  for r in skipped:
+    made_by = _recorded_command(r)
+    if made_by is not None and made_by != _command_args(r):
+      print(f"warning: {run_name(r)} was made by another command than the sweep's now ({made_by}); "
+            f"--redo={run_name(r)} runs it again", flush=True)
   failed = []
   for i, r in enumerate(runs):
-    if _finished(r):
-      print(f"[{i + 1}/{len(runs)}] {r.workdir}: finished before, skipped", flush=True)
+    if _finished(r) and r.workdir not in redo:
       continue
+    replaced = r.workdir + _REPLACED_SUFFIX
+    if r.workdir in redo and os.path.exists(r.workdir):
+      shutil.rmtree(replaced, ignore_errors=True)
+      os.rename(r.workdir, replaced)
     print(f"[{i + 1}/{len(runs)}] {shlex.join(command(r))}", flush=True)
+    os.makedirs(r.workdir, exist_ok=True)
+    with open(os.path.join(r.workdir, _COMMAND_FILE), "w") as f:
+      f.write(_command_args(r) + "\n")
     start = time.time()
     if subprocess.run(command(r), cwd=ROOT).returncode != 0:
-      print(f"[{i + 1}/{len(runs)}] {r.workdir}: FAILED", flush=True)
+      kept = f"; the previous run is in {replaced}" if os.path.exists(replaced) else ""
+      print(f"[{i + 1}/{len(runs)}] {r.workdir}: FAILED{kept}", flush=True)
       failed.append(r)
     else:
       seconds = time.time() - start
       with open(os.path.join(r.workdir, _SECONDS_FILE), "w") as f:
         f.write(f"{seconds:.1f}\n")
+      shutil.rmtree(replaced, ignore_errors=True)
       print(f"[{i + 1}/{len(runs)}] {r.workdir}: done in {seconds:.0f} s", flush=True)
   return failed
 
@@ -251,7 +313,9 @@ def header(sweep_path: str, runs: Sequence[Run], common: dict) -> str:
   import jax
   with open(sweep_path) as f:
     doc = ast.get_docstring(ast.parse(f.read())) or ""  # read, not run: load_sweep already ran the file
-  cmd = "python launch/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--collect_only")
+  # How the table is reproduced in one sitting: without the flags that only steered this sitting.
+  cmd = "python launch/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                             if a != "--collect_only" and not a.startswith("--redo"))
   lines = [
       f"# Sweep `{sweep_path}`", "",
       f"Made by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} CPU cores "
@@ -315,7 +379,11 @@ def main(argv):
     for r in runs:
       print(shlex.join(command(r)))
     return
-  failed = [] if _COLLECT_ONLY.value else run_all(runs)
+  try:
+    redo = select_redo(runs, _REDO.value)
+  except ValueError as e:
+    sys.exit(str(e))
+  failed = [] if _COLLECT_ONLY.value else run_all(runs, redo)
   md = write_results(collect(runs), out_dir, _RESULTS_MD.value, header=header(_SWEEP.value, runs, common))
   print(md)
   if failed:

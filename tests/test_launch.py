@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -100,6 +101,10 @@ def test_expand_and_commands(tmp_path):
                            timeout=60)
   assert printed.returncode == 0, printed.stderr
   assert len(printed.stdout.strip().splitlines()) == 4
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--sweep={tmp_path}/my_sweep.py",
+                        f"--root={tmp_path}/runs", "--redo=a_b,typo"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("--redo: typo names no point")
   with pytest.raises(ValueError, match="two points are named 'x'"):
     sweep.expand([{"name": "x"}, {"name": "x"}], None, "r")
 
@@ -136,6 +141,68 @@ def test_collect_table_and_plot(tmp_path):
   assert json.load(open(tmp_path / "out" / "results.json"))["a_b"]["runs"] == 2
 
 
+class _FakeTrainer:
+  """Stands in for subprocess in sweep.run_all: a run 'trains' by writing results.json with the next accuracy."""
+
+  def __init__(self):
+    self.ran, self.fail, self.acc = [], set(), 0.1
+
+  def run(self, cmd, cwd):
+    workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+    self.ran.append(os.path.basename(workdir))
+    if os.path.basename(workdir) in self.fail:
+      return subprocess.CompletedProcess(cmd, 1)
+    self.acc += 0.1
+    _fake_run(workdir, self.acc, self.acc, {"1": self.acc}, [0.1])
+    return subprocess.CompletedProcess(cmd, 0)
+
+
+def test_sweep_resumes_over_sittings_and_redoes_on_request(tmp_path, monkeypatch, capsys):
+  points, seeds, common = sweep.load_sweep(_write_sweep(tmp_path))
+  runs = sweep.expand(points, seeds, str(tmp_path / "runs"), common)
+  names = [sweep.run_name(r) for r in runs]
+  fake = _FakeTrainer()
+  monkeypatch.setattr(sweep, "subprocess", fake)
+  fake.fail = {names[3]}
+  assert sweep.run_all(runs) == [runs[3]] and fake.ran == names  # first sitting: one run fails
+  fake.ran, fake.fail = [], set()
+  capsys.readouterr()
+  assert sweep.run_all(runs) == [] and fake.ran == [names[3]]  # second sitting: only the missing run
+  out = capsys.readouterr().out
+  assert f"skipped 3 of 4 runs, finished before (--redo=NAME,... runs them again): {', '.join(names[:3])}" in out
+  assert "warning" not in out
+
+  def acc(run):
+    return json.load(open(os.path.join(run.workdir, "eval", "after", "results.json")))["benchmarks"]["synthetic"]["avg@2"]
+
+  before = [acc(r) for r in runs]
+  # A point name redoes all its seeds, a run name one run; the rest keep their results.
+  redo = sweep.select_redo(runs, ["a_b", names[3]])
+  assert redo == {runs[0].workdir, runs[1].workdir, runs[3].workdir}
+  fake.ran = []
+  assert sweep.run_all(runs, redo) == [] and fake.ran == [names[0], names[1], names[3]]
+  after = [acc(r) for r in runs]
+  assert after[2] == before[2] and all(after[i] > before[i] for i in (0, 1, 3))
+  assert not glob.glob(str(tmp_path / "runs" / "*.replaced"))
+  assert sweep.select_redo(runs, ["all"]) == {r.workdir for r in runs}
+  with pytest.raises(ValueError, match="--redo: nope names no point or run of this sweep"):
+    sweep.select_redo(runs, ["a_b", "nope"])
+  # A redo that fails keeps the finished run it was replacing.
+  fake.fail = {names[2]}
+  assert sweep.run_all(runs, {runs[2].workdir}) == [runs[2]]
+  assert acc(dataclasses.replace(runs[2], workdir=runs[2].workdir + ".replaced")) == before[2]
+  assert f"the previous run is in {runs[2].workdir}.replaced" in capsys.readouterr().out
+  # The table is rebuilt from every result present: the redone values, the failed redo missing.
+  rows = {line.split(" | ")[0].strip("| "): line for line in sweep.table(sweep.collect(runs)).splitlines()}
+  assert f"| 2 | {100 * np.mean(after[:2]):.1f} ± {100 * np.std(after[:2]):.1f} |" in rows["a_b"]
+  assert f"| 1 | {100 * after[3]:.1f} |" in rows["rollout.stages=_8"]
+  # A finished run made by another command than the sweep's now is skipped with a warning.
+  changed = sweep.expand(points, seeds, str(tmp_path / "runs"), {"train.steps": 4})
+  fake.ran, fake.fail = [], set()
+  sweep.run_all(changed[:2])
+  assert fake.ran == [] and f"warning: {names[0]} was made by another command" in capsys.readouterr().out
+
+
 def test_rewriting_a_report_keeps_its_hand_written_notes(tmp_path):
   path = str(tmp_path / "report.md")
   sweep.write_keeping_notes(path, "# table v1\n")
@@ -153,6 +220,14 @@ def test_header_quotes_the_sweep_docstring_without_running_the_file(tmp_path):
   path = tmp_path / "doc_sweep.py"
   path.write_text('"""Why this sweep exists."""\nraise RuntimeError("executed")\n')
   assert "Why this sweep exists." in sweep.header(str(path), [], {})
+
+
+def test_header_command_leaves_out_the_flags_of_one_sitting(tmp_path, monkeypatch):
+  path = tmp_path / "doc_sweep.py"
+  path.write_text('"""Doc."""\n')
+  monkeypatch.setattr(sys, "argv", ["launch/sweep.py", f"--sweep={path}", "--redo=a,b", "--collect_only",
+                                    "--results_md=r.md"])
+  assert f"Made by `python launch/sweep.py --sweep={path} --results_md=r.md` on" in sweep.header(str(path), [], {})
 
 
 @pytest.mark.slow

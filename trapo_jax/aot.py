@@ -170,6 +170,7 @@ class Program:
   kv_bytes: int = 0  # per chip
   resident: int = 0  # per chip: memory the program does not see but that stays allocated (the optimizer state)
   fixes: tuple[str, ...] = ()  # config changes to try when it does not fit
+  opt_state: int | None = None  # per chip, when the method's state differs from the run's (a second optimizer)
 
 
 @dataclasses.dataclass
@@ -276,7 +277,7 @@ def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh
     fixes.append("--config.model.remat=full")
   fixes += _tensor_fix(cfg, model_cfg, mesh)
   return Program("train", f"train step ({phase.name})", f"{rows} sequences of {t} tokens, {m} micro-batches of {mb}",
-                 lower, fixes=tuple(fixes))
+                 lower, fixes=tuple(fixes), opt_state=_per_chip(state.opt_state))
 
 
 def _tensor_fix(cfg, model_cfg, mesh) -> list[str]:
@@ -391,6 +392,7 @@ def _needed(message: str) -> int | None:
 def compile_program(program: Program, state_bytes: tuple[int, int]) -> Result:
   """Lowers and compiles one program (timed) and reads XLA's memory plan, or its refusal for lack of memory."""
   params, opt = state_bytes
+  opt = opt if program.opt_state is None else program.opt_state
   t0 = time.perf_counter()
   lowered = program.lower()
   try:

@@ -188,7 +188,9 @@ def main(argv: list[str]) -> None:
     else:
       trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"),
                      allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
-  except (errors.UserError, config_lib.ConfigError) as e:
+  except config_lib.ConfigError as e:  # found late, e.g. a checkpoint with fewer positions than a sequence
+    fail(f"config error: {_reason(str(e))}")
+  except errors.UserError as e:
     fail(f"error: {_reason(str(e))}")
   except trainer.TrainingError as e:
     fail(f"training error: {_reason(str(e))}")
