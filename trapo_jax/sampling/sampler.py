@@ -290,7 +290,8 @@ class Sampler:
                    prompt_width: int, prefix_width: int, width: int, budget: int,
                    sp: SamplingParams) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
     """The shared prefill and the decode `sample_shared` runs for `prompts` prompts (a multiple of the mesh's batch
-    shards) with `prefixes` prefixes each and len(branches) rows per prompt, lowered for abstract inputs (as `lower`)."""
+    shards) with `prefixes` prefixes each and len(branches) rows per prompt, lowered for abstract inputs (as
+    `lower`)."""
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     r = len(branches)
     inputs = (i32(prompts, prompt_len), i32(prompts), i32(prompts, prefixes, max_len), i32(prompts, prefixes),
