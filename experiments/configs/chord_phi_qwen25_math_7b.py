@@ -7,15 +7,10 @@ CHORD-phi: mu = 0.1 throughout, demonstration tokens weighted by sg(p (1 - p)).
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
 """
 
-from experiments.configs import trapo_qwen25_math_7b
+from experiments.configs import chord_mu_qwen25_math_7b
 
 
 def get_config():
-  c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
+  c = chord_mu_qwen25_math_7b.get_config()  # the same official example's batch, length and learning rate
   c.algo = "chord_phi"
-  # 32 prompts x 8 rollouts = the official 256 usual experiences, + 2 demonstrations each = its 64 expert ones.
-  c.train.batch_prompts = 32
-  c.train.steps = 500  # guess: the official run's length is not published
-  c.data.max_response_len = 10240  # official max_response_tokens (max_model_len 11264 with the 1024-token prompt)
-  c.optim.lr = 1e-6  # guess: the example's trainer config (train_chord.yaml) is not in the repository
   return c
