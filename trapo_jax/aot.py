@@ -170,7 +170,7 @@ class Program:
   kv_bytes: int = 0  # per chip
   resident: int = 0  # per chip: memory the program does not see but that stays allocated (the optimizer state)
   fixes: tuple[str, ...] = ()  # config changes to try when it does not fit
-  opt_state: int | None = None  # per chip, when the method's state differs from the run's (a second optimizer)
+  opt_state: int = 0  # per chip: the optimizer state of the method's run (a second optimizer's included)
 
 
 @dataclasses.dataclass
@@ -318,8 +318,10 @@ def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: i
 
   rows = f"{n} rows in one pass ({call.prefixes} prefixes)" if call is not None and call.branches else f"{n} samples"
   layout = f"{prompts} prompts x {rows}, cache {width} + {budget} slots"
-  return [Program(label, f"{label} prefill", layout, part(0), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes),
-          Program(label, f"{label} decode", layout, part(1), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes)]
+  return [Program(label, f"{label} prefill", layout, part(0), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes,
+                  opt_state=resident),
+          Program(label, f"{label} decode", layout, part(1), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes,
+                  opt_state=resident)]
 
 
 def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh,
@@ -389,10 +391,10 @@ def _needed(message: str) -> int | None:
   return None
 
 
-def compile_program(program: Program, state_bytes: tuple[int, int]) -> Result:
-  """Lowers and compiles one program (timed) and reads XLA's memory plan, or its refusal for lack of memory."""
-  params, opt = state_bytes
-  opt = opt if program.opt_state is None else program.opt_state
+def compile_program(program: Program, params: int) -> Result:
+  """Lowers and compiles one program (timed) and reads XLA's memory plan, or its refusal for lack of memory.
+  params: the parameters' bytes per chip."""
+  opt = program.opt_state
   t0 = time.perf_counter()
   lowered = program.lower()
   try:
@@ -550,14 +552,13 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   headline = (f"{', '.join(methods)}: {model_cfg.model_type}, {model_cfg.num_layers} layers, "
               f"{_count_params(model_cfg.num_params)} parameters ({source}); {tgt.describe()}; mesh {dict(mesh.shape)}")
   log(headline)
-  state = state_lib.TrainState.abstract(model_cfg, mesh, state_lib.make_optimizer(cfg.optim))
-  state_bytes = (_per_chip(state.params), _per_chip(state.opt_state))
+  params = _per_chip(state_lib.TrainState.abstract(model_cfg, mesh, state_lib.make_optimizer(cfg.optim)).params)
   results = []
   for program in run_programs(cfg, methods, model_cfg, mesh, log):
     if program.kind not in programs:
       continue
     log(f"compiling {program.name}: {program.layout} ...")
-    results.append(compile_program(program, state_bytes))
+    results.append(compile_program(program, params))
   estimates = {}
   if estimate and tgt.chip is not None:
     log("compiling one layer for XLA's cost estimates ...")
