@@ -127,13 +127,19 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/trapo_jax/xla"))
 
 
+def loaded_config() -> ml_collections.ConfigDict:
+  """--config's ConfigDict as loaded (not yet validated), or a one-line error when the file gave none."""
+  cfg = _CONFIG.value
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    fail(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
+  return cfg
+
+
 def load_config() -> ml_collections.ConfigDict:
   """The validated config; multi-process runs are initialised first (validation counts global devices)."""
   import jax
   from trapo_jax import distributed
-  cfg = _CONFIG.value
-  if not isinstance(cfg, ml_collections.ConfigDict):
-    fail(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
+  cfg = loaded_config()
   if "distributed" in cfg and isinstance(cfg.distributed, ml_collections.ConfigDict):
     distributed.initialize(cfg.distributed)
   try:
@@ -199,9 +205,7 @@ def main(argv: list[str]) -> None:
 def compile_run() -> None:
   """--mode=compile: no cache (the compile times are measured), no data, no weights, no distributed start."""
   from trapo_jax import aot
-  cfg = _CONFIG.value
-  if not isinstance(cfg, ml_collections.ConfigDict):
-    fail(f"config error: --config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}")
+  cfg = loaded_config()
   try:
     aot.prepare(_TOPOLOGY.value)
     aot.run(cfg, _TOPOLOGY.value, all_methods=_ALL_METHODS.value)
