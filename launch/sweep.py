@@ -8,10 +8,12 @@ r"""Run a sweep: one training run per point (and seed), each in its own workdir,
 A sweep file defines `get_sweep() -> list[dict]`: each dict is a point with an optional "name", an optional
 "config" (default experiments/configs/default.py) and config overrides ({"loss.alpha": 0.3}). Optional module
 values: SEEDS (each point runs once per seed, as --config.seed), COMMON (overrides for every point).
-A sweep can be completed over several sittings: a run whose workdir already holds eval/after/results.json is skipped
-(one line lists them), an interrupted one resumes from its latest checkpoint, and the table and plot are always
-rebuilt from every result present. --redo=NAME,... (a point: all its seeds; or one run, as TRAPO_seed1) or
---redo=all runs finished ones again from scratch; the old workdir is kept beside it until the new run succeeds.
+A sweep can be completed over several sittings. Runs go seed by seed (every point's first seed, then every
+point's second...), so a partial sweep already has a row for every point; a run whose workdir holds
+eval/after/results.json is skipped (one line lists them), an interrupted one resumes from its latest checkpoint, and
+the table and plot are always rebuilt from every result present. --redo=NAME,... (a point: all its seeds; or one
+run, as TRAPO_seed1) or --redo=all runs finished ones again from scratch; the old workdir is kept beside it until the
+new run succeeds.
 A --results_md file that exists keeps what follows its NOTES_MARKER line (the hand-written reading of the table)
 when the table is rewritten.
 """
@@ -84,8 +86,12 @@ def load_sweep(path: str) -> tuple[list[dict], list[int] | None, dict]:
 
 
 def expand(points: Sequence[dict], seeds: Sequence[int] | None, root: str, common: dict | None = None) -> list[Run]:
-  """One Run per point and seed, each with its own workdir under `root`."""
-  runs, seen = [], set()
+  """One Run per point and seed, each with its own workdir under `root`, seed by seed.
+
+  Every point's first seed comes before any point's second, so a sweep stopped part way (or completed over several
+  sittings) already has a row for every point.
+  """
+  per_point, seen = [], set()
   for p in points:
     p = dict(p)
     config = p.pop("config", DEFAULT_CONFIG)
@@ -97,11 +103,12 @@ def expand(points: Sequence[dict], seeds: Sequence[int] | None, root: str, commo
     if name in seen:
       raise ValueError(f"two points are named {name!r}")
     seen.add(name)
+    per_point.append([])
     for seed in (seeds if seeds is not None else [None]):
       o = dict(overrides, **({"seed": seed} if seed is not None else {}))
       workdir = os.path.join(root, name if seed is None else f"{name}_seed{seed}")
-      runs.append(Run(point=name, seed=seed, config=config, overrides=tuple(o.items()), workdir=workdir))
-  return runs
+      per_point[-1].append(Run(point=name, seed=seed, config=config, overrides=tuple(o.items()), workdir=workdir))
+  return [run for seed_runs in zip(*per_point) for run in seed_runs]
 
 
 def _flag_value(v: Any) -> str:

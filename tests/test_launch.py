@@ -89,13 +89,14 @@ def _write_sweep(tmp_path) -> str:
 def test_expand_and_commands(tmp_path):
   points, seeds, common = sweep.load_sweep(_write_sweep(tmp_path))
   runs = sweep.expand(points, seeds, "runs/s", common)
-  assert [r.workdir for r in runs] == ["runs/s/a_b_seed0", "runs/s/a_b_seed1", "runs/s/rollout.stages=_8_seed0",
+  # Seed by seed: a sweep stopped part way has a row for every point.
+  assert [r.workdir for r in runs] == ["runs/s/a_b_seed0", "runs/s/rollout.stages=_8_seed0", "runs/s/a_b_seed1",
                                        "runs/s/rollout.stages=_8_seed1"]
-  cmd = sweep.command(runs[1])
+  cmd = sweep.command(runs[2])
   assert cmd[1:] == ["-m", "trapo_jax.main", "--config=experiments/configs/default.py",
                      "--workdir=runs/s/a_b_seed1", "--config.train.steps=3", "--config.loss.alpha=0.3",
                      "--config.seed=1"]
-  assert "--config.rollout.stages=(8,)" in sweep.command(runs[2])
+  assert "--config.rollout.stages=(8,)" in sweep.command(runs[1])
   printed = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--sweep={tmp_path}/my_sweep.py",
                             f"--root={tmp_path}/runs", "--print_only"], capture_output=True, text=True, cwd=ROOT,
                            timeout=60)
@@ -122,14 +123,15 @@ def _fake_run(workdir: str, acc: float, passk: float, levels: dict, reward: list
 def test_collect_table_and_plot(tmp_path):
   points, seeds, common = sweep.load_sweep(_write_sweep(tmp_path))
   runs = sweep.expand(points, seeds, str(tmp_path / "runs"), common)
-  accs = [0.2, 0.5, 0.4, 0.1]
-  for r, a in zip(runs[:3], accs):  # the last run never finished
+  accs = {"a_b_seed0": 0.2, "a_b_seed1": 0.5, "rollout.stages=_8_seed0": 0.4}  # the last run never finished
+  for r in runs[:3]:
+    a = accs[sweep.run_name(r)]
     _fake_run(r.workdir, a, a + 0.1, {"1": a, "4": a / 2}, [0.1, 0.2, a])
   assert sweep._finished(runs[0]) and not sweep._finished(runs[3])
   points = sweep.collect(runs)
   md = sweep.write_results(points, str(tmp_path / "out"), str(tmp_path / "results.md"), header="# header\n")
   rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
-  mean, std = 100 * np.mean(accs[:2]), 100 * np.std(accs[:2])
+  mean, std = 100 * np.mean([0.2, 0.5]), 100 * np.std([0.2, 0.5])
   assert f"| 2 | {mean:.1f} ± {std:.1f} |" in rows["a_b"]
   assert f"@2: {100 * np.mean([0.3, 0.6]):.1f} ± {100 * np.std([0.3, 0.6]):.1f}" in rows["a_b"]
   assert f"{100 * np.mean([0.1, 0.25]):.1f} ± {100 * np.std([0.1, 0.25]):.1f}" in rows["a_b"]  # level 4
@@ -178,28 +180,28 @@ def test_sweep_resumes_over_sittings_and_redoes_on_request(tmp_path, monkeypatch
   before = [acc(r) for r in runs]
   # A point name redoes all its seeds, a run name one run; the rest keep their results.
   redo = sweep.select_redo(runs, ["a_b", names[3]])
-  assert redo == {runs[0].workdir, runs[1].workdir, runs[3].workdir}
+  assert redo == {runs[0].workdir, runs[2].workdir, runs[3].workdir}
   fake.ran = []
-  assert sweep.run_all(runs, redo) == [] and fake.ran == [names[0], names[1], names[3]]
+  assert sweep.run_all(runs, redo) == [] and fake.ran == [names[0], names[2], names[3]]
   after = [acc(r) for r in runs]
-  assert after[2] == before[2] and all(after[i] > before[i] for i in (0, 1, 3))
+  assert after[1] == before[1] and all(after[i] > before[i] for i in (0, 2, 3))
   assert not glob.glob(str(tmp_path / "runs" / "*.replaced"))
   assert sweep.select_redo(runs, ["all"]) == {r.workdir for r in runs}
   with pytest.raises(ValueError, match="--redo: nope names no point or run of this sweep"):
     sweep.select_redo(runs, ["a_b", "nope"])
   # A redo that fails keeps the finished run it was replacing.
-  fake.fail = {names[2]}
-  assert sweep.run_all(runs, {runs[2].workdir}) == [runs[2]]
-  assert acc(dataclasses.replace(runs[2], workdir=runs[2].workdir + ".replaced")) == before[2]
-  assert f"the previous run is in {runs[2].workdir}.replaced" in capsys.readouterr().out
+  fake.fail = {names[1]}
+  assert sweep.run_all(runs, {runs[1].workdir}) == [runs[1]]
+  assert acc(dataclasses.replace(runs[1], workdir=runs[1].workdir + ".replaced")) == before[1]
+  assert f"the previous run is in {runs[1].workdir}.replaced" in capsys.readouterr().out
   # The table is rebuilt from every result present: the redone values, the failed redo missing.
   rows = {line.split(" | ")[0].strip("| "): line for line in sweep.table(sweep.collect(runs)).splitlines()}
-  assert f"| 2 | {100 * np.mean(after[:2]):.1f} ± {100 * np.std(after[:2]):.1f} |" in rows["a_b"]
+  assert f"| 2 | {100 * np.mean(after[::2]):.1f} ± {100 * np.std(after[::2]):.1f} |" in rows["a_b"]
   assert f"| 1 | {100 * after[3]:.1f} |" in rows["rollout.stages=_8"]
   # A finished run made by another command than the sweep's now is skipped with a warning.
   changed = sweep.expand(points, seeds, str(tmp_path / "runs"), {"train.steps": 4})
   fake.ran, fake.fail = [], set()
-  sweep.run_all(changed[:2])
+  sweep.run_all(changed[::2])  # the two seeds of a_b
   assert fake.ran == [] and f"warning: {names[0]} was made by another command" in capsys.readouterr().out
 
 
