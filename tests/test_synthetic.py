@@ -99,8 +99,7 @@ def test_splits_are_disjoint_and_deterministic():
   assert other_test != test
   assert {e["level"] for e in test} == {e["level"] for e in train} == set(synthetic.LEVELS)
   assert {e["level"] for e in synthetic.generate_split("train", 100, levels=(2, 5), seed=0)} == {2, 5}
-  assert set(synthetic.EASY_LEVELS) | set(synthetic.HARD_LEVELS) == set(synthetic.LEVELS)
-  assert max(synthetic.EASY_LEVELS) < min(synthetic.HARD_LEVELS)
+  assert set(synthetic.HARD_LEVELS) < set(synthetic.LEVELS)
 
 
 def test_bad_split_arguments_are_named():

@@ -32,9 +32,8 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(ASSETS, "synthetic_tokenizer")
 BASE_POLICY_DIR = os.path.join(ASSETS, "synthetic_base")
 LEVELS = (1, 2, 3, 4, 5, 6)
-# The base policy is warm-started by SFT on EASY_LEVELS only, so that on HARD_LEVELS it succeeds rarely and the
-# expert prefixes have something to teach.
-EASY_LEVELS = (1, 2, 3)
+# The levels the shipped base policy solves 5-30 % of the time (experiments/configs/synthetic_base.py): where a 25 %
+# or 50 % expert prefix, which writes some of the steps, has the most to teach.
 HARD_LEVELS = (4, 5, 6)
 SPLITS = ("train", "test")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, turn start, EOS (end of the assistant turn)
