@@ -3,12 +3,12 @@
 Every level is in its data, so the policy knows the format of a long chain; what it lacks is accuracy per step, which
 compounds: on the held-out split (temperature 0.6, 4 samples) it solves levels 1-6 55 / 49 / 36 / 28 / 28 / 15 % of
 the time, so the hard levels (4-6) sit in the 5-30 % range where an expert prefix that writes some of the steps has
-the most to teach. Stopped at 1250 steps, while those levels are still under 30 % (at 1500 steps level 4 reaches
-33 %; at 1000 all levels are lower, 41 / 34 / 25 / 18 / 15 / 13 %). The shipped weights are the step-1250 checkpoint
-of a 1500-step run of this config: the learning rate is constant after its warm-up and the data order does not
-depend on `train.steps`, so the 1250-step run below trains the same steps. The base shipped before (SFT on levels 1-3 only) wrote three steps whatever the
-level (407 of 408 level-4 samples), solved the hard levels 3-4 % of the time and no method moved them
-(docs/results_v1.md).
+the most to teach. Stopped at 1250 steps, while those levels are still under 30 % (at 1500 steps level 4 reaches 33 %;
+at 1000 all levels are lower, 41 / 34 / 25 / 18 / 15 / 13 %). The shipped weights are the step-1250 checkpoint of a
+1500-step run of this config: the learning rate is constant after its warm-up and the data order does not depend on
+`train.steps`, so the 1250-step run below trains the same steps. The base shipped before (SFT on levels 1-3 only)
+wrote three steps whatever the level (407 of 408 level-4 samples), solved the hard levels 3-4 % of the time and no
+method moved them (docs/results_v1.md).
 
 Regenerate the shipped policy (trapo_jax/assets/synthetic_base) with:
 

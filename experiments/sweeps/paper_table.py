@@ -5,8 +5,8 @@ the same shipped base policy; 3 seeds each (the seed drives sampling).
 Fixed before any method was compared: the task (trapo_jax/data/synthetic.py, multi-step arithmetic, levels 1-6,
 training prompts from all levels, held-out test split graded by the math-verify grader), the base policy
 (trapo_jax/assets/synthetic_base: Qwen2 architecture, 1M parameters, made by experiments/configs/synthetic_base.py;
-docs/results_v1.md was made with its predecessor, SFT on levels 1-3 only), and the budget (40 steps × 8 prompts, lr 1e-4, 96 new tokens; evaluation on
-the whole test split at temperature 0.6, 2 samples per problem).
+docs/results_v1.md was made with its predecessor, SFT on levels 1-3 only), and the budget (40 steps × 8 prompts, lr
+1e-4, 96 new tokens; evaluation on the whole test split at temperature 0.6, 2 samples per problem).
 
   python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --results_md=docs/results_v1.md
 """
