@@ -203,6 +203,12 @@ def run_all(runs: Sequence[Run], redo: set[str] = frozenset()) -> list[Run]:
   return failed
 
 
+def _count_finished(runs: Sequence[Run]) -> str:
+  """"12" when all 12 runs finished, "5 finished (of 12)" for a sweep still being completed."""
+  done = sum(_finished(r) for r in runs)
+  return str(done) if done == len(runs) else f"{done} finished (of {len(runs)})"
+
+
 def run_seconds(runs: Sequence[Run]) -> float:
   """Total wall time of the finished runs, as recorded when the sweep ran them."""
   total = 0.0
@@ -327,7 +333,8 @@ def header(sweep_path: str, runs: Sequence[Run], common: dict) -> str:
       f"# Sweep `{sweep_path}`", "",
       f"Made by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} CPU cores "
       f"(jax {jax.__version__}, backend {jax.default_backend()}).",
-      f"Training + evaluation wall time of the {len(runs)} runs: {run_seconds(runs) / 60:.1f} min (one after another).",
+      f"Training + evaluation wall time of the {_count_finished(runs)} runs: {run_seconds(runs) / 60:.1f} min "
+      "(one after another).",
       "", doc.strip(), "",
       f"Overrides for every point: `{common}`. Points:", "",
   ]

@@ -128,6 +128,7 @@ def test_collect_table_and_plot(tmp_path):
     a = accs[sweep.run_name(r)]
     _fake_run(r.workdir, a, a + 0.1, {"1": a, "4": a / 2}, [0.1, 0.2, a])
   assert sweep._finished(runs[0]) and not sweep._finished(runs[3])
+  assert sweep._count_finished(runs) == "3 finished (of 4)" and sweep._count_finished(runs[:3]) == "3"
   points = sweep.collect(runs)
   md = sweep.write_results(points, str(tmp_path / "out"), str(tmp_path / "results.md"), header="# header\n")
   rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
