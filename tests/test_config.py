@@ -176,6 +176,36 @@ def test_a_model_shorter_than_a_sequence_names_the_overrides():
     state_lib.model_config(cfg)
 
 
+def test_sizes_a_checkpoint_contradicts_are_named(caplog):
+  """With hf_dir, config.json decides the sizes: a size the config set to something else is named, not dropped
+  silently; the base config's untouched defaults (the default experiment's case) and agreeing sizes say nothing."""
+  import json
+  import logging
+  from experiments.configs import default
+  from trapo_jax.data import synthetic
+  from trapo_jax.train import state as state_lib
+  declared = json.load(open(os.path.join(synthetic.BASE_POLICY_DIR, "config.json")))
+  cfg = default.get_config()
+  assert cfg.model.hf_dir == synthetic.BASE_POLICY_DIR
+
+  def warnings():
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      model_cfg = state_lib.model_config(cfg)
+    assert model_cfg.num_layers == declared["num_hidden_layers"]
+    return [r.getMessage() for r in caplog.records if "config.json describes the model" in r.getMessage()]
+
+  assert cfg.model.num_layers != declared["num_hidden_layers"] and warnings() == []
+  cfg.model.update(num_layers=declared["num_hidden_layers"], hidden_size=declared["hidden_size"])  # agreeing
+  assert warnings() == []
+  assert declared["model_type"] == "qwen2"  # q/k/v bias
+  cfg.model.update(num_layers=declared["num_hidden_layers"] + 3, qkv_bias=False)
+  assert warnings() == [
+      f"{synthetic.BASE_POLICY_DIR}/config.json describes the model; the config's "
+      f"model.num_layers={declared['num_hidden_layers'] + 3} (config.json: {declared['num_hidden_layers']}), "
+      "model.qkv_bias=False (config.json: True) are not used"]
+
+
 def test_the_7b_config_is_the_official_16k_setting():
   from experiments.configs import trapo_qwen25_math_7b
   from trapo_jax.train import state as state_lib

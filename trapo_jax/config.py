@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       hf_dir="",
       tokenizer_dir="",  # defaults to hf_dir
       # Without hf_dir the model is described by the keys below (random init, or shapes to compile); with hf_dir
-      # they are all read from its config.json, except that a non-zero rope_theta or max_position_embeddings
-      # overrides config.json's (the official 7B run: 40000 and 16384 on Qwen2.5-Math-7B).
+      # they are all read from its config.json (a size set here that config.json contradicts is named in a warning),
+      # except that a non-zero rope_theta or max_position_embeddings overrides config.json's (the official 7B run:
+      # 40000 and 16384 on Qwen2.5-Math-7B).
       model_type="qwen2",  # qwen2 | qwen3 | llama
       vocab_size=256,
       hidden_size=64,

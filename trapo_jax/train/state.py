@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from trapo_jax import config as config_lib
 from trapo_jax import sharding
 from trapo_jax.errors import ConfigError
 from trapo_jax.models import hf
@@ -77,6 +79,9 @@ def learning_rate(optim_cfg, step: int) -> float:
 
 # The config keys that may override a checkpoint's config.json, and the official 7B run's values for them.
 CHECKPOINT_OVERRIDES = ("rope_theta", "max_position_embeddings")
+# What config.json decides when model.hf_dir is set; the rest of the model group is compute options or the overrides.
+CHECKPOINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                   "num_kv_heads", "head_dim", "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings")
 OFFICIAL_16K = dict(rope_theta=40000, max_position_embeddings=16384)
 
 
@@ -92,10 +97,24 @@ def model_config(cfg) -> tfm.ModelConfig:
     model_cfg = hf.config_from_hf(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                                   scan_layers=m.scan_layers, **overrides)
     source = f"{m.hf_dir}/config.json" + (" with the overrides" if overrides else "")
+    ignored = ignored_sizes(m, model_cfg)
+    if ignored:
+      logging.warning("%s/config.json describes the model; the config's %s are not used", m.hf_dir, ", ".join(ignored))
   else:
     model_cfg, source = tfm.ModelConfig.from_config(m), "the config"
   check_positions(cfg, model_cfg, source)
   return model_cfg
+
+
+def ignored_sizes(m, model_cfg: tfm.ModelConfig) -> list[str]:
+  """The model keys a config set (away from the base config's) that the checkpoint's config.json contradicts.
+
+  With hf_dir the checkpoint's sizes win, so such a key has no effect; saying so catches a config written for
+  another model (a 7B config run on a 1.5B checkpoint) and a size flag that was expected to change the model.
+  """
+  default = config_lib.base_config().model
+  return [f"model.{k}={m[k]!r} (config.json: {getattr(model_cfg, k)!r})" for k in CHECKPOINT_KEYS
+          if m[k] != default[k] and m[k] != getattr(model_cfg, k)]
 
 
 def check_positions(cfg, model_cfg: tfm.ModelConfig, source: str = "the model") -> None:
