@@ -4,8 +4,9 @@ Same task and settings as experiments/sweeps/paper_table.py, but 100 steps × 8 
 experiments/sweeps/longer_budget.py); 3 seeds each. The base policy is the one shipped for this table, SFT on every
 level (experiments/configs/synthetic_base.py), which solves the hard levels 4-6 15-28 % of the time where its
 predecessor solved them 3-4 %: guidance has something to teach there. Each method's synthetic config says how its
-batch-sized constants (ReLIFT's buffer, CHORD's expert share) scale to 8 prompts. About 5-6 minutes per run on 2 CPU
-cores, 42 runs (and the base policy's evaluation): the sweep is meant to be completed over several sittings (runs go
+batch-sized constants (ReLIFT's buffer, CHORD's expert share) scale to 8 prompts. 3-11 minutes per run on 2 CPU
+cores (SFT the shortest, the methods that sample 8 rollouts per prompt the longest; about 2 h per seed), 42 runs and
+the base policy's evaluation at each seed: the sweep is meant to be completed over several sittings (runs go
 seed by seed, a finished run is skipped; rerun the same command).
 
   python launch/sweep.py --sweep=experiments/sweeps/paper_table_v2.py --results_md=docs/results.md
