@@ -55,7 +55,9 @@ def test_grader_on_all_benchmark_answers():
         pairs.append((i, j))
     responses = [boxed(a) for a in answers] + [boxed(answers[j]) for _, j in pairs]
     references = answers + [answers[i] for i, _ in pairs]
-    scores = grade_batch(responses, references, timeout_s=10.0, workers=2)
+    # The deadline only catches a hang, not slowness: at the production 10 s one minerva answer timed out on a
+    # starved machine (nice 19 beside a training run); quiet, all six benchmarks grade in about a minute.
+    scores = grade_batch(responses, references, timeout_s=60.0, workers=2)
     assert last_stats().timeouts == 0, name
     self_scores, cross_scores = scores[:n], scores[n:]
     assert sum(s == 1.0 for s in self_scores) >= 0.99 * n, name
