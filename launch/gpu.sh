@@ -4,8 +4,8 @@
 #
 #   launch/gpu.sh [--dry_run] [--gpus=N] [--process_per_gpu] [--port=PORT] -- [trapo_jax.main flags...]
 #   launch/gpu.sh --gpus=8 -- --config=experiments/configs/trapo_qwen25_math_7b.py --workdir=/data/run1 \
-#       --config.model.hf_dir=/data/Qwen2.5-Math-7B --config.data.path=/data/openr1.parquet
-# Install first: pip install -r requirements.txt && pip install -U "jax[cuda12]"
+#       --config.model.hf_dir=/data/Qwen2.5-Math-7B --config.data.path=/data/OpenR1-Math-220k/data
+# Install first: pip install -r requirements-cuda12.txt (the pinned jax with its CUDA 12 plugin)
 set -euo pipefail
 gpus="" per_gpu=0 port=12355 dry_run=0
 while [ $# -gt 0 ]; do

@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -61,13 +62,37 @@ def test_tpu_pod_dry_run():
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith("gcloud compute tpus tpu-vm create trapo-test --zone=us-east5-a --project=proj "
                              "--accelerator-type=v5p-32 --version=v2-alpha-tpuv5")
-  assert "scp --recurse" in lines[1] and "--worker=all" in lines[1]
-  assert "--worker=all" in lines[3] and "--config.distributed.enabled=True" in lines[3]
-  assert "--config=experiments/configs/trapo_qwen25_math_7b.py --workdir=gs://bucket/run1" in lines[3]
-  assert "--config.model.hf_dir=/mnt/qwen" in lines[3]
+  assert lines[1].startswith("git ls-files") and "--exclude-standard" in lines[1]  # no runs/, venvs, caches
+  assert " scp /tmp/trapo_jax_src.tar.gz " in lines[2] and "--worker=all" in lines[2]
+  assert "pip install -q -r requirements-tpu.txt" in lines[3]  # pinned: the same jax as CPU runs
+  assert "--worker=all" in lines[4] and "--config.distributed.enabled=True" in lines[4]
+  assert "--config=experiments/configs/trapo_qwen25_math_7b.py --workdir=gs://bucket/run1" in lines[4]
+  assert "--config.model.hf_dir=/mnt/qwen" in lines[4]
   assert lines[-1].startswith("gcloud compute tpus tpu-vm delete trapo-test")
   v6e = _sh("tpu_pod.sh", "--dry_run", env=dict(TPU_ENV, ACCELERATOR_TYPE="v6e-16")).stdout
   assert "--version=v2-alpha-tpuv6e" in v6e
+
+
+def _readme_blocks() -> list[str]:
+  with open(os.path.join(ROOT, "README.md")) as f:
+    return f.read().split("```")[1::2]
+
+
+def test_readme_pod_commands_are_what_the_launcher_runs():
+  """The README's TPU example and the commands it says the launcher runs: the launcher's own dry run."""
+  blocks = _readme_blocks()
+  example = next(b for b in blocks if "launch/tpu_pod.sh" in b and "TPU_NAME=" in b)
+  example = shlex.split(example.replace("\\\n", " "))
+  env = dict(a.split("=", 1) for a in example[:example.index("launch/tpu_pod.sh")])
+  out = _sh("tpu_pod.sh", "--dry_run", env=env)
+  assert out.returncode == 0, out.stderr
+  printed = next(b for b in blocks if b.lstrip().startswith("gcloud compute tpus tpu-vm create"))
+  assert out.stdout.strip().splitlines() == printed.strip().splitlines()
+
+
+def test_tpu_pod_refuses_a_local_workdir():
+  out = _sh("tpu_pod.sh", "--dry_run", env=dict(TPU_ENV, WORKDIR="/data/run1"))
+  assert out.returncode == 2 and "must be a gs:// path" in out.stderr
 
 
 def test_tpu_pod_names_a_missing_variable():
