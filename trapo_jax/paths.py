@@ -228,10 +228,15 @@ def local_dir(path: str, names: list[str] | None = None) -> str:
 
 
 def upload_dir(local: str, path: str) -> None:
-  """Copies the files of local directory `local` into directory `path` (a URL or a local path), each atomically."""
+  """Copies the files of local directory `local` into directory `path` (a URL or a local path), each atomically
+  (on GCS a streamed upload: the object appears when it completes)."""
   for name in sorted(os.listdir(local)):
     source = os.path.join(local, name)
-    if os.path.isfile(source):
+    if not os.path.isfile(source):
+      continue
+    if is_remote(path):
+      _gcs().put_file(source, _key(join(path, name)))
+    else:
       with builtins.open(source, "rb") as f:
         write(join(path, name), f.read())
 
