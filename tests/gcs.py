@@ -1,8 +1,10 @@
 """A GCS API server on this machine for the gs:// tests: `gcp-storage-emulator`, in memory, on 127.0.0.1.
 
-`python -m tests.gcs PORT BUCKET` serves until killed. The emulator ignores preconditions, so it is run here with the
-one the project relies on added: an upload with `ifGenerationMatch=0` (create only if absent, how `paths.create`
-takes the LOCK) is refused with 412 when the object exists, as GCS does.
+`python -m tests.gcs PORT BUCKET` serves until killed. Two GCS behaviours the emulator lacks are added here: an
+upload with `ifGenerationMatch=0` (create only if absent: how `paths.create` takes the LOCK, and how TensorStore
+creates an OCDBT manifest) is refused with 412 when the object exists, and a download sends the object's generation
+in `x-goog-generation` (TensorStore reads it to make its next write conditional on it). Other preconditions (a
+non-zero generation) are still ignored: the tests have one writer per object.
 
 `emulator()` starts it on a free port and returns the environment each library needs to reach it (see
 trapo_jax/paths.py): the tests set it in their own process and pass it to the CLI processes they start.
@@ -97,13 +99,31 @@ def _with_create_precondition(insert):
   return guarded
 
 
+def _with_generation_headers(download):
+  """objects.download sending the object's generation in x-goog-generation, as GCS does (TensorStore's conditional
+  writes read it)."""
+  from gcp_storage_emulator.exceptions import NotFound
+
+  def with_headers(request, response, storage, *args, **kwargs):
+    with contextlib.suppress(NotFound):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+    return download(request, response, storage, *args, **kwargs)
+
+  return with_headers
+
+
 def serve(port: int, bucket: str) -> None:
   from gcp_storage_emulator import server as server_lib
-  guarded = _with_create_precondition(server_lib.objects.insert)
-  server_lib.objects.insert = guarded  # the route table's fallback for uploads without the /upload prefix
+  patched = {"insert": _with_create_precondition(server_lib.objects.insert),
+             "download": _with_generation_headers(server_lib.objects.download)}
+  for name, handler in patched.items():  # the module's own calls (objects.get -> download) and the route table
+    setattr(server_lib.objects, name, handler)
   for _, handlers in server_lib.HANDLERS:
-    if handlers.get("POST") is not None and handlers["POST"].__name__ == "insert":
-      handlers["POST"] = guarded
+    for method, handler in handlers.items():
+      if getattr(handler, "__name__", "") in patched and handler.__module__.endswith("objects"):
+        handlers[method] = patched[handler.__name__]
   server_lib.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
 
 

@@ -28,6 +28,7 @@ import builtins
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import posixpath
 import shutil
@@ -36,6 +37,7 @@ from typing import IO, Iterator
 from etils import epath
 
 CACHE_ENV = "TRAPO_JAX_CACHE"
+logging.getLogger("gcsfs").setLevel(logging.WARNING)  # one INFO line per file opened for reading
 
 
 def is_remote(path: str) -> bool:
@@ -227,10 +229,14 @@ def local_dir(path: str, names: list[str] | None = None) -> str:
   return out
 
 
-def upload_dir(local: str, path: str) -> None:
+def _ordered(names: list[str], last: str | None) -> list[str]:
+  return sorted(names, key=lambda n: (n == last, n))
+
+
+def upload_dir(local: str, path: str, *, last: str | None = None) -> None:
   """Copies the files of local directory `local` into directory `path` (a URL or a local path), each atomically
-  (on GCS a streamed upload: the object appears when it completes)."""
-  for name in sorted(os.listdir(local)):
+  (on GCS a streamed upload: the object appears when it completes), the file `last` after all others."""
+  for name in _ordered(os.listdir(local), last):
     source = os.path.join(local, name)
     if not os.path.isfile(source):
       continue
@@ -239,6 +245,20 @@ def upload_dir(local: str, path: str) -> None:
     else:
       with builtins.open(source, "rb") as f:
         write(join(path, name), f.read())
+
+
+def download_dir(path: str, local: str, *, last: str | None = None) -> None:
+  """Copies the files of directory `path` (not recursive) into local directory `local`, each atomically, the file
+  `last` after all others."""
+  os.makedirs(local, exist_ok=True)
+  for name in _ordered([n for n in listdir(path) if isfile(join(path, n))], last):
+    target = os.path.join(local, name)
+    tmp = f"{target}.tmp.{os.getpid()}"
+    if is_remote(path):
+      _gcs().get_file(_key(join(path, name)), tmp)
+    else:
+      shutil.copyfile(join(path, name), tmp)
+    os.replace(tmp, target)
 
 
 @contextlib.contextmanager
