@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import http
+import http.server
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -114,8 +116,24 @@ def _with_generation_headers(download):
   return with_headers
 
 
+class _ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+  """The emulator's HTTPServer accepts a connection only between requests, with a backlog of 5: TensorStore's and
+  gcsfs's concurrent requests on a busy machine then wait on connect until they time out. Here connections are
+  accepted at once, and requests are still handled one at a time (Router.handle below)."""
+  daemon_threads = True
+  request_queue_size = 128
+
+
 def serve(port: int, bucket: str) -> None:
   from gcp_storage_emulator import server as server_lib
+  server_lib.server.HTTPServer = _ThreadingServer
+  handle, one_at_a_time = server_lib.Router.handle, threading.Lock()  # the emulator's storage is not thread-safe
+
+  def serialized(self, method):
+    with one_at_a_time:
+      return handle(self, method)
+
+  server_lib.Router.handle = serialized
   patched = {"insert": _with_create_precondition(server_lib.objects.insert),
              "download": _with_generation_headers(server_lib.objects.download)}
   for name, handler in patched.items():  # the module's own calls (objects.get -> download) and the route table

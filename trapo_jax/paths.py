@@ -37,7 +37,8 @@ from typing import IO, Iterator
 from etils import epath
 
 CACHE_ENV = "TRAPO_JAX_CACHE"
-logging.getLogger("gcsfs").setLevel(logging.WARNING)  # one INFO line per file opened for reading
+for _name in ("gcsfs", "fsspec"):  # fsspec logs an INFO line per file opened for reading
+  logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def is_remote(path: str) -> bool:
