@@ -84,3 +84,16 @@ def test_signature_changes_with_content(root):
   before = paths.signature(path)
   paths.write(path, b"345")
   assert before[0] == 2 and paths.signature(path)[0] == 3 and paths.signature(path) != before
+
+
+def test_listing_sees_another_writers_files(root):
+  """A directory listed once still shows a file another process (here another client) writes afterwards."""
+  paths.write(paths.join(root, "ckpt", "1"), "")
+  assert paths.listdir(paths.join(root, "ckpt")) == ["1"]
+  other = paths.join(root, "ckpt", "2")
+  if paths.is_remote(root):
+    import gcsfs
+    gcsfs.GCSFileSystem(skip_instance_cache=True).pipe_file(other.split("://", 1)[1], b"")
+  else:
+    open(other, "w").close()
+  assert paths.listdir(paths.join(root, "ckpt")) == ["1", "2"] and paths.exists(other)

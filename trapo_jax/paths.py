@@ -35,10 +35,16 @@ import shutil
 from typing import IO, Iterator
 
 from etils import epath
+import fsspec
+import fsspec.config
 
 CACHE_ENV = "TRAPO_JAX_CACHE"
 for _name in ("gcsfs", "fsspec"):  # fsspec logs an INFO line per file opened for reading
   logging.getLogger(_name).setLevel(logging.WARNING)
+# Other processes write the same bucket (orbax's threads, the other hosts, a run this process waits on): gcsfs's
+# cached listings would hide their files.
+for _protocol in ("gs", "gcs"):
+  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
 
 
 def is_remote(path: str) -> bool:
