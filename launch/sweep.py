@@ -35,9 +35,10 @@ from typing import Any, Sequence
 import numpy as np
 from absl import app, flags
 
-from trapo_jax import paths
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python launch/sweep.py`: the package is beside launch/
+  sys.path.insert(0, ROOT)
+from trapo_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 DEFAULT_CONFIG = "experiments/configs/default.py"
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (Python, get_sweep()).")
