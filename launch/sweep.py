@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +36,9 @@ import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python launch/sweep.py`: the package is beside launch/
+  sys.path.insert(0, ROOT)
+from trapo_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 DEFAULT_CONFIG = "experiments/configs/default.py"
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (Python, get_sweep()).")
@@ -106,7 +108,7 @@ def expand(points: Sequence[dict], seeds: Sequence[int] | None, root: str, commo
     per_point.append([])
     for seed in (seeds if seeds is not None else [None]):
       o = dict(overrides, **({"seed": seed} if seed is not None else {}))
-      workdir = os.path.join(root, name if seed is None else f"{name}_seed{seed}")
+      workdir = paths.join(root, name if seed is None else f"{name}_seed{seed}")
       per_point[-1].append(Run(point=name, seed=seed, config=config, overrides=tuple(o.items()), workdir=workdir))
   return [run for seed_runs in zip(*per_point) for run in seed_runs]
 
@@ -133,19 +135,18 @@ def _command_args(run: Run) -> str:
 
 
 def _recorded_command(run: Run) -> str | None:
-  path = os.path.join(run.workdir, _COMMAND_FILE)
-  if not os.path.exists(path):
+  path = paths.join(run.workdir, _COMMAND_FILE)
+  if not paths.exists(path):
     return None  # made before the sweep recorded commands, or by hand
-  with open(path) as f:
-    return f.read().strip()
+  return paths.read_text(path).strip()
 
 
 def _finished(run: Run) -> bool:
-  return os.path.exists(os.path.join(run.workdir, "eval", "after", "results.json"))
+  return paths.exists(paths.join(run.workdir, "eval", "after", "results.json"))
 
 
 def run_name(run: Run) -> str:
-  return os.path.basename(run.workdir)
+  return paths.basename(run.workdir)
 
 
 def select_redo(runs: Sequence[Run], names: Sequence[str]) -> set[str]:
@@ -182,23 +183,20 @@ def run_all(runs: Sequence[Run], redo: set[str] = frozenset()) -> list[Run]:
     if _finished(r) and r.workdir not in redo:
       continue
     replaced = r.workdir + _REPLACED_SUFFIX
-    if r.workdir in redo and os.path.exists(r.workdir):
-      shutil.rmtree(replaced, ignore_errors=True)
-      os.rename(r.workdir, replaced)
+    if r.workdir in redo and paths.exists(r.workdir):
+      paths.rmtree(replaced)
+      paths.move(r.workdir, replaced)
     print(f"[{i + 1}/{len(runs)}] {shlex.join(command(r))}", flush=True)
-    os.makedirs(r.workdir, exist_ok=True)
-    with open(os.path.join(r.workdir, _COMMAND_FILE), "w") as f:
-      f.write(_command_args(r) + "\n")
+    paths.write(paths.join(r.workdir, _COMMAND_FILE), _command_args(r) + "\n")
     start = time.time()
     if subprocess.run(command(r), cwd=ROOT).returncode != 0:
-      kept = f"; the previous run is in {replaced}" if os.path.exists(replaced) else ""
+      kept = f"; the previous run is in {replaced}" if paths.exists(replaced) else ""
       print(f"[{i + 1}/{len(runs)}] {r.workdir}: FAILED{kept}", flush=True)
       failed.append(r)
     else:
       seconds = time.time() - start
-      with open(os.path.join(r.workdir, _SECONDS_FILE), "w") as f:
-        f.write(f"{seconds:.1f}\n")
-      shutil.rmtree(replaced, ignore_errors=True)
+      paths.write(paths.join(r.workdir, _SECONDS_FILE), f"{seconds:.1f}\n")
+      paths.rmtree(replaced)
       print(f"[{i + 1}/{len(runs)}] {r.workdir}: done in {seconds:.0f} s", flush=True)
   return failed
 
@@ -213,19 +211,17 @@ def run_seconds(runs: Sequence[Run]) -> float:
   """Total wall time of the finished runs, as recorded when the sweep ran them."""
   total = 0.0
   for r in runs:
-    path = os.path.join(r.workdir, _SECONDS_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        total += float(f.read())
+    path = paths.join(r.workdir, _SECONDS_FILE)
+    if paths.exists(path):
+      total += float(paths.read_text(path))
   return total
 
 
 def _read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def collect(runs: Sequence[Run]) -> dict[str, Any]:
@@ -234,24 +230,22 @@ def collect(runs: Sequence[Run]) -> dict[str, Any]:
   for r in runs:
     entry = points.setdefault(r.point, {"runs": 0, "missing": 0, "acc": {}, "passk": {}, "by_level": {},
                                         "before": {}, "curves": []})
-    path = os.path.join(r.workdir, "eval", "after", "results.json")
-    if not os.path.exists(path):
+    path = paths.join(r.workdir, "eval", "after", "results.json")
+    if not paths.exists(path):
       entry["missing"] += 1
       continue
     entry["runs"] += 1
-    with open(path) as f:
-      res = json.load(f)
+    res = json.loads(paths.read_text(path))
     for name, b in res["benchmarks"].items():
       entry["acc"].setdefault(name, []).append(b[f"avg@{b['samples']}"])
       for k, v in b.get("pass@k", {}).items():
         entry["passk"].setdefault(name, {}).setdefault(k, []).append(v)
       for lv, v in b.get("by_level", {}).items():
         entry["by_level"].setdefault(name, {}).setdefault(lv, []).append(v)
-    before = os.path.join(r.workdir, "eval", "before", "results.json")
-    if os.path.exists(before):
-      with open(before) as f:
-        for name, b in json.load(f)["benchmarks"].items():
-          entry["before"].setdefault(name, []).append(b[f"avg@{b['samples']}"])
+    before = paths.join(r.workdir, "eval", "before", "results.json")
+    if paths.exists(before):
+      for name, b in json.loads(paths.read_text(before))["benchmarks"].items():
+        entry["before"].setdefault(name, []).append(b[f"avg@{b['samples']}"])
     entry["curves"].append(_read_metrics(r.workdir))
   return points
 
@@ -316,7 +310,8 @@ def plot(points: dict[str, Any], path: str) -> None:
   if handles:
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=7)
   fig.tight_layout(rect=(0, 0.12, 1, 1))
-  fig.savefig(path, dpi=100)
+  with paths.writing(path) as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -356,24 +351,20 @@ NOTES_MARKER = "<!-- Written by hand below this line; kept when the command rewr
 def write_keeping_notes(path: str, generated: str) -> None:
   """Writes `generated` to path, followed by the hand-written part of the file already there (if any)."""
   notes = ""
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
+  if paths.exists(path):
+    old = paths.read_text(path)
     if NOTES_MARKER in old:
       notes = "\n" + NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]
-  with open(path, "w") as f:
-    f.write(generated + notes)
+  paths.write(path, generated + notes)
 
 
 def write_results(points: dict[str, Any], out_dir: str, results_md: str | None = None, header: str = "") -> str:
   """Writes results.md/json and curves.png into out_dir; with results_md, also that file and its curves beside it."""
-  os.makedirs(out_dir, exist_ok=True)
   md = header + table(points)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in points.items()}, f, indent=2)
-  plot(points, os.path.join(out_dir, "curves.png"))
+  paths.write(paths.join(out_dir, "results.md"), md)
+  paths.write(paths.join(out_dir, "results.json"), json.dumps(
+      {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in points.items()}, indent=2))
+  plot(points, paths.join(out_dir, "curves.png"))
   if results_md:
     curves = os.path.splitext(results_md)[0] + "_curves.png"
     plot(points, curves)
@@ -387,7 +378,7 @@ def main(argv):
     raise app.UsageError("--sweep is required")
   points, seeds, common = load_sweep(_SWEEP.value)
   name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
-  out_dir = os.path.join(_ROOT.value, name)
+  out_dir = paths.join(_ROOT.value, name)
   runs = expand(points, seeds, out_dir, common)
   if _PRINT_ONLY.value or _DRY_RUN.value:
     for r in runs:

@@ -15,3 +15,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "trapo_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_env():
+  """A local GCS API server (tests/gcs.py) for the session, with this process's environment pointed at it; the
+  variables (a dict) are for the processes a test starts."""
+  from tests import gcs
+  with gcs.emulator() as env:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+      yield env
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v

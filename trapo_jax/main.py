@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from trapo_jax import config as config_lib
 from trapo_jax import errors
+from trapo_jax import paths
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "experiments", "configs", "default.py")
@@ -153,7 +154,7 @@ def evaluate_policy(ctx, params, name: str, *, subdir: bool) -> dict:
   """The evaluation of a policy on eval.benchmarks, into <workdir>/eval/<name> (subdir) or <workdir>/eval."""
   from trapo_jax.eval import evaluate
   from trapo_jax.train import trainer
-  out_dir = os.path.join(ctx.workdir, "eval", name) if subdir else os.path.join(ctx.workdir, "eval")
+  out_dir = paths.join(ctx.workdir, "eval", name) if subdir else paths.join(ctx.workdir, "eval")
   return evaluate.evaluate(ctx.cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=out_dir,
                            data_dir=trainer.data_dir(ctx.cfg, ctx.workdir))
 
@@ -192,7 +193,7 @@ def main(argv: list[str]) -> None:
       if jax.process_index() == 0:
         print(evaluate.markdown_table(results))
     else:
-      trainer.export(cfg, workdir, _EXPORT_DIR.value or os.path.join(workdir, "hf"),
+      trainer.export(cfg, workdir, _EXPORT_DIR.value or paths.join(workdir, "hf"),
                      allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
   except config_lib.ConfigError as e:  # found late, e.g. a checkpoint with fewer positions than a sequence
     fail(f"config error: {_reason(str(e))}")

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import re
 from typing import Any, Iterator
 
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
 from trapo_jax import errors
+from trapo_jax import paths
 
 SPLIT = "train"
 MIN_SOLUTIONS = 2  # demo #0 gives the partial prefixes, demo #1 the full expert sample (docs/algorithm.md#trapo)
@@ -105,13 +105,13 @@ def demo_text(solution: str, form: str) -> str:
 
 
 def source_files(path: str) -> list[str]:
-  """The parquet/jsonl files of `path` (a file, or a directory read in name order)."""
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(SUFFIXES))
+  """The parquet/jsonl files of `path` (a file, or a directory read in name order; local or gs://)."""
+  if paths.isdir(path):
+    files = [paths.join(path, n) for n in paths.listdir(path) if n.endswith(SUFFIXES)]
     if not files:
       raise DataNotFound(f"{path}: directory has no {' or '.join(SUFFIXES)} files")
     return files
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise DataNotFound(f"{path}: demonstration data not found")
   if not path.endswith(SUFFIXES):
     raise DataError(f"{path}: expected a {' or '.join(SUFFIXES)} file")
@@ -120,12 +120,12 @@ def source_files(path: str) -> list[str]:
 
 def config_name(path: str) -> str:
   """A TFDS config name that changes when `path` or any of its files changes, so two sources never share data."""
-  path = os.path.realpath(path)
+  path = paths.absolute(path)
   digest = hashlib.sha256(path.encode())
   for f in source_files(path):
-    st = os.stat(f)
-    digest.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-  stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(path).lower()).strip("_")[:40]
+    size, version = paths.signature(f)  # locally the mtime, on GCS the object's generation
+    digest.update(f"\0{f}\0{size}\0{version}".encode())
+  stem = re.sub(r"[^a-z0-9]+", "_", paths.basename(path).lower()).strip("_")[:40]
   return f"{stem}_{digest.hexdigest()[:16]}"
 
 
@@ -235,7 +235,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str | None, Any]]:
   The first object decides the layout of the file.
   """
   layout = None
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     for raw in f:
       try:
         line = raw.decode("utf-8")
@@ -258,7 +258,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
   """(layout, row) for each row of a parquet file; the schema decides the layout. A file or row group that cannot be
   read is a DataError naming the file (and the first row of the unreadable batch)."""
   try:
-    file = pq.ParquetFile(path)
+    file = pq.ParquetFile(paths.local_copy(path))
   except (pa.ArrowException, OSError) as e:
     raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from e
   layout = _detect_layout(path, _schema_tree(file.schema_arrow))
@@ -299,7 +299,7 @@ def read_demonstrations(path: str) -> Iterator[tuple[int, dict]]:
       else:
         yield uid, dict(uid=uid, **record)
       uid += 1
-    ranges.append(f"{os.path.basename(file)} {first}-{uid - 1}")
+    ranges.append(f"{paths.basename(file)} {first}-{uid - 1}")
   ranges = ranges if len(files) > 1 else []
   usable = uid - sum(len(ids) for ids in skipped.values())
   if not usable:
@@ -326,7 +326,7 @@ class DemosConfig(tfds.core.BuilderConfig):
 
 
 def demos_config(path: str) -> DemosConfig:
-  return DemosConfig(name=config_name(path), path=os.path.realpath(path), description=f"demonstrations of {path}")
+  return DemosConfig(name=config_name(path), path=paths.absolute(path), description=f"demonstrations of {path}")
 
 
 class Demos(ArrayRecordBuilder):

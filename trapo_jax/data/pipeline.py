@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import os
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
 
+from trapo_jax import paths
 from trapo_jax.data import demos as demos_lib
 from trapo_jax.data.templates import format_prompt
 from trapo_jax.shapes import bucket
 
 _READ_CHUNK = 1024
+_COMPLETE = "dataset_info.json"  # TFDS writes it last: a data dir with it is prepared
 _MAX_LISTED_UIDS = 20
 
 
@@ -45,9 +48,6 @@ def _example(record: dict) -> Example:
 @contextlib.contextmanager
 def _exclusive(directory: str) -> Iterator[None]:
   """One process at a time on this machine (runs sharing a data_dir would race in TFDS's preparation)."""
-  if "://" in directory:  # an object store: no file locks
-    yield
-    return
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, ".prepare.lock"), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -57,12 +57,26 @@ def _exclusive(directory: str) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepared(make_builder: Callable[[], Any], data_dir: str):
-  """`make_builder()`, prepared under data_dir if it is not yet; one process at a time (a builder made while another
-  process prepares the same data would not see it)."""
-  with _exclusive(data_dir):
-    builder = make_builder()
+def prepared(make_builder: Callable[[str], Any], data_dir: str):
+  """`make_builder(data_dir)`, prepared under data_dir if it is not yet; one process at a time (a builder made while
+  another process prepares the same data would not see it).
+
+  A gs:// data_dir is mirrored in the local cache (paths.cache_dir): TFDS's array_record files are written and read
+  by a C++ library that opens local files only. A dataset already in the bucket is copied down; one prepared here is
+  copied up (its dataset_info.json last, which is what marks a TFDS dataset complete).
+  """
+  local = data_dir
+  if paths.is_remote(data_dir):
+    local = os.path.join(paths.cache_dir(), "tfds", hashlib.sha256(data_dir.encode()).hexdigest()[:16])
+  with _exclusive(local):
+    builder = make_builder(local)
+    remote = paths.join(data_dir, os.path.relpath(str(builder.data_dir), local)) if local != data_dir else None
+    if remote is not None and paths.exists(paths.join(remote, _COMPLETE)) and not builder.is_prepared():
+      paths.download_dir(remote, str(builder.data_dir), last=_COMPLETE)
+      builder = make_builder(local)
     builder.download_and_prepare()
+    if remote is not None and not paths.exists(paths.join(remote, _COMPLETE)):
+      paths.upload_dir(str(builder.data_dir), remote, last=_COMPLETE)
   return builder
 
 
@@ -84,10 +98,10 @@ def load_examples(data_cfg, split: str, *, data_dir: str) -> list[Example]:
   if data_cfg.source == "demos":
     if not data_cfg.path:
       raise demos_lib.DataError("data.path: empty; the demos source needs a parquet/jsonl file or directory")
-    make = lambda: demos_lib.demos_builder(data_cfg.path, data_dir=data_dir)
+    make = lambda d: demos_lib.demos_builder(data_cfg.path, data_dir=d)
   elif data_cfg.source == "synthetic":
     from trapo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    make = lambda: synthetic.Synthetic(data_dir=data_dir)
+    make = lambda d: synthetic.Synthetic(data_dir=d)
   else:
     raise demos_lib.DataError(f"data.source: {data_cfg.source!r} is unknown (known: demos, synthetic)")
   return read_split(prepared(make, data_dir), split)
@@ -96,7 +110,7 @@ def load_examples(data_cfg, split: str, *, data_dir: str) -> list[Example]:
 def load_benchmark_examples(name: str, *, data_dir: str) -> list[Example]:
   """The problems of benchmark `name` (aime24, math500, ...) in file order, prepared under data_dir."""
   from trapo_jax.data import benchmarks_tfds  # pylint: disable=g-import-not-at-top
-  builder = prepared(lambda: benchmarks_tfds.benchmarks_builder(name, data_dir=data_dir), data_dir)
+  builder = prepared(lambda d: benchmarks_tfds.benchmarks_builder(name, data_dir=d), data_dir)
   return read_split(builder, benchmarks_tfds.SPLIT)
 
 

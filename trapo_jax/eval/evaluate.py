@@ -10,7 +10,6 @@ each other.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from trapo_jax import paths
 from trapo_jax.eval import metrics as metrics_lib
 
 MATH_BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench")
@@ -144,15 +144,10 @@ def markdown_table(results: dict) -> str:
 
 
 def write_outputs(results: dict, records: list[dict], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(markdown_table(results))
-  with open(os.path.join(out_dir, "generations.jsonl"), "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  plot_pass_at_k(results, os.path.join(out_dir, "pass_at_k.png"))
+  paths.write(paths.join(out_dir, "results.json"), json.dumps(results, indent=2))
+  paths.write(paths.join(out_dir, "results.md"), markdown_table(results))
+  paths.write(paths.join(out_dir, "generations.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+  plot_pass_at_k(results, paths.join(out_dir, "pass_at_k.png"))
 
 
 def plot_pass_at_k(results: dict, path: str) -> None:
@@ -169,7 +164,8 @@ def plot_pass_at_k(results: dict, path: str) -> None:
   ax.set_ylabel("pass@k (%)")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.writing(path) as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trapo_jax import errors
+from trapo_jax import paths
 from trapo_jax.models import rope
 from trapo_jax.models.transformer import ModelConfig
 
@@ -26,7 +28,8 @@ FAMILIES = {
     "qwen3": dict(qkv_bias=False, qk_norm=True),
     "llama": dict(qkv_bias=False, qk_norm=False),
 }
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")  # not needed by a tokenizer  # buffers some older checkpoints carry; recomputed here
 # config.json fields of architectures this decoder does not have.
 _MULTIMODAL = ("vision_config", "audio_config", "text_config")
 _MOE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -37,10 +40,9 @@ class CheckpointError(errors.UserError, ValueError):
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise CheckpointError(f"{path}: file not found")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def _refuse_unsupported(raw: dict, hf, path: str) -> None:
@@ -61,7 +63,7 @@ def _refuse_unsupported(raw: dict, hf, path: str) -> None:
 
 def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
   """ModelConfig from `<hf_dir>/config.json`; `overrides` sets compute options (dtype, remat, ...)."""
-  path = os.path.join(hf_dir, "config.json")
+  path = paths.join(hf_dir, "config.json")
   raw = _read_json(path)
   for key in _MULTIMODAL:
     if raw.get(key) is not None:
@@ -121,22 +123,22 @@ def _layout(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None
 
 
 def _weight_files(hf_dir: str) -> dict[str, str]:
-  """Tensor name -> safetensors file."""
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.exists(index):
+  """Tensor name -> safetensors file (as named under hf_dir: local or gs://)."""
+  index = paths.join(hf_dir, "model.safetensors.index.json")
+  if paths.exists(index):
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index}: no weight_map")
-    return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
-  files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    return {k: paths.join(hf_dir, v) for k, v in weight_map.items()}
+  files = [f for f in paths.listdir(hf_dir) if f.endswith(".safetensors")]
   if not files:
     raise CheckpointError(f"{hf_dir}: no *.safetensors file (only safetensors checkpoints are read)")
   from safetensors import safe_open
   names = {}
   for fname in files:
-    with safe_open(os.path.join(hf_dir, fname), framework="flax") as f:
+    with safe_open(paths.local_copy(paths.join(hf_dir, fname)), framework="flax") as f:
       for k in f.keys():
-        names[k] = os.path.join(hf_dir, fname)
+        names[k] = paths.join(hf_dir, fname)
   return names
 
 
@@ -160,7 +162,7 @@ def _cpu_device():
 
 
 def load_hf(hf_dir: str, **overrides) -> tuple[ModelConfig, dict]:
-  """A local HF directory -> (ModelConfig, host params {"params": ...}) in `param_dtype`, layers stacked or not
+  """An HF directory (local or gs://) -> (ModelConfig, host params {"params": ...}) in `param_dtype`, layers stacked or not
   as `scan_layers` says. Place them on a mesh with `sharding.put_global`."""
   from safetensors import safe_open
   cfg = config_from_hf(hf_dir, **overrides)
@@ -182,7 +184,7 @@ def load_hf(hf_dir: str, **overrides) -> tuple[ModelConfig, dict]:
     for name, path, layer, transpose, shape in layout:
       fname = files[name]
       if fname not in handles:
-        handles[fname] = safe_open(fname, framework="flax").__enter__()
+        handles[fname] = safe_open(paths.local_copy(fname), framework="flax").__enter__()  # safetensors reads a file
       with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
         t = handles[fname].get_tensor(name)
         got = tuple(t.shape)
@@ -269,8 +271,13 @@ def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 
   """Write params as a Hugging Face directory (config.json, safetensors shards + index when large).
 
   With a tokenizer, its files and its eos/pad/bos ids go along (config.json and generation_config.json), so that
-  transformers' `generate()` stops at EOS.
+  transformers' `generate()` stops at EOS. A gs:// directory is written locally first, then uploaded file by file.
   """
+  if paths.is_remote(path):
+    with tempfile.TemporaryDirectory() as local:
+      save_hf(local, cfg, params, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer, **config_extra)
+      paths.upload_dir(local, path)
+    return
   from safetensors.flax import save_file
   os.makedirs(path, exist_ok=True)
   if tokenizer is not None:
@@ -306,12 +313,10 @@ def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 
       fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
       write(shard, fname)
       weight_map.update({k: fname for k in shard})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, f,
-                indent=2)
+    paths.write(os.path.join(path, "model.safetensors.index.json"), json.dumps(
+        {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=2))
   hf_cfg = hf_config_dict(cfg, **config_extra)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2)
+  paths.write(os.path.join(path, "config.json"), json.dumps(hf_cfg, indent=2))
   if tokenizer is not None:
     import transformers
     ids = {k: hf_cfg[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if hf_cfg.get(k) is not None}
@@ -320,8 +325,11 @@ def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 
 
 
 def load_tokenizer(path: str):
-  """A tokenizer from a local directory (no network)."""
+  """A tokenizer from a directory, local or gs:// (no network; from gs://, its files other than weights are copied
+  into the local cache first)."""
   import transformers
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise CheckpointError(f"{path}: tokenizer directory not found")
+  if paths.is_remote(path):
+    path = paths.local_dir(path, [n for n in paths.listdir(path) if not n.endswith(_WEIGHT_SUFFIXES)])
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -8,8 +8,6 @@ that it saves those steps again.
 from __future__ import annotations
 
 import logging as logging_std
-import os
-import shutil
 import sys
 from typing import Any, Callable
 
@@ -19,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from trapo_jax import errors
+from trapo_jax import paths
 from trapo_jax.train import state as state_lib
 
 UNREADABLE_DIR = "unreadable_checkpoints"
@@ -84,7 +83,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, every: int, create: bool = True):
     self.every = every
     self.workdir = workdir
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = paths.absolute(paths.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
         item_names=("state", "meta"))
@@ -159,14 +158,13 @@ class Checkpointer:
     return step, why
 
   def _move_aside(self, steps: list[int]) -> None:
-    target = os.path.join(self.workdir, UNREADABLE_DIR)
+    target = paths.join(self.workdir, UNREADABLE_DIR)
     if jax.process_index() == 0:
-      os.makedirs(target, exist_ok=True)
+      paths.makedirs(target)
       for step in steps:
-        dest = os.path.join(target, str(step))
-        if os.path.exists(dest):
-          shutil.rmtree(dest)
-        shutil.move(os.path.join(self.directory, str(step)), dest)
+        dest = paths.join(target, str(step))
+        paths.rmtree(dest)
+        paths.move(paths.join(self.directory, str(step)), dest)
         logging.warning("moved the unreadable checkpoint of step %d to %s", step, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -190,8 +188,7 @@ def _same_step_everywhere(step: int) -> None:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `<workdir>/checkpoints` holds a finished checkpoint; creates nothing."""
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
 
 
 def restore_params(workdir: str, template: state_lib.TrainState, *,
@@ -201,13 +198,13 @@ def restore_params(workdir: str, template: state_lib.TrainState, *,
   Raises NoCheckpoint if there is none, CheckpointError if none restores.
   """
   if not has_checkpoint(workdir):
-    raise NoCheckpoint(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint")
+    raise NoCheckpoint(f"{paths.join(workdir, 'checkpoints')}: no checkpoint")
   ck = Checkpointer(workdir, keep=1_000_000, every=1, create=False)
   try:
     restored = ck.restore_newest(template, check_meta=check_meta)
   finally:
     ck.close()
   if restored is None:
-    raise NoCheckpoint(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint")
+    raise NoCheckpoint(f"{paths.join(workdir, 'checkpoints')}: no checkpoint")
   return restored[0].params, int(restored[0].step)
 

@@ -6,6 +6,7 @@ TensorBoard events back to step s, so that what a killed run logged after its la
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -16,20 +17,23 @@ import jax
 import numpy as np
 import tqdm
 
+from trapo_jax import paths
+
 
 class MetricWriter:
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
     self.tb = None
     self.bar = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     cut_back(workdir, initial_step)  # a resumed run redoes the steps after its checkpoint
     from tensorboardX import SummaryWriter
     # The default file name has whole seconds only: a run restarted within the second would overwrite the last one's.
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"), filename_suffix=f".{os.getpid()}.{time.time_ns() % 10**9:09d}")
+    # On gs:// tensorboardX uploads the whole events file at each flush (google-cloud-storage).
+    self.tb = SummaryWriter(paths.join(workdir, "tb"), filename_suffix=f".{os.getpid()}.{time.time_ns() % 10**9:09d}")
     self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -38,8 +42,7 @@ class MetricWriter:
     # A non-finite value is left out of the row: JSON has none, and readers take a missing key as undefined.
     # It is NaN when undefined at this step (expert_prob with no prefix tokens); a non-finite loss shows in `skipped`.
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    paths.append(self.path, json.dumps(row) + "\n")
     for k, v in row.items():
       if k != "step":
         self.tb.add_scalar(k, v, step)
@@ -54,22 +57,14 @@ class MetricWriter:
 
 def cut_back(workdir: str, step: int) -> None:
   """Drops every metrics.jsonl row and TensorBoard scalar of `workdir` after `step`."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if paths.exists(path):
     rows = [r for r in read_jsonl(path, tolerant=True) if r.get("step", 0) <= step]
-    _replace(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-  tb = os.path.join(workdir, "tb")
-  for name in sorted(os.listdir(tb)) if os.path.isdir(tb) else ():
+    paths.write(path, "".join(json.dumps(r) + "\n" for r in rows))
+  tb = paths.join(workdir, "tb")
+  for name in paths.listdir(tb):
     if ".tfevents." in name:
-      _cut_events(os.path.join(tb, name), step)
-
-
-def _replace(path: str, data: bytes) -> None:
-  """Writes `path` atomically: a kill leaves the old file or the new one, never half of it."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+      _cut_events(paths.join(tb, name), step)
 
 
 def _records(data: bytes) -> Iterator[bytes]:
@@ -88,8 +83,7 @@ def _cut_events(path: str, step: int) -> None:
   """Rewrites a TensorBoard events file without the summaries after `step`; removes it if none is left."""
   from tensorboardX.proto import event_pb2
   from tensorboardX.record_writer import masked_crc32c
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   kept, summaries, dropped = [], 0, 0
   for payload in _records(data):
     event = event_pb2.Event.FromString(payload)
@@ -100,7 +94,7 @@ def _cut_events(path: str, step: int) -> None:
       summaries += 1
     kept.append(payload)
   if not summaries:
-    os.remove(path)
+    paths.remove(path)
     return
   if not dropped and sum(len(p) + 16 for p in kept) == len(data):
     return
@@ -108,13 +102,13 @@ def _cut_events(path: str, step: int) -> None:
   for payload in kept:
     header = struct.pack("<Q", len(payload))
     out += header + struct.pack("<I", masked_crc32c(header)) + payload + struct.pack("<I", masked_crc32c(payload))
-  _replace(path, bytes(out))
+  paths.write(path, bytes(out))
 
 
 def read_jsonl(path: str, tolerant: bool = False) -> list[dict]:
   """The rows of a JSONL file; `tolerant` skips a line that is not JSON (the torn last row of a killed run)."""
   rows = []
-  with open(path) as f:
+  with paths.open(path) as f:
     for line in f:
       if not line.strip():
         continue
@@ -152,7 +146,8 @@ def plot_curves(rows: list[dict], out_png: str, keys: Iterable[tuple[str, str]] 
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
+  with paths.writing(out_png) as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -165,21 +160,19 @@ TOKEN_PROBS_DIR = "token_probs"
 
 def write_token_probs(workdir: str, step: int, expert: np.ndarray, own: np.ndarray) -> str:
   """Writes <workdir>/token_probs/step_<step>.npz with 1-D arrays `expert` (imitated expert tokens) and `own`."""
-  out = os.path.join(workdir, TOKEN_PROBS_DIR)
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f"step_{step:07d}.npz")
-  np.savez_compressed(path, expert=np.asarray(expert, np.float32), own=np.asarray(own, np.float32))
+  path = paths.join(workdir, TOKEN_PROBS_DIR, f"step_{step:07d}.npz")
+  with paths.writing(path) as f:
+    np.savez_compressed(f, expert=np.asarray(expert, np.float32), own=np.asarray(own, np.float32))
   return path
 
 
 def read_token_probs(workdir: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
   """[(step, expert probabilities, own probabilities)] of a run's dumps, in step order."""
-  out = os.path.join(workdir, TOKEN_PROBS_DIR)
-  names = sorted(n for n in os.listdir(out) if n.startswith("step_") and n.endswith(".npz")) if os.path.isdir(
-      out) else []
+  out = paths.join(workdir, TOKEN_PROBS_DIR)
+  names = [n for n in paths.listdir(out) if n.startswith("step_") and n.endswith(".npz")]
   rows = []
   for name in names:
-    with np.load(os.path.join(out, name)) as f:
+    with np.load(io.BytesIO(paths.read_bytes(paths.join(out, name)))) as f:
       rows.append((int(name[5:-4]), f["expert"], f["own"]))
   return rows
 
@@ -207,7 +200,8 @@ def plot_token_probs(workdir: str, out_png: str, alpha: float = 0.1) -> bool:
   right.set_title(f"expert tokens with p < {alpha:g}")
   right.set_xlabel("step")
   fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
+  with paths.writing(out_png) as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
   return True
 
@@ -216,9 +210,9 @@ def main(argv: list[str]) -> None:
   """python -m trapo_jax.train.metrics WORKDIR [ALPHA]: token_probs.png from the run's dumps."""
   if len(argv) not in (2, 3):
     raise SystemExit("usage: python -m trapo_jax.train.metrics WORKDIR [ALPHA]")
-  out = os.path.join(argv[1], "token_probs.png")
+  out = paths.join(argv[1], "token_probs.png")
   if not plot_token_probs(argv[1], out, float(argv[2]) if len(argv) == 3 else 0.1):
-    raise SystemExit(f"{os.path.join(argv[1], TOKEN_PROBS_DIR)}: no token-probability dumps "
+    raise SystemExit(f"{paths.join(argv[1], TOKEN_PROBS_DIR)}: no token-probability dumps "
                      "(train with --config.train.dump_token_probs=True)")
   print(f"wrote {out}")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from absl import logging
 from trapo_jax import algorithms
 from trapo_jax import distributed
 from trapo_jax import losses
+from trapo_jax import paths
 from trapo_jax import sharding
 from trapo_jax.models import hf
 from trapo_jax.sampling import microgroup
@@ -311,7 +311,7 @@ def _loader(ctx: Context, split: str = "train"):
 
 
 def data_dir(cfg, workdir: str) -> str:
-  return cfg.data.data_dir or os.path.join(workdir, "tfds")
+  return cfg.data.data_dir or paths.join(workdir, "tfds")
 
 
 def local_share(batch, index: int, count: int):
@@ -551,9 +551,9 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   finally:
     writer.close()
     checkpointer.close()
-  if jax.process_index() == 0 and os.path.exists(writer.path):
-    metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "curves.png"))
-    metrics_lib.plot_token_probs(workdir, os.path.join(workdir, "token_probs.png"), alpha=trust_region(ctx))
+  if jax.process_index() == 0 and paths.exists(writer.path):
+    metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), paths.join(workdir, "curves.png"))
+    metrics_lib.plot_token_probs(workdir, paths.join(workdir, "token_probs.png"), alpha=trust_region(ctx))
   if cfg.eval.at_end:
     results["after"] = evaluate(ctx, state.params, "after")
   return {k: v for k, v in results.items() if v is not None}

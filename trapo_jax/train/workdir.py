@@ -1,7 +1,8 @@
 """A workdir belongs to one run: a lock file while a run trains in it, and the run's identity in its checkpoints.
 
 Lock: `<workdir>/LOCK` holds the host, pid and start time of the training run that owns the workdir (on several
-processes, process 0 holds it for all). A second run on the workdir stops with one line naming the holder. A lock left
+processes, process 0 holds it for all); it is created exclusively (`paths.create`: O_EXCL locally, a
+generation-match create on GCS). A second run on the workdir stops with one line naming the holder. A lock left
 by a process that is gone (kill -9, a crash) on this host is taken over with a warning; on another host nobody can
 tell, so the line says which file to delete.
 
@@ -28,6 +29,7 @@ from absl import logging
 
 from trapo_jax import algorithms
 from trapo_jax import errors
+from trapo_jax import paths
 
 LOCK_NAME = "LOCK"
 
@@ -93,8 +95,7 @@ def _me() -> dict:
 
 def _read(path: str) -> dict | None:
   try:
-    with open(path) as f:
-      holder = json.load(f)
+    holder = json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return None
   return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
@@ -115,48 +116,56 @@ class Lock:
 
   def release(self) -> None:
     if _read(self.path) == self.holder:  # never remove a lock that another run has taken over since
-      os.remove(self.path)
+      paths.remove(self.path)
+
+
+def _set_aside(path: str, holder: dict) -> bool:
+  """Removes the stale lock `holder` at `path`; False if another run took it over meanwhile.
+
+  Locally the lock is renamed first: of two runs taking over the same stale lock, only one rename succeeds. GCS has
+  no atomic rename: the lock is read again and deleted, which two runs doing so within the same instant could both
+  do (only on one host: a lock is only taken over from a dead process of this host).
+  """
+  if paths.is_remote(path):
+    if _read(path) != holder:
+      return False
+    paths.remove(path)
+    return True
+  aside = f"{path}.stale.{os.getpid()}"
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:
+    return False
+  if _read(aside) != holder:  # another run took it over between our read and our rename: give it back
+    with contextlib.suppress(FileExistsError):
+      os.link(aside, path)
+    os.remove(aside)
+    return False
+  os.remove(aside)
+  return True
 
 
 def acquire(workdir: str) -> Lock:
   """Creates `<workdir>/LOCK` for this process; WorkdirBusy if a live run holds it. A dead holder's lock on this
   host is taken over with a warning."""
-  path = os.path.join(workdir, LOCK_NAME)
+  path = paths.join(workdir, LOCK_NAME)
   me = _me()
   for _ in range(5):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
-      holder = _read(path)
-      if holder is None or holder.get("host") != me["host"] or _alive(holder["pid"], holder.get("process_start")):
-        raise _busy(workdir, path, holder) from None
-      # Rename first: of two runs taking over the same stale lock, only one rename succeeds.
-      aside = f"{path}.stale.{os.getpid()}"
-      try:
-        os.rename(path, aside)
-      except FileNotFoundError:
-        continue
-      if _read(aside) != holder:  # another run took it over between our read and our rename: give it back
-        with contextlib.suppress(FileExistsError):
-          os.link(aside, path)
-        os.remove(aside)
-        continue
-      os.remove(aside)
+    if paths.create(path, json.dumps(me)):
+      return Lock(path, me)
+    holder = _read(path)
+    if holder is None or holder.get("host") != me["host"] or _alive(holder["pid"], holder.get("process_start")):
+      raise _busy(workdir, path, holder)
+    if _set_aside(path, holder):
       logging.warning("%s: taking over the lock of pid %d on %s (started %s), which is gone", workdir, holder["pid"],
                       holder["host"], holder.get("started"))
-      continue
-    with os.fdopen(fd, "w") as f:
-      json.dump(me, f)
-      f.flush()
-      os.fsync(f.fileno())
-    return Lock(path, me)
   raise _busy(workdir, path, _read(path))
 
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
   """Holds the workdir's lock for the duration (process 0 for all processes); creates the workdir."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   lock, error = None, None
   if jax.process_index() == 0:
     try:
