@@ -220,11 +220,11 @@ def check_resume(meta: dict, current: dict, *, workdir: str, allow_change: bool 
   if not diff:
     return
   key, was, now = diff[0]
-  listed = ", ".join(k for k, _, _ in diff)
   if allow_change:
-    logging.warning("%s: resuming with a changed config (--allow_config_change): %s", workdir, listed)
+    logging.warning("%s: resuming with a changed config (--allow_config_change): %s", workdir,
+                    ", ".join(k for k, _, _ in diff))
     return
-  more = f" (and {len(diff) - 1} more: {listed})" if len(diff) > 1 else ""
+  more = f" (and {len(diff) - 1} more: {', '.join(k for k, _, _ in diff[1:])})" if len(diff) > 1 else ""
   raise IdentityMismatch(f"{workdir}: the checkpoint's run has {key}={was!r}, this one {now!r}{more}; use another "
                          f"workdir, or --allow_config_change to continue this run with the new config")
 
