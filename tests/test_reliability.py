@@ -34,7 +34,7 @@ import time
 import pytest
 
 import trapo_jax
-from trapo_jax.data import demos, pipeline, synthetic
+from trapo_jax.data import demos, pipeline, synthetic, templates
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.train import trainer
@@ -275,6 +275,14 @@ def test_4_resuming_with_another_algorithm_or_model_shape_names_the_key(copy_of_
   ck.close()
 
 
+def test_4_the_refusal_names_the_first_key_then_each_other_once():
+  stored = {"algo": "trapo", "seed": 0, "loss.a": 1, "loss.b": 2}
+  current = {"algo": "grpo", "seed": 1, "loss.a": 3, "loss.b": 2}
+  with pytest.raises(workdir_lib.IdentityMismatch) as error:
+    workdir_lib.check_resume({"identity": stored}, current, workdir="w")
+  assert "algo='trapo', this one 'grpo' (and 2 more: loss.a, seed);" in str(error.value)
+
+
 def test_4_identity_leaves_out_only_the_listed_keys():
   cfg = _config()
   model_cfg = trainer.state_lib.model_config(cfg)
@@ -369,6 +377,15 @@ def test_6_export_stops_at_eos_in_transformers_and_follows_the_umask(tmp_path):
   assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["architectures"] == [type(model).__name__]
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    assert "chat_template" in json.load(f)
+  # The chat template writes the training prompt of the config (data.template), whatever its text holds.
+  problem = "What is {x} + \\boxed{} {{ 1 }}?"
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
+                                       add_generation_prompt=True)
+  assert chat == templates.format_prompt(problem, _config().data.template)
   assert model.config.eos_token_id == tokenizer.eos_token_id == 2 and model.config.pad_token_id == 0
   assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
   # Make EOS the model's argmax after any token: every embedding row is dominated by dimension 0, which the final
