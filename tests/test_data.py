@@ -17,7 +17,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trapo_jax.data import demos, pipeline
-from trapo_jax.data.templates import TEMPLATES, format_prompt
+from trapo_jax.data.templates import TEMPLATES, chat_template, format_prompt
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -62,6 +62,15 @@ def test_templates_keep_braces_of_problem():
   for name in TEMPLATES:
     text = format_prompt(problem, name)
     assert text.count(problem) == 1 and "{problem}" not in text.replace(problem, "")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_writes_the_prompt_template(name):
+  import jinja2
+  problem = "Let {x} = {{ y }}; find \\boxed{} {% raw %}."
+  messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": problem}]
+  chat = jinja2.Environment().from_string(chat_template(name)).render(messages=messages)
+  assert chat == format_prompt(problem, name)
 
 
 def test_unknown_template():

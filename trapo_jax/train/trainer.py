@@ -586,8 +586,11 @@ def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool =
 
 
 def export(cfg, workdir: str, out_dir: str, *, allow_initial_policy: bool = False) -> None:
-  """Writes the workdir's newest policy as a Hugging Face directory (with the tokenizer and generation config)."""
+  """Writes the workdir's newest policy as a Hugging Face directory (with the tokenizer, its chat template the
+  training prompt `data.template`, and the generation config)."""
+  from trapo_jax.data import templates
   ctx, params = load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
   if jax.process_index() == 0:
-    hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer)
+    hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer,
+               chat_template=templates.chat_template(cfg.data.template))
     logging.info("exported to %s", out_dir)
