@@ -8,7 +8,7 @@
   6 the exported HF directory never stops generating, mode 0600  test_6_*
   7 data errors: no usable row, a non-UTF-8 byte, bad parquet    test_7_*
   8 errors outside the config schema are tracebacks              test_8_*
-  9 SIGTERM exits 0                                              tests/test_trainer.py::test_sigterm_saves_and_resumes
+  9 SIGTERM exits 0, Ctrl-C loses the steps since a checkpoint   tests/test_trainer.py::test_sigterm_and_ctrl_c_*
  10 grade() off the main thread runs unbounded                   tests/test_grader.py::test_grade_off_the_main_thread_*
  11 the evaluation fallback has no symbolic equivalence          tests/test_grader.py::test_boxed_fallback_symbolic_*
 
@@ -193,6 +193,25 @@ def test_2_export_needs_a_checkpoint_unless_the_initial_policy_is_allowed(tmp_pa
   assert not os.path.exists(workdir) and not os.path.exists(out)
   trainer.export(cfg, workdir, out, allow_initial_policy=True)
   assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_2_eval_and_export_use_the_runs_own_config(copy_of_killed):
+  """Given only the workdir, eval and export run with the config the training run stored (its tiny model, not the
+  default experiment's): `--config.key=` overrides apply on top of it, a config file named on the command line
+  replaces it."""
+  step = _steps(copy_of_killed)[-1]
+  proc = _main("--mode=eval", f"--workdir={copy_of_killed}", "--config.eval.benchmarks=('math500',)",
+               "--config.eval.max_problems=4", "--config.eval.max_new_tokens=8", "--config.data.max_prompt_len=1024")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.load(open(os.path.join(copy_of_killed, "eval", f"step_{step}", "results.json")))
+  assert list(results["benchmarks"]) == ["math500"] and results["benchmarks"]["math500"]["problems"] == 4
+  out = os.path.join(copy_of_killed, "exported")
+  proc = _main("--mode=export", f"--workdir={copy_of_killed}", f"--export_dir={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(out, "config.json")))["hidden_size"] == 32  # TINY_FLAGS' model
+  proc = _main("--mode=export", f"--workdir={copy_of_killed}", "--config=experiments/configs/default.py")
+  _one_line_error(proc, "the checkpoint's policy has model.")  # the default experiment's model is another
 
 
 # --- 3: one workdir, one run ------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ r"""trapo_jax entry point.
   python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=...  # does the run fit that slice? (aot.py)
 
 Exit codes: 0 done; 2 a user-facing error (config, paths, data, checkpoints, a locked workdir), printed as one line
-(`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM after saving a checkpoint (rerun to
-resume); anything else (1) is a crash, with its traceback.
+(`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM, 130 by Ctrl-C, after saving a
+checkpoint when training (rerun to resume; a second Ctrl-C aborts without saving); anything else (1) is a crash, with
+its traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import logging as py_logging
 import os
 import re
@@ -135,11 +135,47 @@ def loaded_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def load_config() -> ml_collections.ConfigDict:
+def _config_file_given(argv: list[str]) -> bool:
+  """Whether the command line names a config file (`--config=FILE` or `--config FILE`), not only overrides."""
+  return any(re.match(r"^--?config(=|$)", arg) for arg in argv)
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config this mode runs with, not yet validated.
+
+  Training: --config (default experiments/configs/default.py) with the `--config.key=` overrides. Eval and export:
+  the workdir's stored config (the training run's own, `<workdir>/config.json`) with the command line's
+  `--config.key=` overrides on top; a config file named on the command line replaces the stored one; a workdir
+  without one (written before configs were stored) uses --config as training does."""
+  cfg = loaded_config()
+  if _MODE.value not in ("eval", "export"):
+    return cfg
+  from trapo_jax.train import workdir as workdir_lib
+  try:
+    stored = workdir_lib.stored_config(workdir)
+  except errors.UserError as e:
+    fail(f"error: {e}")
+  if stored is None:
+    return cfg
+  if _config_file_given(sys.argv):
+    logging.warning("using --config=%s, not the run's own %s/%s", config_flags.get_config_filename(
+        flags.FLAGS["config"]), workdir, workdir_lib.CONFIG_NAME)
+    return cfg
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  try:
+    stored.update_from_flattened_dict(overrides)
+  except (KeyError, TypeError, AttributeError) as e:  # a key the stored config lacks, a value of another type
+    fail(f"config error: {workdir}/{workdir_lib.CONFIG_NAME}: {_reason(str(e)) or type(e).__name__}")
+  logging.info("the run's config %s/%s%s", workdir, workdir_lib.CONFIG_NAME,
+               f", with {', '.join(sorted(overrides))} from the command line" if overrides else "")
+  return stored
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The validated config; multi-process runs are initialised first (validation counts global devices)."""
   import jax
   from trapo_jax import distributed
-  cfg = loaded_config()
+  cfg = run_config(workdir)
   if "distributed" in cfg and isinstance(cfg.distributed, ml_collections.ConfigDict):
     distributed.initialize(cfg.distributed)
   try:
@@ -149,11 +185,11 @@ def load_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def evaluate_policy(ctx, params, name: str, *, subdir: bool) -> dict:
-  """The evaluation of a policy on eval.benchmarks, into <workdir>/eval/<name> (subdir) or <workdir>/eval."""
+def evaluate_policy(ctx, params, name: str) -> dict:
+  """The evaluation of a policy on eval.benchmarks, into <workdir>/eval/<name>."""
   from trapo_jax.eval import evaluate
   from trapo_jax.train import trainer
-  out_dir = os.path.join(ctx.workdir, "eval", name) if subdir else os.path.join(ctx.workdir, "eval")
+  out_dir = os.path.join(ctx.workdir, "eval", name)
   return evaluate.evaluate(ctx.cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=out_dir,
                            data_dir=trainer.data_dir(ctx.cfg, ctx.workdir))
 
@@ -171,8 +207,8 @@ def main(argv: list[str]) -> None:
     compile_run()
     return
   enable_compilation_cache()
-  cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
+  cfg = load_config(workdir)
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
   import jax
   from trapo_jax.eval import evaluate
@@ -180,15 +216,16 @@ def main(argv: list[str]) -> None:
   try:
     if _MODE.value == "train":
       results = trainer.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                            evaluate=functools.partial(evaluate_policy, subdir=True))
+                            evaluate=evaluate_policy)
       if "preempted" in results:
-        logging.warning("exiting with %d so that a scheduler requeues the run", errors.EXIT_PREEMPTED)
-        sys.exit(errors.EXIT_PREEMPTED)
+        logging.warning("exiting with %d: rerun the same command to resume", results["exit_code"])
+        sys.exit(results["exit_code"])
       if "before" in results and "after" in results and jax.process_index() == 0:
         print(evaluate.before_after_table(results["before"], results["after"]))
     elif _MODE.value == "eval":
-      ctx, params = trainer.load_policy_for_inference(cfg, workdir, allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
-      results = evaluate_policy(ctx, params, "", subdir=False)
+      ctx, params, step = trainer.load_policy_for_inference(cfg, workdir,
+                                                            allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
+      results = evaluate_policy(ctx, params, f"step_{step}")  # the name a training run gives its evaluation there
       if jax.process_index() == 0:
         print(evaluate.markdown_table(results))
     else:
@@ -200,6 +237,9 @@ def main(argv: list[str]) -> None:
     fail(f"error: {_reason(str(e))}")
   except trainer.TrainingError as e:
     fail(f"training error: {_reason(str(e))}")
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, compiling, evaluating): nothing to save
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_INTERRUPTED)
 
 
 def compile_run() -> None:
