@@ -193,6 +193,16 @@ def test_directory_numbers_rows_across_files(tmp_path, caplog):
   assert "fewer than 2 solutions: [2, 9, 16]" in warnings[0]
 
 
+def test_preparing_says_so_in_one_log_line_and_prints_nothing(tmp_path, capfd, caplog):
+  path = os.path.join(FIXTURES, "openr1_layout.jsonl")
+  caplog.set_level(logging.INFO)
+  pipeline.load_examples(_cfg(path), "train", data_dir=str(tmp_path))
+  pipeline.load_examples(_cfg(path), "train", data_dir=str(tmp_path))
+  out, err = capfd.readouterr()
+  assert "Download" not in out + err and "Generating" not in out + err  # TFDS's banner and progress bars
+  assert len([r for r in caplog.records if r.getMessage().startswith("preparing ")]) == 1  # once, then reused
+
+
 def test_changed_source_is_prepared_again(tmp_path, caplog):
   path = tmp_path / "data.jsonl"
   lines = open(os.path.join(FIXTURES, "openr1_layout.jsonl")).read().splitlines()

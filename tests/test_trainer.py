@@ -255,3 +255,12 @@ def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
   monkeypatch.setattr(trainer, "train_one_step", poisoned)
   with pytest.raises(trainer.TrainingError, match="2 consecutive non-finite updates"):
     trainer.run(cfg, str(tmp_path))
+
+
+def test_runs_share_the_tfds_dir_beside_their_workdirs():
+  cfg = _config("default")
+  assert trainer.data_dir(cfg, "runs/a") == trainer.data_dir(cfg, "runs/b/") == "runs/tfds"
+  assert trainer.data_dir(cfg, "gs://bucket/sweep/a") == "gs://bucket/sweep/tfds"  # where every host of a pod looks
+  with cfg.unlocked():
+    cfg.data.data_dir = "/data/tfds"
+  assert trainer.data_dir(cfg, "runs/a") == "/data/tfds"

@@ -24,8 +24,12 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from trapo_jax import config as config_lib
-from trapo_jax import errors
+# Before transformers is imported (by the tokenizer's loading): its import-time advice that PyTorch is missing is for
+# users of its models; this project only uses its tokenizers and config classes.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from trapo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from trapo_jax import errors  # pylint: disable=g-import-not-at-top
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "experiments", "configs", "default.py")
@@ -103,12 +107,38 @@ _ALL_METHODS = flags.DEFINE_bool("all_methods", False, "--mode=compile: every re
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops the INFO chatter of checkpointing and dataset libraries (warnings and errors still show)."""
+  """Drops the INFO chatter of checkpointing and dataset libraries, and JAX's probe of backends this machine lacks
+  ("Unable to initialize backend 'tpu'" on every CPU run); warnings and errors still show."""
 
-  NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/jax/_src/xla_bridge.py")
 
   def filter(self, record) -> bool:
     return record.levelno >= py_logging.WARNING or not any(s in record.pathname for s in self.NOISY)
+
+
+class _BetweenBars(py_logging.Handler):
+  """absl's log lines written with tqdm.write: a line logged while a progress bar is open (training, evaluation) goes
+  above the bar instead of being glued to it."""
+
+  def __init__(self):
+    super().__init__()
+    self.setFormatter(logging.PythonFormatter())
+
+  def emit(self, record) -> None:
+    import tqdm
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def use_quiet_logging() -> None:
+  """Replaces absl's handler of the root logger by _BetweenBars, without the libraries' chatter."""
+  root = py_logging.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  handler = _BetweenBars()
+  handler.addFilter(_QuietLibraries())
+  root.addHandler(handler)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -200,7 +230,7 @@ def default_workdir() -> str:
 
 
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  use_quiet_logging()
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _MODE.value == "compile":

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -62,8 +63,21 @@ def prepared(make_builder: Callable[[], Any], data_dir: str):
   process prepares the same data would not see it)."""
   with _exclusive(data_dir):
     builder = make_builder()
-    builder.download_and_prepare()
+    if not builder.data_path.exists():  # TFDS's own test (is_prepared() warns about the folder it looks for)
+      _prepare(builder)
   return builder
+
+
+def _prepare(builder) -> None:
+  """TFDS's preparation, announced in one log line: its own banner says "Downloading" (the builders read local
+  files) and its progress bars would interleave with the run's log."""
+  import tensorflow_datasets as tfds
+  logging.info("preparing %s in %s from local files", builder.info.full_name, builder.data_dir)
+  start = time.perf_counter()
+  builder._log_download_bytes = builder._log_download_done = lambda: None  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)
+  builder.download_and_prepare()
+  logging.info("prepared %s in %.0f s", builder.info.full_name, time.perf_counter() - start)
 
 
 def read_split(builder, split: str) -> list[Example]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from trapo_jax import algorithms
 from trapo_jax import distributed
@@ -330,7 +331,9 @@ def _loader(ctx: Context, split: str = "train"):
 
 
 def data_dir(cfg, workdir: str) -> str:
-  return cfg.data.data_dir or os.path.join(workdir, "tfds")
+  """data.data_dir, by default `tfds/` beside the workdir: the runs of a directory (a sweep's, runs/) prepare each
+  dataset once, and it is where every host of a pod finds it, the workdir's bucket or shared disk."""
+  return cfg.data.data_dir or str(epath.Path(workdir).parent / "tfds")
 
 
 def local_share(batch, index: int, count: int):
