@@ -214,6 +214,20 @@ def test_2_eval_and_export_use_the_runs_own_config(copy_of_killed):
   _one_line_error(proc, "the checkpoint's policy has model.")  # the default experiment's model is another
 
 
+def test_2_eval_and_export_join_their_own_job_not_the_stored_runs(tmp_path):
+  """A workdir trained by 2 processes, exported by 1: the stored run's process count and coordinator are not used
+  (they would wait for a process that never comes)."""
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  cfg = tiny(_config(), workdir)
+  with cfg.unlocked():
+    cfg.distributed.update(dict(enabled=True, coordinator_address="localhost:1", num_processes=2, process_id=1))
+  os.makedirs(workdir)
+  workdir_lib.save_config(workdir, cfg)
+  proc = _main("--mode=export", f"--workdir={workdir}", f"--export_dir={out}", "--allow_initial_policy", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(out, "config.json")))["hidden_size"] == 32  # the stored run's model
+
+
 # --- 3: one workdir, one run ------------------------------------------------------------------------------------
 
 

@@ -175,8 +175,9 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
   Training: --config (default experiments/configs/default.py) with the `--config.key=` overrides. Eval and export:
   the workdir's stored config (the training run's own, `<workdir>/config.json`) with the command line's
-  `--config.key=` overrides on top; a config file named on the command line replaces the stored one; a workdir
-  without one (written before configs were stored) uses --config as training does."""
+  `--config.key=` overrides on top, and `distributed.*` from the command line alone; a config file named on the
+  command line replaces the stored one; a workdir without one (written before configs were stored) uses --config as
+  training does."""
   cfg = loaded_config()
   if _MODE.value not in ("eval", "export"):
     return cfg
@@ -196,6 +197,8 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     stored.update_from_flattened_dict(overrides)
   except (KeyError, TypeError, AttributeError) as e:  # a key the stored config lacks, a value of another type
     fail(f"config error: {workdir}/{workdir_lib.CONFIG_NAME}: {_reason(str(e)) or type(e).__name__}")
+  # How this process joins its job is this command's: the training run's processes and coordinator are gone.
+  stored.distributed = ml_collections.ConfigDict(cfg.distributed.to_dict())
   logging.info("the run's config %s/%s%s", workdir, workdir_lib.CONFIG_NAME,
                f", with {', '.join(sorted(overrides))} from the command line" if overrides else "")
   return stored
