@@ -33,19 +33,3 @@ def test_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
   w.close()
   assert [(r["step"], r["loss"]) for r in _strict_rows(w.path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
-
-def test_a_line_logged_under_an_open_progress_bar_starts_its_own_line(capsys):
-  import logging
-  import sys
-  import tqdm
-  from trapo_jax import main
-  logger = logging.getLogger("test_between_bars")
-  logger.propagate = False
-  logger.setLevel(logging.INFO)
-  logger.addHandler(main._BetweenBars())  # pylint: disable=protected-access
-  with tqdm.tqdm(total=2, desc="train", file=sys.stderr) as bar:
-    bar.update(1)
-    logger.info("checkpoint saved at step 1")
-  [line] = [line for line in capsys.readouterr().err.split("\n") if "checkpoint saved" in line]
-  # What the terminal shows of that line: the text after its last carriage return, the log line alone.
-  assert line.split("\r")[-1].startswith("I") and "train" not in line.split("\r")[-1]
