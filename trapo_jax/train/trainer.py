@@ -519,8 +519,9 @@ Evaluate = Callable[["Context", Any, str], dict]
 
 def run(cfg, workdir: str, *, allow_config_change: bool = False, evaluate: Evaluate | None = None) -> dict:
   """Trains per `cfg` in `workdir` (resuming from its newest checkpoint that restores); {"preempted": step,
-  "exit_code": 143 or 130} if SIGTERM or Ctrl-C stopped it. With `evaluate`, evaluates as eval.at_start / every / at_end ask, results under their names
-  ("before", "step_N", "after"). The workdir is locked while it runs (train/workdir.py)."""
+  "exit_code": 143 or 130} if SIGTERM or Ctrl-C stopped it. With `evaluate`, evaluates as eval.at_start / every /
+  at_end ask, results under their names ("before", "step_N", "after"). The workdir is locked while it runs
+  (train/workdir.py); its config.json is this config once the checkpoint it resumes accepts it."""
   with workdir_lib.hold(workdir):
     return _run(cfg, workdir, allow_config_change, evaluate)
 
