@@ -3,11 +3,13 @@ r"""Run a sweep: one training run per point (and seed), each in its own workdir,
   python launch/sweep.py --sweep=experiments/sweeps/paper_table.py              # run every point here, in turn
   python launch/sweep.py --sweep=experiments/sweeps/alpha.py --print_only       # the commands, for a cluster
   python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --collect_only --results_md=docs/results.md
-  python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --redo=TRAPO,GRPO_seed1  # run these again
+  python launch/sweep.py --sweep=experiments/sweeps/paper_table.py --redo=GRPO,TRAPO_seed1  # run these again
 
 A sweep file defines `get_sweep() -> list[dict]`: each dict is a point with an optional "name", an optional
-"config" (default experiments/configs/default.py) and config overrides ({"loss.alpha": 0.3}). Optional module
+"config" (default experiments/configs/default.py) and config overrides ({"trapo.alpha": 0.3}). Optional module
 values: SEEDS (each point runs once per seed, as --config.seed), COMMON (overrides for every point).
+Runs start in the repository root, whatever the directory the sweep is started from: config and workdir paths are
+relative to it (a --root outside it is absolute), and the --print_only commands are run from it.
 A sweep can be completed over several sittings. Runs go seed by seed (every point's first seed, then every
 point's second...), so a partial sweep already has a row for every point; a run whose workdir holds
 eval/after/results.json is skipped (one line lists them), an interrupted one resumes from its latest checkpoint, and
@@ -119,8 +121,9 @@ def _flag_value(v: Any) -> str:
   return str(v)
 
 
-def command(run: Run) -> list[str]:
-  return [sys.executable, "-m", "trapo_jax.main", f"--config={run.config}", f"--workdir={run.workdir}",
+def command(run: Run, python: str = sys.executable) -> list[str]:
+  """The run's command line, to start in the repository root; `python` "python" for one printed for elsewhere."""
+  return [python, "-m", "trapo_jax.main", f"--config={run.config}", f"--workdir={run.workdir}",
           *(f"--config.{k}={_flag_value(v)}" for k, v in run.overrides)]
 
 
@@ -372,24 +375,36 @@ def write_results(points: dict[str, Any], out_dir: str, results_md: str | None =
   return md
 
 
+def _from_root(path: str) -> str:
+  """A path given relative to the current directory, as the repository root sees it: relative to the root inside it,
+  absolute outside it."""
+  path = os.path.abspath(path)
+  inside = os.path.commonpath([path, ROOT]) == ROOT
+  return os.path.relpath(path, ROOT) if inside else path
+
+
 def main(argv):
   del argv
   if not _SWEEP.value:
     raise app.UsageError("--sweep is required")
-  points, seeds, common = load_sweep(_SWEEP.value)
   name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
-  out_dir = paths.join(_ROOT.value, name)
+  # Local paths as the repository root sees them (the runs start there); a gs:// root is the same from anywhere.
+  local = lambda p: p if not p or paths.is_remote(p) else _from_root(p)
+  sweep_file, out_dir = local(_SWEEP.value), local(paths.join(_ROOT.value, name))
+  results_md = local(_RESULTS_MD.value)
+  os.chdir(ROOT)  # where the runs start: every path below is relative to it
+  points, seeds, common = load_sweep(sweep_file)
   runs = expand(points, seeds, out_dir, common)
   if _PRINT_ONLY.value or _DRY_RUN.value:
     for r in runs:
-      print(shlex.join(command(r)))
+      print(shlex.join(command(r, python="python")))
     return
   try:
     redo = select_redo(runs, _REDO.value)
   except ValueError as e:
     sys.exit(str(e))
   failed = [] if _COLLECT_ONLY.value else run_all(runs, redo)
-  md = write_results(collect(runs), out_dir, _RESULTS_MD.value, header=header(_SWEEP.value, runs, common))
+  md = write_results(collect(runs), out_dir, results_md, header=header(sweep_file, runs, common))
   print(md)
   if failed:
     sys.exit(f"{len(failed)} of {len(runs)} runs failed: {', '.join(r.workdir for r in failed)}")

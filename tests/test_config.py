@@ -25,6 +25,22 @@ def test_every_experiment_config_validates(name):
   config_lib.validate(cfg, num_devices=8)
 
 
+def _typed(node, prefix=""):
+  """{dotted key: (type name, value)} of a config, so that 1 and 1.0 or () and [] differ."""
+  if isinstance(node, ml_collections.ConfigDict):
+    return {k: v for key in node.keys() for k, v in _typed(node[key], f"{prefix}{key}.").items()}
+  return {prefix[:-1]: (type(node).__name__, node)}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_stored_config_reads_back_as_written(name, tmp_path):
+  import importlib
+  from trapo_jax.train import workdir as workdir_lib
+  cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+  workdir_lib.save_config(str(tmp_path), cfg)
+  assert _typed(workdir_lib.stored_config(str(tmp_path))) == _typed(cfg)
+
+
 def _retype(cfg, path: str, value):
   """Sets a value of another type, as a hand-written config file can (ConfigDict refuses it on assignment)."""
   group, key = path.split(".")

@@ -17,7 +17,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trapo_jax.data import demos, pipeline
-from trapo_jax.data.templates import TEMPLATES, format_prompt
+from trapo_jax.data.templates import TEMPLATES, chat_template, format_prompt
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -62,6 +62,15 @@ def test_templates_keep_braces_of_problem():
   for name in TEMPLATES:
     text = format_prompt(problem, name)
     assert text.count(problem) == 1 and "{problem}" not in text.replace(problem, "")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_writes_the_prompt_template(name):
+  import jinja2
+  problem = "Let {x} = {{ y }}; find \\boxed{} {% raw %}."
+  messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": problem}]
+  chat = jinja2.Environment().from_string(chat_template(name)).render(messages=messages)
+  assert chat == format_prompt(problem, name)
 
 
 def test_unknown_template():
@@ -182,6 +191,16 @@ def test_directory_numbers_rows_across_files(tmp_path, caplog):
                                            + [v[1] for _, v in sorted(TRAPO_GOOD.items())])
   assert len(warnings) == 1 and "openr1_layout.parquet 0-4, trapo_layout.jsonl 5-16" in warnings[0]
   assert "fewer than 2 solutions: [2, 9, 16]" in warnings[0]
+
+
+def test_preparing_says_so_in_one_log_line_and_prints_nothing(tmp_path, capfd, caplog):
+  path = os.path.join(FIXTURES, "openr1_layout.jsonl")
+  caplog.set_level(logging.INFO)
+  pipeline.load_examples(_cfg(path), "train", data_dir=str(tmp_path))
+  pipeline.load_examples(_cfg(path), "train", data_dir=str(tmp_path))
+  out, err = capfd.readouterr()
+  assert "Download" not in out + err and "Generating" not in out + err  # TFDS's banner and progress bars
+  assert len([r for r in caplog.records if r.getMessage().startswith("preparing ")]) == 1  # once, then reused
 
 
 def test_changed_source_is_prepared_again(tmp_path, caplog):

@@ -109,10 +109,10 @@ def test_two_processes_split_evaluation_and_agree_with_one(tmp_path):
   # 2 batches of 4 prompt rows (the second padded); each process samples only its half of each.
   assert "this process sampled 8 of 8 prompt rows" in logs_one[0]
   assert all("this process sampled 4 of 8 prompt rows" in log for log in logs_two)
-  a = json.load(open(os.path.join(one, "eval", "results.json")))["benchmarks"]["math500"]
-  b = json.load(open(os.path.join(two, "eval", "results.json")))["benchmarks"]["math500"]
+  a = json.load(open(os.path.join(one, "eval", "step_1", "results.json")))["benchmarks"]["math500"]
+  b = json.load(open(os.path.join(two, "eval", "step_1", "results.json")))["benchmarks"]["math500"]
   assert a["problems"] == b["problems"] == 5 and a["mean_length"] == b["mean_length"]
   gen = lambda d: [(r["uid"], r["sample"], r["response"], r["correct"])
-                   for r in map(json.loads, open(os.path.join(d, "eval", "generations.jsonl")))]
+                   for r in map(json.loads, open(os.path.join(d, "eval", "step_1", "generations.jsonl")))]
   assert len(gen(one)) == 10 and gen(one) == gen(two)
   assert len({r[2] for r in gen(one)}) > 1  # rows really differ: a mix-up of rows would show

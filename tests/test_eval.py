@@ -30,7 +30,7 @@ def test_eval_mode_writes_the_four_outputs(tmp_path):
               "--config.eval.max_new_tokens=8", "--config.eval.batch_size=4", "--config.eval.samples.aime24=4",
               "--config.eval.samples.aime25=4", "--config.eval.samples.amc=2")
   assert out.returncode == 0, out.stderr[-3000:]
-  d = tmp_path / "eval"
+  d = tmp_path / "eval" / "step_0"  # the initial policy
   results = json.load(open(d / "results.json"))
   assert set(results["benchmarks"]) == set(BENCHMARKS)
   assert results["benchmarks"]["aime24"]["samples"] == 4 and results["benchmarks"]["math500"]["samples"] == 1

@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -25,13 +26,13 @@ def _sh(script: str, *args: str, env: dict | None = None) -> subprocess.Complete
 
 def test_local_dry_run_multi_process():
   out = _sh("local.sh", "--dry_run", "--processes=3", "--devices=4", "--port=2222", "--", "--workdir=runs/x",
-            "--config.loss.alpha=0.3")
+            "--config.trapo.alpha=0.3")
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 3
   for i, line in enumerate(lines):
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in line and "JAX_PLATFORMS=cpu" in line
-    assert "python -m trapo_jax.main --workdir=runs/x --config.loss.alpha=0.3" in line
+    assert "python -m trapo_jax.main --workdir=runs/x --config.trapo.alpha=0.3" in line
     assert "--config.distributed.coordinator_address=localhost:2222" in line
     assert f"--config.distributed.num_processes=3 --config.distributed.process_id={i}" in line
 
@@ -106,9 +107,23 @@ def _write_sweep(tmp_path) -> str:
   path = tmp_path / "my_sweep.py"
   path.write_text("SEEDS = (0, 1)\nCOMMON = {'train.steps': 3}\n"
                   "def get_sweep():\n"
-                  "  return [{'name': 'a b', 'loss.alpha': 0.3}, {'config': 'experiments/configs/grpo.py',"
+                  "  return [{'name': 'a b', 'trapo.alpha': 0.3}, {'config': 'experiments/configs/grpo.py',"
                   " 'rollout.stages': (8,)}]\n")
   return str(path)
+
+
+def test_the_help_examples_are_valid():
+  from trapo_jax import config as config_lib
+  keys = re.findall(r'\{"([a-z_.]+)": ', sweep.__doc__)
+  assert keys
+  for key in keys:  # a config key, as a sweep point names it
+    node = config_lib.base_config()
+    for part in key.split("."):
+      assert part in node, key
+      node = node[part]
+  for file, redo in re.findall(r"--sweep=(\S+) --redo=(\S+)", sweep.__doc__):
+    points, seeds, common = sweep.load_sweep(os.path.join(ROOT, file))
+    sweep.select_redo(sweep.expand(points, seeds, "runs", common), redo.split(","))  # raises for an unknown name
 
 
 def test_expand_and_commands(tmp_path):
@@ -119,7 +134,7 @@ def test_expand_and_commands(tmp_path):
                                        "runs/s/rollout.stages=_8_seed1"]
   cmd = sweep.command(runs[2])
   assert cmd[1:] == ["-m", "trapo_jax.main", "--config=experiments/configs/default.py",
-                     "--workdir=runs/s/a_b_seed1", "--config.train.steps=3", "--config.loss.alpha=0.3",
+                     "--workdir=runs/s/a_b_seed1", "--config.train.steps=3", "--config.trapo.alpha=0.3",
                      "--config.seed=1"]
   assert "--config.rollout.stages=(8,)" in sweep.command(runs[1])
   printed = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--sweep={tmp_path}/my_sweep.py",
@@ -127,6 +142,13 @@ def test_expand_and_commands(tmp_path):
                            timeout=60)
   assert printed.returncode == 0, printed.stderr
   assert len(printed.stdout.strip().splitlines()) == 4
+  # Printed for another machine: `python`, not this venv's; started from elsewhere, paths as the repo root sees them.
+  elsewhere = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "--sweep=my_sweep.py",
+                              "--root=runs", "--print_only"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+  assert elsewhere.returncode == 0, elsewhere.stderr
+  assert elsewhere.stdout.splitlines()[0] == (f"python -m trapo_jax.main --config=experiments/configs/default.py "
+                                              f"--workdir={tmp_path}/runs/my_sweep/a_b_seed0 --config.train.steps=3 "
+                                              f"--config.trapo.alpha=0.3 --config.seed=0")
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--sweep={tmp_path}/my_sweep.py",
                         f"--root={tmp_path}/runs", "--redo=a_b,typo"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)

@@ -32,3 +32,4 @@ def test_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
   w.write(3, {"loss": 30.0})
   w.close()
   assert [(r["step"], r["loss"]) for r in _strict_rows(w.path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+

@@ -8,7 +8,7 @@
   6 the exported HF directory never stops generating, mode 0600  test_6_*
   7 data errors: no usable row, a non-UTF-8 byte, bad parquet    test_7_*
   8 errors outside the config schema are tracebacks              test_8_*
-  9 SIGTERM exits 0                                              tests/test_trainer.py::test_sigterm_saves_and_resumes
+  9 SIGTERM exits 0, Ctrl-C loses the steps since a checkpoint   tests/test_trainer.py::test_sigterm_and_ctrl_c_*
  10 grade() off the main thread runs unbounded                   tests/test_grader.py::test_grade_off_the_main_thread_*
  11 the evaluation fallback has no symbolic equivalence          tests/test_grader.py::test_boxed_fallback_symbolic_*
 
@@ -34,7 +34,7 @@ import time
 import pytest
 
 import trapo_jax
-from trapo_jax.data import demos, pipeline, synthetic
+from trapo_jax.data import demos, pipeline, synthetic, templates
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.train import trainer
@@ -195,6 +195,39 @@ def test_2_export_needs_a_checkpoint_unless_the_initial_policy_is_allowed(tmp_pa
   assert os.path.exists(os.path.join(out, "model.safetensors"))
 
 
+@pytest.mark.slow
+def test_2_eval_and_export_use_the_runs_own_config(copy_of_killed):
+  """Given only the workdir, eval and export run with the config the training run stored (its tiny model, not the
+  default experiment's): `--config.key=` overrides apply on top of it, a config file named on the command line
+  replaces it."""
+  step = _steps(copy_of_killed)[-1]
+  proc = _main("--mode=eval", f"--workdir={copy_of_killed}", "--config.eval.benchmarks=('math500',)",
+               "--config.eval.max_problems=4", "--config.eval.max_new_tokens=8", "--config.data.max_prompt_len=1024")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.load(open(os.path.join(copy_of_killed, "eval", f"step_{step}", "results.json")))
+  assert list(results["benchmarks"]) == ["math500"] and results["benchmarks"]["math500"]["problems"] == 4
+  out = os.path.join(copy_of_killed, "exported")
+  proc = _main("--mode=export", f"--workdir={copy_of_killed}", f"--export_dir={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(out, "config.json")))["hidden_size"] == 32  # TINY_FLAGS' model
+  proc = _main("--mode=export", f"--workdir={copy_of_killed}", "--config=experiments/configs/default.py")
+  _one_line_error(proc, "the checkpoint's policy has model.")  # the default experiment's model is another
+
+
+def test_2_eval_and_export_join_their_own_job_not_the_stored_runs(tmp_path):
+  """A workdir trained by 2 processes, exported by 1: the stored run's process count and coordinator are not used
+  (they would wait for a process that never comes)."""
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  cfg = tiny(_config(), workdir)
+  with cfg.unlocked():
+    cfg.distributed.update(dict(enabled=True, coordinator_address="localhost:1", num_processes=2, process_id=1))
+  os.makedirs(workdir)
+  workdir_lib.save_config(workdir, cfg)
+  proc = _main("--mode=export", f"--workdir={workdir}", f"--export_dir={out}", "--allow_initial_policy", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(out, "config.json")))["hidden_size"] == 32  # the stored run's model
+
+
 # --- 3: one workdir, one run ------------------------------------------------------------------------------------
 
 
@@ -273,6 +306,14 @@ def test_4_resuming_with_another_algorithm_or_model_shape_names_the_key(copy_of_
   ck = ckpt_lib.Checkpointer(copy_of_killed, keep=10, every=1)
   assert ck.restore_meta(steps[-1] + 1)["identity"]["data.shuffle_seed"] == 1
   ck.close()
+
+
+def test_4_the_refusal_names_the_first_key_then_each_other_once():
+  stored = {"algo": "trapo", "seed": 0, "loss.a": 1, "loss.b": 2}
+  current = {"algo": "grpo", "seed": 1, "loss.a": 3, "loss.b": 2}
+  with pytest.raises(workdir_lib.IdentityMismatch) as error:
+    workdir_lib.check_resume({"identity": stored}, current, workdir="w")
+  assert "algo='trapo', this one 'grpo' (and 2 more: loss.a, seed);" in str(error.value)
 
 
 def test_4_identity_leaves_out_only_the_listed_keys():
@@ -369,6 +410,15 @@ def test_6_export_stops_at_eos_in_transformers_and_follows_the_umask(tmp_path):
   assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["architectures"] == [type(model).__name__]
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    assert "chat_template" in json.load(f)
+  # The chat template writes the training prompt of the config (data.template), whatever its text holds.
+  problem = "What is {x} + \\boxed{} {{ 1 }}?"
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
+                                       add_generation_prompt=True)
+  assert chat == templates.format_prompt(problem, _config().data.template)
   assert model.config.eos_token_id == tokenizer.eos_token_id == 2 and model.config.pad_token_id == 0
   assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
   # Make EOS the model's argmax after any token: every embedding row is dominated by dimension 0, which the final

@@ -122,7 +122,11 @@ def test_exact_resume(tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
+# SIGTERM as a scheduler sends it, to the run's process; Ctrl-C as a terminal sends it, to the whole process group
+# (the grader's workers included, which must let the step finish).
+@pytest.mark.parametrize("signum, to_group, code", [(signal.SIGTERM, False, errors.EXIT_PREEMPTED),
+                                                    (signal.SIGINT, True, errors.EXIT_INTERRUPTED)])
+def test_sigterm_and_ctrl_c_save_and_resume(tmp_path, signum, to_group, code):
   workdir = str(tmp_path)
   args = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}", "--config.model.hf_dir=",
           f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}", "--config.model.vocab_size=384",
@@ -134,15 +138,19 @@ def test_sigterm_saves_and_resumes(tmp_path):
           "--config.eval.at_start=False", "--config.eval.at_end=False"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.Popen(args + ["--config.train.steps=1000"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
+  if to_group:
+    os.killpg(proc.pid, signum)
+  else:
+    proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == errors.EXIT_PREEMPTED == 143, err[-3000:]  # a scheduler tells it from a finished run
+  assert proc.returncode == code == 128 + signum, err[-3000:]  # a scheduler tells it from a finished run
+  assert "Traceback" not in err, err[-3000:]
   saved = ckpt_lib.Checkpointer(workdir, keep=10, every=1000).latest_step()
   assert saved is not None and saved >= 2  # saved although ckpt_every=1000
   done = subprocess.run(args + [f"--config.train.steps={saved + 1}"], cwd=ROOT, env=env, capture_output=True,
@@ -247,3 +255,12 @@ def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
   monkeypatch.setattr(trainer, "train_one_step", poisoned)
   with pytest.raises(trainer.TrainingError, match="2 consecutive non-finite updates"):
     trainer.run(cfg, str(tmp_path))
+
+
+def test_runs_share_the_tfds_dir_beside_their_workdirs():
+  cfg = _config("default")
+  assert trainer.data_dir(cfg, "runs/a") == trainer.data_dir(cfg, "runs/b/") == "runs/tfds"
+  assert trainer.data_dir(cfg, "gs://bucket/sweep/a") == "gs://bucket/sweep/tfds"  # where every host of a pod looks
+  with cfg.unlocked():
+    cfg.data.data_dir = "/data/tfds"
+  assert trainer.data_dir(cfg, "runs/a") == "/data/tfds"

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic",  # synthetic | demos
       path="",  # demos: a local parquet/jsonl file or directory in the OpenR1 layout (trapo_jax/data/demos.py)
-      data_dir="",  # where TFDS writes prepared data; empty = <workdir>/tfds
+      data_dir="",  # where TFDS writes prepared data; empty = tfds/ beside the workdir (runs/tfds for runs/x)
       max_prompt_len=1024,
       max_response_len=8192,
       template="train",  # train | eval | eval_official | qwen3 | qwen3_no_think | llama3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 EXIT_USER_ERROR = 2  # the command, its config, paths, data or checkpoints need fixing: rerunning alone will not help
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint; rerunning resumes
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (after saving a checkpoint, while training)
 
 
 class UserError(Exception):

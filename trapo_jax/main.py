@@ -8,13 +8,13 @@ r"""trapo_jax entry point.
   python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=...  # does the run fit that slice? (aot.py)
 
 Exit codes: 0 done; 2 a user-facing error (config, paths, data, checkpoints, a locked workdir), printed as one line
-(`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM after saving a checkpoint (rerun to
-resume); anything else (1) is a crash, with its traceback.
+(`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM, 130 by Ctrl-C, after saving a
+checkpoint when training (rerun to resume; a second Ctrl-C aborts without saving); anything else (1) is a crash, with
+its traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import logging as py_logging
 import os
 import re
@@ -24,9 +24,13 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from trapo_jax import config as config_lib
-from trapo_jax import errors
-from trapo_jax import paths
+# Before transformers is imported (by the tokenizer's loading): its import-time advice that PyTorch is missing is for
+# users of its models; this project only uses its tokenizers and config classes.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from trapo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from trapo_jax import errors  # pylint: disable=g-import-not-at-top
+from trapo_jax import paths  # pylint: disable=g-import-not-at-top
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "experiments", "configs", "default.py")
@@ -104,12 +108,42 @@ _ALL_METHODS = flags.DEFINE_bool("all_methods", False, "--mode=compile: every re
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops the INFO chatter of checkpointing and dataset libraries (warnings and errors still show)."""
+  """Drops the INFO chatter of checkpointing and dataset libraries, and JAX's probe of backends this machine lacks
+  ("Unable to initialize backend 'tpu'" on every CPU run); warnings and errors still show."""
 
-  NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/jax/_src/xla_bridge.py")
+  # Warnings that are no news: TFDS names every builder config that is not one of its builder's own (ours never are).
+  EXPECTED = ("Using custom data configuration",)
 
   def filter(self, record) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(s in record.pathname for s in self.NOISY)
+    if record.levelno < py_logging.WARNING:
+      return not any(s in record.pathname for s in self.NOISY)
+    return not (record.levelno == py_logging.WARNING and str(record.msg).startswith(self.EXPECTED))
+
+
+class _BetweenBars(py_logging.Handler):
+  """absl's log lines written with tqdm.write: a line logged while a progress bar is open (training, evaluation) goes
+  above the bar instead of being glued to it."""
+
+  def __init__(self):
+    super().__init__()
+    self.setFormatter(logging.PythonFormatter())
+
+  def emit(self, record) -> None:
+    import tqdm
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def use_quiet_logging() -> None:
+  """Replaces absl's handler of the root logger by _BetweenBars, without the libraries' chatter."""
+  root = py_logging.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  handler = _BetweenBars()
+  handler.addFilter(_QuietLibraries())
+  root.addHandler(handler)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -136,11 +170,50 @@ def loaded_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def load_config() -> ml_collections.ConfigDict:
+def _config_file_given(argv: list[str]) -> bool:
+  """Whether the command line names a config file (`--config=FILE` or `--config FILE`), not only overrides."""
+  return any(re.match(r"^--?config(=|$)", arg) for arg in argv)
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config this mode runs with, not yet validated.
+
+  Training: --config (default experiments/configs/default.py) with the `--config.key=` overrides. Eval and export:
+  the workdir's stored config (the training run's own, `<workdir>/config.json`) with the command line's
+  `--config.key=` overrides on top, and `distributed.*` from the command line alone; a config file named on the
+  command line replaces the stored one; a workdir without one (written before configs were stored) uses --config as
+  training does."""
+  cfg = loaded_config()
+  if _MODE.value not in ("eval", "export"):
+    return cfg
+  from trapo_jax.train import workdir as workdir_lib
+  try:
+    stored = workdir_lib.stored_config(workdir)
+  except errors.UserError as e:
+    fail(f"error: {e}")
+  if stored is None:
+    return cfg
+  if _config_file_given(sys.argv):
+    logging.warning("using --config=%s, not the run's own %s/%s", config_flags.get_config_filename(
+        flags.FLAGS["config"]), workdir, workdir_lib.CONFIG_NAME)
+    return cfg
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  try:
+    stored.update_from_flattened_dict(overrides)
+  except (KeyError, TypeError, AttributeError) as e:  # a key the stored config lacks, a value of another type
+    fail(f"config error: {workdir}/{workdir_lib.CONFIG_NAME}: {_reason(str(e)) or type(e).__name__}")
+  # How this process joins its job is this command's: the training run's processes and coordinator are gone.
+  stored.distributed = ml_collections.ConfigDict(cfg.distributed.to_dict())
+  logging.info("the run's config %s/%s%s", workdir, workdir_lib.CONFIG_NAME,
+               f", with {', '.join(sorted(overrides))} from the command line" if overrides else "")
+  return stored
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The validated config; multi-process runs are initialised first (validation counts global devices)."""
   import jax
   from trapo_jax import distributed
-  cfg = loaded_config()
+  cfg = run_config(workdir)
   if "distributed" in cfg and isinstance(cfg.distributed, ml_collections.ConfigDict):
     distributed.initialize(cfg.distributed)
   try:
@@ -150,11 +223,11 @@ def load_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def evaluate_policy(ctx, params, name: str, *, subdir: bool) -> dict:
-  """The evaluation of a policy on eval.benchmarks, into <workdir>/eval/<name> (subdir) or <workdir>/eval."""
+def evaluate_policy(ctx, params, name: str) -> dict:
+  """The evaluation of a policy on eval.benchmarks, into <workdir>/eval/<name>."""
   from trapo_jax.eval import evaluate
   from trapo_jax.train import trainer
-  out_dir = paths.join(ctx.workdir, "eval", name) if subdir else paths.join(ctx.workdir, "eval")
+  out_dir = paths.join(ctx.workdir, "eval", name)
   return evaluate.evaluate(ctx.cfg, params, ctx.model_cfg, ctx.tokenizer, ctx.sampler, out_dir=out_dir,
                            data_dir=trainer.data_dir(ctx.cfg, ctx.workdir))
 
@@ -165,15 +238,15 @@ def default_workdir() -> str:
 
 
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  use_quiet_logging()
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _MODE.value == "compile":
     compile_run()
     return
   enable_compilation_cache()
-  cfg = load_config()
   workdir = _WORKDIR.value or default_workdir()
+  cfg = load_config(workdir)
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
   import jax
   from trapo_jax.eval import evaluate
@@ -181,15 +254,16 @@ def main(argv: list[str]) -> None:
   try:
     if _MODE.value == "train":
       results = trainer.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                            evaluate=functools.partial(evaluate_policy, subdir=True))
+                            evaluate=evaluate_policy)
       if "preempted" in results:
-        logging.warning("exiting with %d so that a scheduler requeues the run", errors.EXIT_PREEMPTED)
-        sys.exit(errors.EXIT_PREEMPTED)
+        logging.warning("exiting with %d: rerun the same command to resume", results["exit_code"])
+        sys.exit(results["exit_code"])
       if "before" in results and "after" in results and jax.process_index() == 0:
         print(evaluate.before_after_table(results["before"], results["after"]))
     elif _MODE.value == "eval":
-      ctx, params = trainer.load_policy_for_inference(cfg, workdir, allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
-      results = evaluate_policy(ctx, params, "", subdir=False)
+      ctx, params, step = trainer.load_policy_for_inference(cfg, workdir,
+                                                            allow_initial_policy=_ALLOW_INITIAL_POLICY.value)
+      results = evaluate_policy(ctx, params, f"step_{step}")  # the name a training run gives its evaluation there
       if jax.process_index() == 0:
         print(evaluate.markdown_table(results))
     else:
@@ -201,6 +275,9 @@ def main(argv: list[str]) -> None:
     fail(f"error: {_reason(str(e))}")
   except trainer.TrainingError as e:
     fail(f"training error: {_reason(str(e))}")
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, compiling, evaluating): nothing to save
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_INTERRUPTED)
 
 
 def compile_run() -> None:

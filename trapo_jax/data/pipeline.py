@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -71,13 +72,27 @@ def prepared(make_builder: Callable[[str], Any], data_dir: str):
   with _exclusive(local):
     builder = make_builder(local)
     remote = paths.join(data_dir, os.path.relpath(str(builder.data_dir), local)) if local != data_dir else None
-    if remote is not None and paths.exists(paths.join(remote, _COMPLETE)) and not builder.is_prepared():
+    # TFDS's own test (is_prepared() warns about the folder it looks for).
+    if remote is not None and paths.exists(paths.join(remote, _COMPLETE)) and not builder.data_path.exists():
       paths.download_dir(remote, str(builder.data_dir), last=_COMPLETE)
       builder = make_builder(local)
-    builder.download_and_prepare()
+    if not builder.data_path.exists():
+      _prepare(builder)
     if remote is not None and not paths.exists(paths.join(remote, _COMPLETE)):
       paths.upload_dir(str(builder.data_dir), remote, last=_COMPLETE)
   return builder
+
+
+def _prepare(builder) -> None:
+  """TFDS's preparation, announced in one log line: its own banner says "Downloading" (the builders read local
+  files) and its progress bars would interleave with the run's log."""
+  import tensorflow_datasets as tfds
+  logging.info("preparing %s in %s from local files", builder.info.full_name, builder.data_dir)
+  start = time.perf_counter()
+  builder._log_download_bytes = builder._log_download_done = lambda: None  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)
+  builder.download_and_prepare()
+  logging.info("prepared %s in %.0f s", builder.info.full_name, time.perf_counter() - start)
 
 
 def read_split(builder, split: str) -> list[Example]:

@@ -45,6 +45,15 @@ def format_prompt(problem: str, template: str) -> str:
   return TEMPLATES[template].replace(_PLACEHOLDER, problem, 1)
 
 
+def chat_template(template: str) -> str:
+  """The template named `template` as a Hugging Face chat template (Jinja): the conversation's last message is the
+  problem, and the result is format_prompt's text, assistant turn opened, whatever `add_generation_prompt` says (the
+  policy was trained to answer right there). The template's own text is kept verbatim by `{% raw %}`."""
+  before, after = format_prompt("\0", template).split("\0", 1)
+  raw = lambda text: "{% raw %}" + text + "{% endraw %}" if text else ""
+  return raw(before) + "{{ messages[-1]['content'] }}" + raw(after)
+
+
 def opens_think(template: str) -> bool:
   """Whether the prompt under `template` already opens the thought ("<think>\n" at its end): a demonstration that
   starts with one then continues it instead of repeating it."""

@@ -8,6 +8,7 @@ a missing tensor, an unexpected one or a wrong shape is an error naming it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -28,8 +29,10 @@ FAMILIES = {
     "qwen3": dict(qkv_bias=False, qk_norm=True),
     "llama": dict(qkv_bias=False, qk_norm=False),
 }
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")  # not needed by a tokenizer  # buffers some older checkpoints carry; recomputed here
+# The transformers class of each family: config.json's `architectures`, which pipelines and serving stacks read.
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")  # not needed by a tokenizer
 # config.json fields of architectures this decoder does not have.
 _MULTIMODAL = ("vision_config", "audio_config", "text_config")
 _MOE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -239,7 +242,8 @@ def hf_config_dict(cfg: ModelConfig, **extra) -> dict:
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
       max_position_embeddings=cfg.max_position_embeddings, hidden_act="silu",
-      rope_parameters=rope.to_hf(cfg.rope_scaling, cfg.rope_theta), dtype=cfg.param_dtype, **extra)
+      rope_parameters=rope.to_hf(cfg.rope_scaling, cfg.rope_theta), dtype=cfg.param_dtype,
+      architectures=[ARCHITECTURES[cfg.model_type]], **extra)
   if cfg.model_type == "qwen2":
     hf = transformers.Qwen2Config(**common)
   elif cfg.model_type == "qwen3":
@@ -267,11 +271,13 @@ def _umask() -> int:
 
 
 def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 5 * 2**30,
-            tokenizer=None, **config_extra) -> None:
+            tokenizer=None, chat_template: str | None = None, **config_extra) -> None:
   """Write params as a Hugging Face directory (config.json, safetensors shards + index when large).
 
   With a tokenizer, its files and its eos/pad/bos ids go along (config.json and generation_config.json), so that
-  transformers' `generate()` stops at EOS. A gs:// directory is written locally first, then uploaded file by file.
+  transformers' `generate()` stops at EOS; `chat_template` (Jinja) goes into its tokenizer_config.json, so that
+  `apply_chat_template` writes the prompt the policy was trained on. A gs:// directory is written locally
+  first, then uploaded file by file.
   """
   if paths.is_remote(path):
     with tempfile.TemporaryDirectory() as local:
@@ -321,7 +327,11 @@ def save_hf(path: str, cfg: ModelConfig, params: Any, *, max_shard_bytes: int = 
     import transformers
     ids = {k: hf_cfg[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if hf_cfg.get(k) is not None}
     transformers.GenerationConfig(**ids).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if chat_template is not None:
+      tokenizer = copy.copy(tokenizer)  # the run's tokenizer keeps its own template
+      tokenizer.chat_template = chat_template
+    # In tokenizer_config.json (not chat_template.jinja): where every transformers version and serving stack reads it.
+    tokenizer.save_pretrained(path, save_jinja_files=False)
 
 
 def load_tokenizer(path: str):

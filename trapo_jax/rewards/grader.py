@@ -29,6 +29,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import signal
 import threading
 import time
 from typing import Callable, Sequence
@@ -230,6 +231,8 @@ class GradeStats:
 def _worker_main(conn: multiprocessing.connection.Connection, grade_fn: GradeFn) -> None:
   # math-verify logs every timed-out input in full; the parent counts timeouts instead.
   logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+  # Ctrl-C reaches the whole process group: the trainer finishes its step (grades included) and saves.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   conn.send("ready")
   while True:
     task = conn.recv()

@@ -3,7 +3,7 @@ its phases.
 
 A step: the phase's rows (stages of rollouts with the grader between them, or demonstrations) -> group advantages
 -> jitted, sharded objective + AdamW update -> metrics. Checkpoints (orbax) hold the train state and the data position; a run started on a workdir with
-a checkpoint resumes from it exactly; SIGTERM saves and exits.
+a checkpoint resumes from it exactly; SIGTERM and Ctrl-C save and exit.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from trapo_jax import algorithms
 from trapo_jax import distributed
+from trapo_jax import errors
 from trapo_jax import losses
 from trapo_jax import paths
 from trapo_jax import sharding
@@ -242,26 +244,44 @@ def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, 
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint after the current step and returns."""
+  """SIGTERM (preemption) or a first SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint after the current step
+  and returns. A second SIGINT gets the default action, which ends the process at once (no checkpoint)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  @property
+  def exit_code(self) -> int:
+    """The shell's code for a death by that signal, 128 + its number: 143 (SIGTERM) or 130 (SIGINT)."""
+    return errors.EXIT_INTERRUPTED if self.signum == signal.SIGINT else errors.EXIT_PREEMPTED
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. called from a test thread): no handler
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. called from a test thread): no handler
+        pass
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint after this step")
-    self.requested = True
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C aborts even inside a long compiled program
+      logging.warning("%s: saving a checkpoint after this step (Ctrl-C again aborts without saving)", name)
+    else:
+      logging.warning("%s: saving a checkpoint after this step", name)
+    self.signum = self.signum or signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
     return False
 
 
@@ -311,7 +331,9 @@ def _loader(ctx: Context, split: str = "train"):
 
 
 def data_dir(cfg, workdir: str) -> str:
-  return cfg.data.data_dir or paths.join(workdir, "tfds")
+  """data.data_dir, by default `tfds/` beside the workdir: the runs of a directory (a sweep's, runs/) prepare each
+  dataset once, and it is where every host of a pod finds it, the workdir's bucket or shared disk."""
+  return cfg.data.data_dir or str(epath.Path(workdir).parent / "tfds")
 
 
 def local_share(batch, index: int, count: int):
@@ -496,9 +518,10 @@ Evaluate = Callable[["Context", Any, str], dict]
 
 
 def run(cfg, workdir: str, *, allow_config_change: bool = False, evaluate: Evaluate | None = None) -> dict:
-  """Trains per `cfg` in `workdir` (resuming from its newest checkpoint that restores); {"preempted": step} if
-  SIGTERM stopped it. With `evaluate`, evaluates as eval.at_start / every / at_end ask, results under their names
-  ("before", "step_N", "after"). The workdir is locked while it runs (train/workdir.py)."""
+  """Trains per `cfg` in `workdir` (resuming from its newest checkpoint that restores); {"preempted": step,
+  "exit_code": 143 or 130} if SIGTERM or Ctrl-C stopped it. With `evaluate`, evaluates as eval.at_start / every /
+  at_end ask, results under their names ("before", "step_N", "after"). The workdir is locked while it runs
+  (train/workdir.py); its config.json is this config once the checkpoint it resumes accepts it."""
   with workdir_lib.hold(workdir):
     return _run(cfg, workdir, allow_config_change, evaluate)
 
@@ -518,6 +541,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
     state, meta = restored
     loader.restore(meta["data"])
     ctx.algo_state = meta.get("algo_state", ctx.algo_state)
+  workdir_lib.save_config(workdir, cfg)  # once the checkpoint's run accepted this config
   start = int(state.step)
   results: dict[str, Any] = {}
   if evaluate is None and (cfg.eval.at_start or cfg.eval.every or cfg.eval.at_end):
@@ -541,7 +565,7 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)
-          return {"preempted": step}
+          return {"preempted": step, "exit_code": preempt.exit_code}
         checkpointer.save(step, state, meta, force=step == cfg.train.steps)
         if bad_in_a_row >= cfg.train.max_bad_steps:
           raise TrainingError(f"{bad_in_a_row} consecutive non-finite updates (train.max_bad_steps="
@@ -566,8 +590,9 @@ def trust_region(ctx: Context) -> float:
 
 
 def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool = False):
-  """(context, params): the workdir's newest checkpoint that restores; the configured initial policy only if
-  `allow_initial_policy` and the workdir has no checkpoint (a mistyped workdir is an error, and is not created)."""
+  """(context, params, step): the workdir's newest checkpoint that restores; the configured initial policy (step 0)
+  only if `allow_initial_policy` and the workdir has no checkpoint (a mistyped workdir is an error, and is not
+  created)."""
   if not allow_initial_policy and not ckpt_lib.has_checkpoint(workdir):
     raise ckpt_lib.NoCheckpoint(f"{workdir}: no checkpoint to evaluate or export (--allow_initial_policy uses the "
                                 f"initial policy)")
@@ -580,14 +605,17 @@ def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool =
     if not allow_initial_policy:
       raise
     logging.warning("no checkpoint in %s: using the initial policy (--allow_initial_policy)", workdir)
-    return ctx, state.params
+    return ctx, state.params, 0
   logging.info("using the checkpoint of step %d", step)
-  return ctx, params
+  return ctx, params, step
 
 
 def export(cfg, workdir: str, out_dir: str, *, allow_initial_policy: bool = False) -> None:
-  """Writes the workdir's newest policy as a Hugging Face directory (with the tokenizer and generation config)."""
-  ctx, params = load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
+  """Writes the workdir's newest policy as a Hugging Face directory (with the tokenizer, its chat template the
+  training prompt `data.template`, and the generation config)."""
+  from trapo_jax.data import templates
+  ctx, params, _ = load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
   if jax.process_index() == 0:
-    hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer)
+    hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer,
+               chat_template=templates.chat_template(cfg.data.template))
     logging.info("exported to %s", out_dir)

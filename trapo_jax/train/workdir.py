@@ -6,6 +6,9 @@ generation-match create on GCS). A second run on the workdir stops with one line
 by a process that is gone (kill -9, a crash) on this host is taken over with a warning; on another host nobody can
 tell, so the line says which file to delete.
 
+Config: `<workdir>/config.json` is the config of the training run (written by process 0 when it starts, again when it
+resumes), from which `--mode=eval` and `--mode=export` start (trapo_jax/main.py says how flags change it).
+
 Identity: the config minus `MAY_CHANGE_ON_RESUME` (budgets, cadences, evaluation, logging, paths, parallelism,
 memory knobs), plus the model's shape. A key added to the config later is part of it by default. Resuming a workdir
 with another identity stops with one line naming the first differing key (unless allowed).
@@ -24,6 +27,7 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 from absl import logging
 
@@ -32,6 +36,7 @@ from trapo_jax import errors
 from trapo_jax import paths
 
 LOCK_NAME = "LOCK"
+CONFIG_NAME = "config.json"
 
 # Config keys (or whole groups) that a resumed run may change: none of them changes what a step computes.
 MAY_CHANGE_ON_RESUME = (
@@ -186,6 +191,33 @@ def hold(workdir: str) -> Iterator[None]:
       lock.release()
 
 
+# --- the run's config -----------------------------------------------------------------------------------------
+
+
+def save_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """Writes `<workdir>/config.json` (process 0): the config eval and export of this workdir start from."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / CONFIG_NAME).write_text(cfg.to_json(indent=2, sort_keys=True))
+
+
+def _tuples(node: Any) -> Any:
+  """JSON's lists back to the config's tuples."""
+  if isinstance(node, dict):
+    return {k: _tuples(v) for k, v in node.items()}
+  return tuple(_tuples(v) for v in node) if isinstance(node, list) else node
+
+
+def stored_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config `save_config` wrote in the workdir, or None when there is none (a run from before it was stored)."""
+  path = epath.Path(workdir) / CONFIG_NAME
+  if not path.exists():
+    return None
+  try:
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  except ValueError as e:
+    raise errors.UserError(f"{path}: not a stored config ({e}); delete it, or give --config") from None
+
+
 # --- identity ---------------------------------------------------------------------------------------------------
 
 
@@ -229,11 +261,11 @@ def check_resume(meta: dict, current: dict, *, workdir: str, allow_change: bool 
   if not diff:
     return
   key, was, now = diff[0]
-  listed = ", ".join(k for k, _, _ in diff)
   if allow_change:
-    logging.warning("%s: resuming with a changed config (--allow_config_change): %s", workdir, listed)
+    logging.warning("%s: resuming with a changed config (--allow_config_change): %s", workdir,
+                    ", ".join(k for k, _, _ in diff))
     return
-  more = f" (and {len(diff) - 1} more: {listed})" if len(diff) > 1 else ""
+  more = f" (and {len(diff) - 1} more: {', '.join(k for k, _, _ in diff[1:])})" if len(diff) > 1 else ""
   raise IdentityMismatch(f"{workdir}: the checkpoint's run has {key}={was!r}, this one {now!r}{more}; use another "
                          f"workdir, or --allow_config_change to continue this run with the new config")
 
