@@ -27,7 +27,6 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
-from etils import epath
 import numpy as np
 from absl import logging
 
@@ -197,7 +196,7 @@ def hold(workdir: str) -> Iterator[None]:
 def save_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   """Writes `<workdir>/config.json` (process 0): the config eval and export of this workdir start from."""
   if jax.process_index() == 0:
-    (epath.Path(workdir) / CONFIG_NAME).write_text(cfg.to_json(indent=2, sort_keys=True))
+    paths.write(paths.join(workdir, CONFIG_NAME), cfg.to_json(indent=2, sort_keys=True))
 
 
 def _tuples(node: Any) -> Any:
@@ -209,11 +208,11 @@ def _tuples(node: Any) -> Any:
 
 def stored_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config `save_config` wrote in the workdir, or None when there is none (a run from before it was stored)."""
-  path = epath.Path(workdir) / CONFIG_NAME
-  if not path.exists():
+  path = paths.join(workdir, CONFIG_NAME)
+  if not paths.exists(path):
     return None
   try:
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return ml_collections.ConfigDict(_tuples(json.loads(paths.read_text(path))))
   except ValueError as e:
     raise errors.UserError(f"{path}: not a stored config ({e}); delete it, or give --config") from None
 
