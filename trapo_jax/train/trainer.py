@@ -588,6 +588,9 @@ def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool =
 def export(cfg, workdir: str, out_dir: str, *, allow_initial_policy: bool = False) -> None:
   """Writes the workdir's newest policy as a Hugging Face directory (with the tokenizer and generation config)."""
   ctx, params = load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
+  if jax.process_count() > 1:  # params sharded over every host's devices: all take part in gathering them
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer)
     logging.info("exported to %s", out_dir)
