@@ -232,7 +232,10 @@ def _worker_main(conn: multiprocessing.connection.Connection, grade_fn: GradeFn)
   logging.getLogger("math_verify").setLevel(logging.CRITICAL)
   conn.send("ready")
   while True:
-    task = conn.recv()
+    try:
+      task = conn.recv()
+    except EOFError:  # the parent is gone (os._exit after a lost process, kill -9): nothing left to grade for
+      return
     if task is None:
       return
     index, response, answer, options = task
