@@ -234,7 +234,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, grade_fn: GradeFn)
   while True:
     try:
       task = conn.recv()
-    except EOFError:  # the parent is gone (os._exit after a lost process, kill -9): nothing left to grade for
+    except (EOFError, ConnectionResetError):  # the parent is gone (killed, or os._exit after a lost peer)
       return
     if task is None:
       return
