@@ -25,7 +25,9 @@ if [ "$processes" -eq 1 ]; then
   cmds+=("$env_vars python -m trapo_jax.main $*")
 else
   for ((i = 0; i < processes; i++)); do
-    cmds+=("$env_vars python -m trapo_jax.main $* $(distributed_flags "$processes" "$i" "$port")")
+    # Processes of one machine live and die together: a lost one stops the others within 10 s, not a pod's 60.
+    cmds+=("$env_vars python -m trapo_jax.main $* $(distributed_flags "$processes" "$i" "$port") \
+--config.distributed.heartbeat_timeout_s=10")
   done
 fi
 run_commands "$dry_run" "${cmds[@]}"

@@ -1,13 +1,18 @@
-"""Multi-process training: 2 processes x 4 CPU devices (gloo collectives) against 1 process x 8 devices."""
+"""Multi-process runs as they are used: 2 processes x 4 CPU devices (gloo collectives) against 1 process x 8 devices,
+with the default config (the shipped base policy loaded from model.hf_dir, the synthetic data built into the run's
+data_dir, evaluation at start and end), a process killed mid-run, the rerun that resumes, and an export."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import shutil
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -15,17 +20,21 @@ import pytest
 
 from experiments.configs import default
 from tests import numerics
-from tests.test_trainer import FIXTURE, ROOT, _params, tiny
+from tests.test_trainer import ROOT, _params
+from trapo_jax import distributed
+from trapo_jax.models import hf
 
-pytestmark = pytest.mark.slow
-
-ARGS = ["--config.model.hf_dir=", "--config.model.vocab_size=384", "--config.model.hidden_size=32",
-        "--config.model.intermediate_size=64", "--config.model.num_layers=1", "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=1", "--config.model.head_dim=16", "--config.data.source=demos",
-        f"--config.data.path={FIXTURE}", "--config.data.max_prompt_len=128", "--config.data.max_response_len=24",
-        "--config.data.levels=()", "--config.train.batch_prompts=2", "--config.train.ckpt_every=1",
-        "--config.train.micro_batch_tokens=4096", "--config.train.logprob_chunk=8", "--config.optim.lr=0.01",
-        "--config.eval.at_start=False", "--config.eval.at_end=False"]
+LR, STEPS = 1e-4, 3
+# The default config, its budget cut: a small evaluation (5 problems x 2 samples in batches of 4: the last batch is
+# padded, and each process holds 2 rows of a batch) before and after 3 steps, a checkpoint every step.
+ARGS = [f"--config.train.steps={STEPS}", "--config.train.ckpt_every=1", f"--config.optim.lr={LR}",
+        "--config.eval.max_problems=5", "--config.eval.samples.synthetic=2", "--config.eval.batch_size=4",
+        # With eps = 1 AdamW's update lr * m / (sqrt(v) + eps) moves at most lr per unit change of the gradient, so
+        # the parameters stay as close as the gradients are; at the default eps a near-zero gradient's last bits
+        # become an update anywhere between 0 and lr, and no parameter tolerance could tell a right sum from a
+        # machine's order.
+        "--config.optim.eps=1.0"]
+LOST_WITHIN_S = 60
 
 
 def _free_port() -> int:
@@ -34,85 +43,141 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(workdir: str, steps: int, processes: int, extra: tuple[str, ...] = ()) -> list[str]:
-  """Runs trapo_jax.main in `processes` processes; returns each one's stderr (its log)."""
-  from trapo_jax.data import synthetic
-  base = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}", f"--config.train.steps={steps}",
-          f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}", *ARGS, *extra]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
-  if processes == 1:
-    procs = [subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
-  else:
-    port = _free_port()
-    procs = [subprocess.Popen(
-        base + ["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=localhost:{port}",
-                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(processes)]
-  errors = [p.communicate(timeout=600)[1] for p in procs]
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-4000:]
-  return errors
+def _start(workdir: str, processes: int, extra: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, str]]:
+  """Starts trapo_jax.main in `processes` processes on `workdir` (its data_dir inside it); (process, log path) each."""
+  base = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}",
+          f"--config.data.data_dir={os.path.join(workdir, 'tfds')}", *ARGS, *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+  os.makedirs(workdir, exist_ok=True)
+  runs = []
+  port = _free_port()
+  for i in range(processes):
+    flags = [] if processes == 1 else [
+        "--config.distributed.enabled=True", f"--config.distributed.coordinator_address=localhost:{port}",
+        f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}",
+        "--config.distributed.heartbeat_timeout_s=10"]
+    log = f"{workdir}.{len(glob.glob(workdir + '.*.log'))}.log"
+    with open(log, "w") as f:
+      runs.append((subprocess.Popen(base + flags, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+  return runs
 
 
-def _state(workdir: str):
-  return _params(workdir, tiny(default.get_config(), workdir))
+def _finish(runs) -> list[str]:
+  """Waits for every process; each one's output (they must all succeed)."""
+  logs = []
+  for p, log in runs:
+    p.wait(timeout=900)
+    logs.append(open(log).read())
+    assert p.returncode == 0, logs[-1][-4000:]
+  return logs
 
 
-def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
+def _wait_for(cond, what: str, runs, timeout: float = 900) -> None:
+  end = time.monotonic() + timeout
+  while not cond():
+    assert time.monotonic() < end, f"timed out waiting for {what}"
+    assert all(p.poll() is None for p, _ in runs), f"a process ended before {what}: " + "".join(
+        open(log).read()[-3000:] for _, log in runs)
+    time.sleep(0.2)
+
+
+def _rows(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def _generations(workdir: str, name: str) -> list[tuple]:
+  return [(r["uid"], r["sample"], r["response"], r["correct"])
+          for r in map(json.loads, open(os.path.join(workdir, "eval", name, "generations.jsonl")))]
+
+
+class _KeyValueStore:
+  """The coordination service's key-value store, as the watchdog uses it."""
+
+  def __init__(self):
+    self.values = {}
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    assert allow_overwrite or key not in self.values
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def test_watchdog_names_a_silent_or_failed_peer_and_lets_a_finished_one_go():
+  store = _KeyValueStore()
+  dogs = [distributed.Watchdog(store, me, 3, timeout=10) for me in range(3)]
+  for dog in dogs:
+    dog.beat()
+  assert dogs[0].lost(now=0.0) is None
+  dogs[1].beat()
+  dogs[2].stop(distributed.DONE)  # a clean exit: no longer watched
+  assert dogs[0].lost(now=9.0) is None  # process 1 moved at 9 s (as seen from here), process 2 is done
+  assert dogs[0].lost(now=19.0) is None
+  assert dogs[0].lost(now=19.5) == "process 1 of 3 was lost (no heartbeat for 10 s)"
+  dogs[1].beat()
+  assert dogs[0].lost(now=20.0) is None  # beating again
+  dogs[1].stop(distributed.FAILED)
+  assert dogs[0].lost(now=20.5) == "process 1 of 3 stopped with an error (see its log)"
+
+
+@pytest.mark.slow
+def test_two_processes_run_as_one_survive_a_lost_process_and_export(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  # With eps = 1 AdamW's update lr * m / (sqrt(v) + eps) moves at most lr per unit change of the gradient, so the
-  # parameters stay as close as the gradients are; at the default eps a near-zero gradient's last bits become an
-  # update anywhere between 0 and lr, and no parameter tolerance could tell a right sum from a machine's order.
-  adam_linear = ("--config.optim.eps=1.0",)
-  _run(one, steps=2, processes=1, extra=adam_linear)
-  _run(two, steps=2, processes=2, extra=adam_linear)
-  a, meta_a = _state(one)  # the 2-process checkpoint restores in this single process
-  b, meta_b = _state(two)
-  assert int(a.step) == int(b.step) == 2 and meta_a["data"] == meta_b["data"]
+  # kill -9 of process 1 once step 1 is checkpointed: process 0 stops within seconds, naming it in one line.
+  runs = _start(two, processes=2)
+  _wait_for(lambda: len(_rows(two)) >= 1 and os.path.isdir(os.path.join(two, "checkpoints", "1")),
+            "the checkpoint of step 1", runs)
+  runs[1][0].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  runs[0][0].wait(timeout=LOST_WITHIN_S + 30)
+  assert time.monotonic() - killed < LOST_WITHIN_S
+  out = open(runs[0][1]).read()
+  assert runs[0][0].returncode == 3, out[-3000:]
+  lines = [line for line in out.splitlines() if "process 1 of 2" in line]
+  assert len(lines) == 1 and lines[0].startswith("error: process 1 of 2 was lost"), out[-3000:]
+  assert "Traceback" not in out and "Fatal Python error" not in out, out[-3000:]
+  assert len(_rows(two)) < STEPS  # it was stopped mid-run
+  # Process 0 built the data into the shared data_dir once, and process 1 read it: a single prepared copy.
+  versions = os.path.join(two, "tfds", "synthetic", "default")
+  assert os.listdir(versions) == ["1.0.0"] and os.path.exists(os.path.join(versions, "1.0.0", "dataset_info.json"))
+  # Each process sampled its half of every evaluation batch (2 of 4 prompt rows, over 2 padded batches).
+  before = [open(log).read() for _, log in runs]
+  assert all("this process sampled 4 of 8 prompt rows" in log for log in before)
+
+  # The same command again resumes from the newest checkpoint and finishes.
+  logs = _finish(_start(two, processes=2))
+  resumed = [int(s) for s in re.findall(r"restored checkpoint of step (\d+)", logs[0])]
+  assert len(resumed) == 1 and resumed[0] >= 1, logs[0][-3000:]
+  assert [r["step"] for r in _rows(two)] == [1, 2, 3]  # written by process 0 only, cut back to the checkpoint
+
+  _finish(_start(one, processes=1))
+  cfg = default.get_config()
+  a, meta_a = _params(one, cfg)  # the 2-process checkpoint restores in this single process
+  b, meta_b = _params(two, cfg)
+  assert int(a.step) == int(b.step) == STEPS and meta_a["data"] == meta_b["data"]
   # Each device computes the same partial gradient in both runs; only the sum over the 8 devices is taken in another
   # order (4 + 4 across processes), which rounds within 2 * 7 eps of the partials' magnitudes: at most 8 (partials)
   # times 1, the largest element of a gradient clipped to global norm 1, taking no partial to exceed that norm. A
   # step moves a parameter by at most lr times the change of its gradient, and by as much again through Adam's
   # moments.
-  lr, steps, devices = 0.01, 2, 8
-  bound = 2 * lr * steps * numerics.float32_sum_bound(devices, devices)
+  devices = 8
+  bound = 2 * LR * STEPS * numerics.float32_sum_bound(devices, devices)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=bound), a.params, b.params)
-  # Adam's moments at step 2 hold the two steps' gradients linearly (first) and squared (second, |g| <= 1).
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=2 * bound / lr), a.opt_state, b.opt_state)
-  rows_a = [json.loads(line) for line in open(os.path.join(one, "metrics.jsonl"))]
-  rows_b = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]  # written by process 0 only
-  assert [r["step"] for r in rows_b] == [1, 2]
+  # Adam's moments hold the steps' gradients linearly (first) and squared (second, |g| <= 1).
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=2 * bound / LR), a.opt_state, b.opt_state)
   # Step 1 samples from the same parameters, each row on the same device with the same key: the same rollouts.
-  # (Step 2 samples from parameters that may differ in their last bits, where a draw may fall the other way.)
-  assert rows_a[0]["reward/mean"] == rows_b[0]["reward/mean"]
-  # The reverse: the 1-process checkpoint resumes in 2 processes.
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(one, resumed)
-  _run(resumed, steps=3, processes=2, extra=adam_linear)
-  c, _ = _state(resumed)
-  assert int(c.step) == 3
-  assert [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))] == [1, 2, 3]
+  # (Later steps sample from parameters that may differ in their last bits, where a draw may fall the other way.)
+  assert _rows(one)[0]["reward/mean"] == _rows(two)[0]["reward/mean"]
+  # The evaluation before training: the same policy, each row sampled with the same key, wherever it ran.
+  assert len(_generations(one, "before")) == 10 and _generations(one, "before") == _generations(two, "before")
+  assert len({g[2] for g in _generations(one, "before")}) > 1  # rows really differ: a mix-up of rows would show
+  for workdir in (one, two):
+    assert json.load(open(os.path.join(workdir, "eval", "after", "results.json")))["benchmarks"]["synthetic"][
+        "problems"] == 5
 
-
-def test_two_processes_split_evaluation_and_agree_with_one(tmp_path):
-  """--mode=eval over 2 processes: each samples its share of every batch, the outputs equal one process's."""
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  _run(one, steps=1, processes=1)
-  shutil.copytree(one, two)
-  # 5 problems x 2 samples in batches of 4: the last batch is padded, and each process holds 2 rows of a batch.
-  extra = ("--mode=eval", "--config.eval.benchmarks=('math500',)", "--config.eval.max_problems=5",
-           "--config.eval.batch_size=4", "--config.eval.samples.math500=2", "--config.eval.max_new_tokens=12",
-           "--config.data.max_prompt_len=1024")  # math500 prompts are longer than the training fixture's
-  logs_one = _run(one, steps=1, processes=1, extra=extra)
-  logs_two = _run(two, steps=1, processes=2, extra=extra)
-  # 2 batches of 4 prompt rows (the second padded); each process samples only its half of each.
-  assert "this process sampled 8 of 8 prompt rows" in logs_one[0]
-  assert all("this process sampled 4 of 8 prompt rows" in log for log in logs_two)
-  a = json.load(open(os.path.join(one, "eval", "step_1", "results.json")))["benchmarks"]["math500"]
-  b = json.load(open(os.path.join(two, "eval", "step_1", "results.json")))["benchmarks"]["math500"]
-  assert a["problems"] == b["problems"] == 5 and a["mean_length"] == b["mean_length"]
-  gen = lambda d: [(r["uid"], r["sample"], r["response"], r["correct"])
-                   for r in map(json.loads, open(os.path.join(d, "eval", "step_1", "generations.jsonl")))]
-  assert len(gen(one)) == 10 and gen(one) == gen(two)
-  assert len({r[2] for r in gen(one)}) > 1  # rows really differ: a mix-up of rows would show
+  # 2 processes export the 1-process run's checkpoint (it restores across process counts); the export loads as it.
+  _finish(_start(one, processes=2, extra=("--mode=export",)))
+  _, exported = hf.load_hf(os.path.join(one, "hf"))
+  jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(a.params))

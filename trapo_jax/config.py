@@ -159,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=1, process_id=0,
+      # A process silent this long is lost and the others stop (trapo_jax/distributed.py). Sized for pods, where a
+      # busy host's beat may come late (its watchdog thread waits for the GIL); launch/local.sh sets 10.
+      heartbeat_timeout_s=60,
   ))
   for name in algorithms.names():
     c[name] = algorithms.get(name).config_group()

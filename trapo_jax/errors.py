@@ -8,6 +8,7 @@ of the import graph, so every layer may raise them.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2  # the command, its config, paths, data or checkpoints need fixing: rerunning alone will not help
+EXIT_PROCESS_LOST = 3  # another process of a multi-process run died or failed: rerunning resumes
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint; rerunning resumes
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (after saving a checkpoint, while training)
 

@@ -9,8 +9,8 @@ r"""trapo_jax entry point.
 
 Exit codes: 0 done; 2 a user-facing error (config, paths, data, checkpoints, a locked workdir), printed as one line
 (`--verbose` or TRAPO_VERBOSE=1 adds the traceback); 143 stopped by SIGTERM, 130 by Ctrl-C, after saving a
-checkpoint when training (rerun to resume; a second Ctrl-C aborts without saving); anything else (1) is a crash, with
-its traceback.
+checkpoint when training (rerun to resume; a second Ctrl-C aborts without saving); 3 another process of a
+multi-process run was lost (one line names it; rerun to resume); anything else (1) is a crash, with its traceback.
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   import jax
   from trapo_jax import distributed
   cfg = run_config(workdir)
-  if "distributed" in cfg and isinstance(cfg.distributed, ml_collections.ConfigDict):
-    distributed.initialize(cfg.distributed)
   try:
+    if "distributed" in cfg and isinstance(cfg.distributed, ml_collections.ConfigDict):
+      distributed.initialize(cfg.distributed)
     config_lib.validate(cfg, num_devices=jax.device_count())
   except config_lib.ConfigError as e:
     fail(f"config error: {e}")
@@ -294,7 +294,12 @@ def compile_run() -> None:
 
 
 def entry() -> None:
-  app.run(main, flags_parser=parse_flags)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except SystemExit as e:
+    from trapo_jax import distributed
+    distributed.exit_code_hook(e.code)  # a multi-process error exit also stops the peers, at once
+    raise
 
 
 if __name__ == "__main__":

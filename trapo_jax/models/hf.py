@@ -158,8 +158,10 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 def _cpu_device():
+  """This process's own CPU device: under the multi-process CPU backend `jax.devices("cpu")[0]` is process 0's,
+  which the other processes cannot read back."""
   try:
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]
   except RuntimeError:
     return None
 

@@ -235,7 +235,10 @@ def _worker_main(conn: multiprocessing.connection.Connection, grade_fn: GradeFn)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   conn.send("ready")
   while True:
-    task = conn.recv()
+    try:
+      task = conn.recv()
+    except (EOFError, ConnectionResetError):  # the parent is gone (killed, or os._exit after a lost peer)
+      return
     if task is None:
       return
     index, response, answer, options = task

@@ -615,6 +615,9 @@ def export(cfg, workdir: str, out_dir: str, *, allow_initial_policy: bool = Fals
   training prompt `data.template`, and the generation config)."""
   from trapo_jax.data import templates
   ctx, params, _ = load_policy_for_inference(cfg, workdir, allow_initial_policy=allow_initial_policy)
+  if jax.process_count() > 1:  # params sharded over every host's devices: all take part in gathering them
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     hf.save_hf(out_dir, ctx.model_cfg, params, tokenizer=ctx.tokenizer,
                chat_template=templates.chat_template(cfg.data.template))
