@@ -17,6 +17,10 @@ state, which stays in memory), against the chip's HBM. When a program does not f
 line naming config keys to try. The model's shapes come from `model.hf_dir`'s config.json when it has one, else from
 the config. On TPU, XLA's cost model also estimates one layer's train step and one layer's decode step against the
 chip's peak: an estimate, not a measurement.
+
+With fewer layers than the model's (`depth`: main passes the config file's own when --config.model.num_layers
+lowers it), the first line says TRUNCATED, every program is compiled at that depth and at twice it, and the memory
+judged is extrapolated to the model's depth along the line through the two (`extrapolate`).
 """
 
 from __future__ import annotations
