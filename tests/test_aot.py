@@ -284,6 +284,10 @@ def test_extrapolation_is_the_line_through_two_depths():
   refused = _result("p", 5_000, 10_000, 1_000, None, 31_000, error="RESOURCE_EXHAUSTED: ...")
   x = aot.extrapolate(shallow, refused, 2, 4, 28)
   assert x.temp is None and x.total == round(line(20_000, 31_000)) and x.fits(1e12) is False
+  # Temporaries that shrink from 2 to 4 layers are not carried below the 4-layer compile's; the total moves with them.
+  shrinking = aot.extrapolate(_result("p", 3_000, 6_000, 500, 9_000, 20_000), _result("p", 5_000, 10_000, 1_000, 8_000,
+                                                                                        29_000), 2, 4, 28)
+  assert shrinking.temp == 8_000 and shrinking.total == round(line(20_000, 29_000)) + 8_000 - round(line(9_000, 8_000))
   assert aot.second_depth(2, 28) == 4 and aot.second_depth(20, 28) == 28
   assert aot.truncation(28, 28) == ""
 

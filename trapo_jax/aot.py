@@ -556,14 +556,20 @@ def extrapolate(shallow: Result, deep: Result, a: int, b: int, depth: int) -> Re
   """A program's per-chip memory at `depth` layers from its compiles at a < b layers: every figure is a line in the
   number of layers (the layers are stacked and scanned, so the parameters, optimizer state, KV cache and the
   activations kept for the backward pass grow by a layer's worth each; the rest does not grow). The compile time
-  is both compiles'. A figure XLA did not give (a refused program's temporaries) stays unknown."""
+  is both compiles'. A figure XLA did not give (a refused program's temporaries) stays unknown.
+
+  XLA's temporaries may shrink from a to b layers (its buffer reuse changes; an evaluation prefill on a v5p-32 went
+  from 2 to 4 layers to a line at -6.9 GiB for 28): they are never taken below the deeper compile's, and the total
+  moves with them."""
   line = lambda x, y: None if x is None or y is None else int(round(x + (y - x) * (depth - a) / (b - a)))
   program = dataclasses.replace(shallow.program, kv_bytes=line(shallow.program.kv_bytes, deep.program.kv_bytes),
                                 opt_state=line(shallow.program.opt_state, deep.program.opt_state),
                                 resident=line(shallow.program.resident, deep.program.resident))
+  temp, total = line(shallow.temp, deep.temp), line(shallow.total, deep.total)
+  if temp is not None and temp < deep.temp:
+    temp, total = deep.temp, None if total is None else total + deep.temp - temp
   return Result(program, shallow.seconds + deep.seconds, line(shallow.params, deep.params),
-                line(shallow.opt_state, deep.opt_state), line(shallow.temp, deep.temp),
-                line(shallow.total, deep.total), error=shallow.error or deep.error)
+                line(shallow.opt_state, deep.opt_state), temp, total, error=shallow.error or deep.error)
 
 
 def truncation(layers: int, depth: int) -> str:
