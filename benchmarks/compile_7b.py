@@ -24,10 +24,11 @@ def main(argv):
   del argv
   f = flags.FLAGS
   cfg = f.config
-  if f.layers > 0:
+  depth = cfg.model.num_layers
+  if f.layers > 0:  # compiled at --layers and twice as many, extrapolated to the model's depth
     cfg.model.num_layers = f.layers
   try:
-    aot.run(cfg, f.topology, all_methods=f.all_methods, programs=tuple(f.programs))
+    aot.run(cfg, f.topology, all_methods=f.all_methods, programs=tuple(f.programs), depth=depth)
   except aot.CompileError as e:
     sys.exit(str(e))
 
@@ -37,7 +38,8 @@ def define_flags():
                          "trapo_qwen25_math_7b.py")
   config_flags.DEFINE_config_file("config", default, "Experiment config whose model shapes are compiled.")
   flags.DEFINE_string("topology", "cpu:8", "A Cloud TPU accelerator type (v5p-8, ...), cpu:N, or empty.")
-  flags.DEFINE_integer("layers", -1, "Decoder layers (-1: the model's).")
+  flags.DEFINE_integer("layers", -1, "Decoder layers to compile (-1: the model's); fewer are extrapolated to the "
+                       "model's depth.")
   flags.DEFINE_bool("all_methods", True, "Every registered method (trapo_jax.algorithms.names()), not only the "
                     "config's.")
   flags.DEFINE_list("programs", list(aot.PROGRAMS), "Which programs: train, rollout, eval.")

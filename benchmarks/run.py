@@ -13,7 +13,7 @@ Fields (null with a reason where a figure needs hardware this machine lacks):
   compilations: compilations per step over a 10-step training run of the default task (with a cold cache)
   step_time_split: sampling / grading / update seconds of those steps
   compile_28_layers: seconds to compile the 7B train step (28 layers, scanned) for 8 simulated CPU devices
-  tpu_aot: the 7B TRAPO train step, rollout sampler and evaluation sampler compiled for each of TPU_SLICES on
+  tpu_aot: every program of each shipped 7B/8B config (TPU_RUNS: config@slice, --tpu_runs to pick) compiled on
     libtpu's compile-only devices (--mode=compile, trapo_jax/aot.py): fits or not, per-chip memory, compile time, and
     XLA's cost-model estimate of one layer's steps against the chip's published peak
 
@@ -43,7 +43,17 @@ _DOC = flags.DEFINE_string("doc", None, "Also write the table, machine, date and
                            "(keeping its hand-written part below launch.sweep.NOTES_MARKER).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU_SLICES = ("v5p-32", "v5litepod-64", "v6e-16", "v6e-64")
+# Each shipped 7B/8B config on the slice its docstring names (at full depth, every program it runs), then the
+# README's run on the other slices it mentions.
+TPU_RUNS = (("trapo_qwen25_math_7b", "v5p-32"), ("trapo_llama31_8b", "v5p-32"), ("trapo_qwen3_8b", "v5p-32"),
+            ("hpt_qwen25_math_7b", "v5p-32"), ("relift_qwen25_math_7b", "v5p-32"), ("srft_qwen25_math_7b", "v5p-32"),
+            ("chord_mu_qwen25_math_7b", "v5p-32"), ("chord_phi_qwen25_math_7b", "v5p-32"),
+            ("prefix_rft_qwen25_math_7b", "v5p-64"), ("uft_qwen25_math_7b", "v5p-128"),
+            ("trapo_qwen25_math_7b", "v6e-16"), ("trapo_qwen25_math_7b", "v6e-64"),
+            ("trapo_qwen25_math_7b", "v5litepod-64"))
+_TPU_RUNS = flags.DEFINE_list("tpu_runs", [f"{c}@{s}" for c, s in TPU_RUNS],
+                              "--suite=tpu_aot: which config@slice to compile (the others keep their stored "
+                              "figures, each with its date).")
 
 
 def _timed(fn, repeats: int = 5) -> float:
@@ -185,21 +195,26 @@ def training_figures() -> dict:
           "step_time_split_s": split}
 
 
-def tpu_aot_figures() -> dict:
-  """The 7B TRAPO run (experiments/configs/trapo_qwen25_math_7b.py) compiled for each slice of TPU_SLICES."""
-  from experiments.configs import trapo_qwen25_math_7b
+def tpu_aot_figures(runs: list[str], stored: dict, save) -> dict:
+  """Each config@slice of `runs` (experiments/configs/<config>.py) compiled at full depth; the figures of `stored`
+  for the others. save(figures) is called after each, so that an interrupted suite keeps what it compiled."""
+  import importlib
   from trapo_jax import aot
-  out = {}
-  for name in TPU_SLICES:
-    print(f"{name} ...", flush=True)
+  out = dict(stored)
+  for run in runs:
+    config, name = run.split("@")
+    print(f"{run} ...", flush=True)
+    cfg = importlib.import_module(f"experiments.configs.{config}").get_config()
     try:
-      rep = aot.compile_run(trapo_qwen25_math_7b.get_config(), name)
+      rep = aot.compile_run(cfg, name, estimate=config == "trapo_qwen25_math_7b")  # each estimate: 2 compiles
     except Exception as err:  # noqa: BLE001  one slice's failure must not lose the others
-      out[name] = {"error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+      out[run] = {"config": config, "slice": name, "date": datetime.date.today().isoformat(),
+                  "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
       continue
     tgt = rep.target
     gib = lambda x: None if x is None else x / aot.GiB
-    out[name] = {
+    out[run] = {
+        "config": config, "slice": name, "date": datetime.date.today().isoformat(),
         "chip": tgt.chip.name, "chips": len(tgt.devices), "hbm_gib": gib(tgt.hbm_bytes), "headline": rep.headline,
         "programs": [{"name": r.program.name, "layout": r.program.layout, "fits": r.fits(tgt.hbm_bytes),
                       "params_gib": gib(r.params), "opt_state_gib": gib(r.opt_state),
@@ -207,6 +222,7 @@ def tpu_aot_figures() -> dict:
                       "compile_s": r.seconds, "error": r.error, "fixes": list(r.program.fixes)}
                      for r in rep.results],
         "estimates": rep.estimates, "verdict": aot.verdict(rep.results, tgt)}
+    save(out)
   return out
 
 
@@ -216,22 +232,29 @@ def main(argv):
   gpu = suite == "gpu"
   if suite == "tpu_aot":
     from trapo_jax import aot
-    aot.prepare(TPU_SLICES[0])  # before JAX starts a backend
+    aot.prepare("v5p-32")  # before JAX starts a backend: any TPU type
   if gpu and jax.default_backend() != "gpu":
     raise app.UsageError(f"--suite=gpu needs a GPU backend, found {jax.default_backend()}")
   result: dict = {"suite": suite, "date": datetime.date.today().isoformat(), "backend": jax.default_backend(),
                   "devices": [str(d) for d in jax.devices()], "machine": platform.processor() or platform.machine(),
                   "cpu_count": os.cpu_count(), "jax": jax.__version__,
                   "command": "python -m benchmarks.run " + " ".join(sys.argv[1:])}
+  path = _OUT.value or os.path.join(ROOT, "benchmarks", f"results_{suite}.json")
+
+  def save(figures=None):
+    if figures is not None:
+      result["tpu_aot"] = figures
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+
   if suite == "tpu_aot":
     import importlib.metadata
     result["libtpu"] = importlib.metadata.version("libtpu")
-    result["tpu_aot"] = tpu_aot_figures()
+    stored = {k: v for k, v in ((_stored("tpu_aot") or {}).get("tpu_aot") or {}).items() if "@" in k}
+    result["tpu_aot"] = tpu_aot_figures(_TPU_RUNS.value, stored, save)
   else:
     measure(result, gpu)
-  path = _OUT.value or os.path.join(ROOT, "benchmarks", f"results_{suite}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  save()
   md = tpu_table(result) if suite == "tpu_aot" else table(result)
   print("\n" + md + f"\nwrote {path}")
   if _DOC.value:
@@ -346,61 +369,72 @@ def host_section(result: dict) -> str:
 
 
 def tpu_table(result: dict) -> str:
-  """One row per slice and program: fits, per-chip memory against HBM, compile time; then XLA's estimates."""
+  """One row per config, slice and program: fits, per-chip memory against HBM, compile time; then XLA's
+  estimates."""
   def gib(x):
     return "-" if x is None else f"{x:.1f}"
 
-  rows = ["| slice | program | shapes | fits | per chip, GiB: params / optimizer / KV cache / temporaries | total "
-          "/ HBM | compile |", "|---|---|---|---|---|---|---|"]
-  for name, t in result["tpu_aot"].items():
+  runs = result["tpu_aot"]
+  rows = ["| config | slice | program | shapes | fits | per chip, GiB: params / optimizer / KV cache / temporaries | "
+          "total / HBM | compile |", "|---|---|---|---|---|---|---|---|"]
+  for t in runs.values():
     if "error" in t:
-      rows.append(f"| {name} | not compiled: {t['error']} | | | | | |")
+      rows.append(f"| {t['config']} | {t['slice']} | not compiled: {t['error']} | | | | | |")
       continue
     for p in t["programs"]:
       fits = "?" if p["fits"] is None else ("yes" if p["fits"] else "**no**")
       total = gib(p["total_gib"]) if p["total_gib"] is not None else f"> {t['hbm_gib']:.0f}"
-      rows.append(f"| {name} ({t['chips']} chips) | {p['name']} | {p['layout']} | {fits} | {gib(p['params_gib'])} / "
-                  f"{gib(p['opt_state_gib'])} / {gib(p['kv_cache_gib']) if p['kv_cache_gib'] else '-'} / "
-                  f"{gib(p['temp_gib'])} | {total} / {t['hbm_gib']:.0f} | {p['compile_s']:.0f} s |")
+      rows.append(f"| {t['config']} | {t['slice']} ({t['chips']} chips) | {p['name']} | {p['layout']} | {fits} | "
+                  f"{gib(p['params_gib'])} / {gib(p['opt_state_gib'])} / "
+                  f"{gib(p['kv_cache_gib']) if p['kv_cache_gib'] else '-'} / {gib(p['temp_gib'])} | {total} / "
+                  f"{t['hbm_gib']:.0f} | {p['compile_s']:.0f} s |")
   est = ["", "XLA's cost model for one decoder layer, per chip: an estimate of the compiler, not a measurement. The "
-         "train step is one layer's forward and backward (full remat) on one micro-batch, its attention blocks "
-         "unrolled because XLA counts a loop body once; the decode step is one layer's step for one token per row of "
-         "the largest rollout call over a full cache, without the output head. The percentages are the FLOP/s and "
-         "bytes/s XLA's time implies, against the chip's published peaks.", "",
-         "| slice | one layer's train step | of peak bf16 FLOP/s | one layer's decode step | of peak HBM bandwidth |",
-         "|---|---|---|---|---|"]
-  for name, t in result["tpu_aot"].items():
+         "train step is one layer's forward and backward (full remat) on one micro-batch of the first phase, its "
+         "attention blocks unrolled because XLA counts a loop body once; the decode step is one layer's step for one "
+         "token per row of the largest rollout call over a full cache, without the output head. The percentages are "
+         "the FLOP/s and bytes/s XLA's time implies, against the chip's published peaks. For the README's run only.", "",
+         "| config | slice | one layer's train step | of peak bf16 FLOP/s | one layer's decode step | of peak HBM "
+         "bandwidth |", "|---|---|---|---|---|---|"]
+  for t in runs.values():
     e = t.get("estimates")
+    if t["config"] != "trapo_qwen25_math_7b":  # not asked for (see tpu_aot_figures)
+      continue
     if not e:
-      est.append(f"| {name} | n/a (XLA gave no time estimate) | - | - | - |")
+      est.append(f"| {t['config']} | {t['slice']} | n/a (XLA gave no time estimate) | - | - | - |")
       continue
     tr, de = e["train"], e["decode"]
-    est.append(f"| {name} | {tr['seconds'] * 1e3:.1f} ms ({tr['layout']}) | {100 * tr['flops_of_peak']:.0f}% | "
-               f"{de['seconds'] * 1e6:.0f} µs ({de['layout']}) | {100 * de['bandwidth_of_peak']:.0f}% |")
-  verdicts = [f"- {name}: {t['verdict']}" for name, t in result["tpu_aot"].items() if t.get("verdict")]
+    est.append(f"| {t['config']} | {t['slice']} | {tr['seconds'] * 1e3:.1f} ms ({tr['layout']}) | "
+               f"{100 * tr['flops_of_peak']:.0f}% | {de['seconds'] * 1e6:.0f} µs ({de['layout']}) | "
+               f"{100 * de['bandwidth_of_peak']:.0f}% |")
+  verdicts = [f"- {t['config']} on {t['slice']}: {t['verdict']}" for t in runs.values() if t.get("verdict")]
   return "\n".join(rows + est) + "\n" + ("\nWhat `--mode=compile` says where a program does not fit:\n\n" +
                                           "\n".join(verdicts) + "\n" if verdicts else "")
 
 
 def tpu_section(result: dict) -> str:
   from trapo_jax import aot
+  chips = {t.get("chip") for t in result["tpu_aot"].values()}
   specs = "; ".join(f"{c.name}: {c.hbm_gib:g} GiB HBM, {c.peak_bf16_tflops:g} TFLOP/s bf16, {c.hbm_gbps:g} GB/s "
-                    f"([spec]({c.spec}))" for c in aot.CHIPS.values()
-                    if c.name in {t.get("chip") for t in result["tpu_aot"].values()})
+                    f"([spec]({c.spec}))" for c in aot.CHIPS.values() if c.name in chips)
+  dates = sorted({t["date"] for t in result["tpu_aot"].values()})
   return ("## TPU, compiled here\n\n"
-          f"Made by `{_command(result)}` on {result['date']}: {result['machine']}, {result['cpu_count']} CPU cores, "
-          f"jax {result['jax']}, libtpu {result['libtpu']}. No TPU was used: libtpu's compile-only devices of each "
-          "slice, what `python -m trapo_jax.main --mode=compile --topology=<slice>` compiles (trapo_jax/aot.py). "
-          "The run is experiments/configs/trapo_qwen25_math_7b.py at its official shapes (8 prompts x 8 samples, "
-          "1024 + 8192 tokens, micro-batches of 32768 tokens per chip, full remat, FSDP over every chip): the "
-          "train step, the rollout sampler at its largest call (with rollout.one_pass, TRAPO's one call of 11 rows "
-          "per prompt, its contexts extended by the 25 % and 50 % prefixes; prompts padded to a multiple of the "
-          "chips) and the evaluation sampler (eval.batch_size=64 prompts x 32 samples). "
+          f"Made by `python -m benchmarks.run --suite=tpu_aot --doc=docs/performance.md` (`--tpu_runs=config@slice,...` "
+          f"compiles some and keeps the others' stored figures) on {', '.join(dates)}: {result['machine']}, "
+          f"{result['cpu_count']} CPU cores, jax {result['jax']}, libtpu {result['libtpu']}. No TPU was used: "
+          "libtpu's compile-only devices of each slice, what `python -m trapo_jax.main --mode=compile "
+          "--topology=<slice> --config=experiments/configs/<config>.py` compiles (trapo_jax/aot.py), at the model's "
+          "full depth. Each shipped 7B/8B config is compiled on the slice its docstring names, then the README's run "
+          "(trapo_qwen25_math_7b) on other slices: for each, the train step of every phase, the rollout sampler at "
+          "its largest call at the config's batch (with rollout.one_pass, one call of every alternative; prompts "
+          "padded to a multiple of the batch shards) and the evaluation sampler at eval.batch_size prompts. "
           "Per chip: XLA's memory plan; total = arguments + outputs - donated + temporaries + code, plus, while "
           "sampling, the optimizer state that stays in memory. A program XLA refuses for memory shows its need "
-          "as reported, else `>` the HBM. Compile times are this machine's (shared, 2 cores). Per-chip HBM and "
-          f"peaks are Google's published figures: {specs}. Raw figures: `benchmarks/results_tpu_aot.json`.\n\n"
-          + tpu_table(result))
+          "as reported, else `>` the HBM. Compile times are this machine's (shared, 2 cores, `nice`d, beside other "
+          f"jobs). Per-chip HBM and peaks are Google's published figures: {specs}. Raw figures: "
+          "`benchmarks/results_tpu_aot.json`." + "".join(
+              f" {t['config']} on {t['slice']} was compiled by `{t['command']}` (the same aot.compile_run) and its "
+              "printed table stored." for t in result["tpu_aot"].values() if t.get("command"))
+          + "\n\n" + tpu_table(result))
 
 
 if __name__ == "__main__":

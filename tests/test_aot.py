@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -262,3 +263,122 @@ def test_seven_b_without_tensor_parallelism_does_not_fit_a_v5e_4():
   assert out.returncode != 0 and "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("train step (rl) ") and ", v5e has 16 GiB: try " in last, last
+
+
+def _result(name, params, opt, kv, temp, total, seconds=1.0, error=""):
+  program = aot.Program("train", name, "", lambda: None, kv_bytes=kv, resident=opt, opt_state=opt)
+  return aot.Result(program, seconds, params, opt, temp, total, error)
+
+
+def test_extrapolation_is_the_line_through_two_depths():
+  """Each per-chip figure at 28 layers from compiles at 2 and 4, against numpy's float64 line through the two."""
+  shallow = _result("p", 3_000, 6_000, 500, 7_001, 20_000, seconds=2.0)
+  deep = _result("p", 5_000, 10_000, 1_000, 9_003, 31_000, seconds=3.0)
+  x = aot.extrapolate(shallow, deep, 2, 4, 28)
+  line = lambda y2, y4: float(np.polyval(np.polyfit(np.array([2.0, 4.0]), np.array([y2, y4], np.float64), 1), 28.0))
+  assert x.params == round(line(3_000, 5_000)) and x.opt_state == round(line(6_000, 10_000))
+  assert x.temp == round(line(7_001, 9_003)) and x.total == round(line(20_000, 31_000))
+  assert x.program.kv_bytes == round(line(500, 1_000)) and x.program.resident == x.program.opt_state == x.opt_state
+  assert x.seconds == 5.0 and x.fits(x.total) and not x.fits(x.total - 1)
+  # A program XLA refused at the deeper compile: its temporaries are unknown, and it does not fit.
+  refused = _result("p", 5_000, 10_000, 1_000, None, 31_000, error="RESOURCE_EXHAUSTED: ...")
+  x = aot.extrapolate(shallow, refused, 2, 4, 28)
+  assert x.temp is None and x.total == round(line(20_000, 31_000)) and x.fits(1e12) is False
+  # Temporaries that shrink from 2 to 4 layers are not carried below the 4-layer compile's; the total moves with them.
+  shrinking = aot.extrapolate(_result("p", 3_000, 6_000, 500, 9_000, 20_000), _result("p", 5_000, 10_000, 1_000, 8_000,
+                                                                                        29_000), 2, 4, 28)
+  assert shrinking.temp == 8_000 and shrinking.total == round(line(20_000, 29_000)) + 8_000 - round(line(9_000, 8_000))
+  assert aot.second_depth(2, 28) == 4 and aot.second_depth(20, 28) == 28
+  assert aot.truncation(28, 28) == ""
+
+
+def test_a_truncated_compile_says_so_first_and_extrapolates_to_the_model_depth(monkeypatch):
+  """2 of 8 layers compiled (and 4): the first line says so; the parameters and optimizer state, exactly linear
+  in the layers, come out as an 8-layer compile's; the total is compared with the 8-layer compile."""
+  monkeypatch.setattr(aot, "host_memory", lambda: 64 * 2 ** 30)
+  cfg = config_lib.base_config()
+  cfg.model.update(hf_dir="", **dict(TINY, num_layers=2))
+  cfg.data.update(max_prompt_len=8, max_response_len=8)
+  cfg.train.update(batch_prompts=8, logprob_chunk=8)
+  lines = []
+  rep = aot.compile_run(cfg, "cpu:8", programs=("train",), estimate=False, depth=8, log=lines.append)
+  assert lines[0] == ("TRUNCATED: 2 of the model's 8 layers (and 4 to extrapolate): the per-chip memory below is "
+                      "extrapolated to 8 layers, not compiled at them")
+  assert rep.headline.splitlines()[0] == lines[0]
+  assert sum(line.startswith("compiling train step (rl) (") for line in lines) == 2  # at 2 and at 4 layers
+  cfg.model.num_layers = 8
+  full = aot.compile_run(cfg, "cpu:8", programs=("train",), estimate=False, log=lambda s: None)
+  assert not full.headline.startswith("TRUNCATED")
+  (x,), (f,) = rep.results, full.results
+  assert (x.params, x.opt_state) == (f.params, f.opt_state)
+  assert abs(x.total - f.total) <= 0.05 * f.total, (x.total, f.total)
+
+
+def test_main_says_a_compile_is_truncated_in_its_first_line():
+  """--config.model.num_layers below the config file's own depth: main passes that depth to the extrapolation."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "trapo_jax.main", "--mode=compile", "--topology=cpu:8",
+                        "--config.model.hf_dir=", "--config.model.num_layers=1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines()[0].startswith("TRUNCATED: 1 of the model's 2 layers (and 2 to extrapolate)"), \
+      out.stdout[:500]
+
+
+def test_the_cost_estimate_reads_a_one_pass_rollout_call():
+  """layer_estimates names the fields of the largest rollout call (a one-pass call has seven): it used to unpack
+  three and fail. On CPU, XLA gives no time estimate, so there is none."""
+  mesh = sharding.make_mesh(shape=(1, 8, 1))
+  cfg = config_lib.base_config()
+  cfg.model.update(hf_dir="", **TINY)
+  cfg.data.update(max_prompt_len=8, max_response_len=8)
+  cfg.train.update(batch_prompts=8, logprob_chunk=8)
+  assert cfg.rollout.one_pass and len(aot.rollout_calls(cfg, algorithms.from_config(cfg).phases(cfg)[0])[0]) > 3
+  assert aot.layer_estimates(cfg, tfm.ModelConfig.from_config(cfg.model), mesh, aot.CHIPS["v5p"]) == {}
+
+
+def test_an_absent_tpu_is_not_probed_where_libtpu_is_installed(monkeypatch):
+  """With libtpu installed and no TPU chip, JAX is told to use the CPU (its libtpu probe prints errors); a set
+  JAX_PLATFORMS or an attached TPU is left alone."""
+  import importlib.util as util
+  import trapo_jax
+  from jax._src import hardware_utils
+  find = util.find_spec
+  monkeypatch.setattr(util, "find_spec", lambda name, *a: object() if name == "libtpu" else
+                      (None if "plugin" in name else find(name, *a)))
+  for chips, preset, expected in ((0, None, "cpu"), (4, None, None), (0, "cpu,tpu", "cpu,tpu")):
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda c=chips: (c, None))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test process keeps its platforms
+    if preset is None:
+      monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    else:
+      monkeypatch.setenv("JAX_PLATFORMS", preset)
+    trapo_jax._skip_an_absent_tpu()
+    assert os.environ.get("JAX_PLATFORMS") == expected, (chips, preset)
+
+
+def test_compiling_for_a_tpu_type_sets_the_slice_for_libtpu_off_a_tpu_vm(monkeypatch):
+  """Off a TPU VM libtpu's compile-only client asks the metadata server for the slice and prints why it failed;
+  the variables it would read are the topology's. A TPU VM's own are kept."""
+  monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("TPU_")})
+  aot.prepare("v5e-16")
+  assert (os.environ["TPU_ACCELERATOR_TYPE"], os.environ["TPU_WORKER_HOSTNAMES"], os.environ["TPU_SKIP_MDS_QUERY"]) \
+      == ("v5litepod-16", "localhost", "1")
+  monkeypatch.setattr(os, "environ", {"TPU_ACCELERATOR_TYPE": "v5p-64", "TPU_WORKER_HOSTNAMES": "10.0.0.2"})
+  aot.prepare("v5p-32")
+  assert os.environ["TPU_WORKER_HOSTNAMES"] == "10.0.0.2" and os.environ["TPU_ACCELERATOR_TYPE"] == "v5p-64"
+
+
+_NOISE = ("TPU_WORKER_HOSTNAMES", "E0000", "Failed to find host bounds")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: its log lines cannot be seen")
+def test_libtpu_prints_nothing_on_a_cpu_command_or_a_tpu_compile():
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+  cpu = subprocess.run([sys.executable, "-c", "import trapo_jax, jax; print(jax.devices())"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert cpu.returncode == 0 and "CpuDevice" in cpu.stdout and not any(s in cpu.stderr for s in _NOISE), cpu.stderr
+  code = "from trapo_jax import aot; aot.prepare('v5p-32'); print(aot.target('v5p-32').describe())"
+  tpu = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert tpu.returncode == 0 and "16 TPU v5 devices" in tpu.stdout, tpu.stderr[-2000:]
+  assert not any(s in tpu.stderr for s in _NOISE), tpu.stderr

@@ -17,6 +17,10 @@ state, which stays in memory), against the chip's HBM. When a program does not f
 line naming config keys to try. The model's shapes come from `model.hf_dir`'s config.json when it has one, else from
 the config. On TPU, XLA's cost model also estimates one layer's train step and one layer's decode step against the
 chip's peak: an estimate, not a measurement.
+
+With fewer layers than the model's (`depth`: main passes the config file's own when --config.model.num_layers
+lowers it), the first line says TRUNCATED, every program is compiled at that depth and at twice it, and the memory
+judged is extrapolated to the model's depth along the line through the two (`extrapolate`).
 """
 
 from __future__ import annotations
@@ -108,6 +112,11 @@ def prepare(topology: str) -> None:
     jax.config.update("jax_platforms", "cpu")
     # Only compiles: no TPU is opened, so another process holding libtpu's lock does not matter.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Off a TPU VM libtpu's compile-only client asks the metadata server for the slice and prints its failure
+    # (`E0000 ... TPU_WORKER_HOSTNAMES`, `Failed to find host bounds`); the slice it compiles for is the topology's.
+    if "TPU_ACCELERATOR_TYPE" not in os.environ:  # a TPU VM's own are kept
+      os.environ.update(TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
+                        TPU_ACCELERATOR_TYPE=topology.replace("v5e-", "v5litepod-"))
 
 
 def _count(topology: str) -> int:
@@ -441,8 +450,11 @@ def layer_estimates(cfg, model_cfg: tfm.ModelConfig, mesh, chip: Chip) -> dict[s
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   with sharding.activate(mesh):
     train = jax.jit(jax.grad(train_loss), out_shardings=param_sh).lower(params, tokens).compile()
-  n, width, budget = max(rollout_calls(cfg, phase), key=lambda c: (c[0] * (c[1] + c[2]), c[0])) if phase.samples \
-      else (1, bucket(cfg.data.max_prompt_len), bucket(cfg.data.max_response_len, cap=cfg.data.max_response_len))
+  # A RolloutCall has more fields than these three (a one-pass call's contexts): name them, do not unpack it.
+  call = max(rollout_calls(cfg, phase), key=lambda c: (c.rows * (c.width + c.budget), c.rows)) if phase.samples \
+      else RolloutCall(1, bucket(cfg.data.max_prompt_len), bucket(cfg.data.max_response_len,
+                                                                  cap=cfg.data.max_response_len))
+  n, width, budget = call.rows, call.width, call.budget
   b = -(-cfg.train.batch_prompts // shards) * shards * n  # the sampler's rows: prompts padded to the shards, x n
   cache = _abstract_cache(one, b, width + budget, mesh)
   tok = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=rows_sh)
@@ -540,25 +552,74 @@ class Report:
 PROGRAMS = ("train", "rollout", "eval")
 
 
-def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tuple[str, ...] = PROGRAMS,
-                estimate: bool = True, log: Callable[[str], None] = print) -> Report:
-  """Compiles the run's programs (of `programs`) for `topology` and collects XLA's memory plans and, on TPU, its
-  estimates; judges nothing."""
-  tgt = target(topology)
-  cfg = validated(cfg, len(tgt.devices))
-  model_cfg, source = model_config(cfg)
-  mesh = sharding.make_mesh(cfg, devices=list(tgt.devices))
-  methods = algorithms.names() if all_methods else (cfg.algo,)
-  headline = (f"{', '.join(methods)}: {model_cfg.model_type}, {model_cfg.num_layers} layers, "
-              f"{_count_params(model_cfg.num_params)} parameters ({source}); {tgt.describe()}; mesh {dict(mesh.shape)}")
-  log(headline)
+def extrapolate(shallow: Result, deep: Result, a: int, b: int, depth: int) -> Result:
+  """A program's per-chip memory at `depth` layers from its compiles at a < b layers: every figure is a line in the
+  number of layers (the layers are stacked and scanned, so the parameters, optimizer state, KV cache and the
+  activations kept for the backward pass grow by a layer's worth each; the rest does not grow). The compile time
+  is both compiles'. A figure XLA did not give (a refused program's temporaries) stays unknown.
+
+  XLA's temporaries may shrink from a to b layers (its buffer reuse changes; an evaluation prefill on a v5p-32 went
+  from 2 to 4 layers to a line at -6.9 GiB for 28): they are never taken below the deeper compile's, and the total
+  moves with them."""
+  line = lambda x, y: None if x is None or y is None else int(round(x + (y - x) * (depth - a) / (b - a)))
+  program = dataclasses.replace(shallow.program, kv_bytes=line(shallow.program.kv_bytes, deep.program.kv_bytes),
+                                opt_state=line(shallow.program.opt_state, deep.program.opt_state),
+                                resident=line(shallow.program.resident, deep.program.resident))
+  temp, total = line(shallow.temp, deep.temp), line(shallow.total, deep.total)
+  if temp is not None and temp < deep.temp:
+    temp, total = deep.temp, None if total is None else total + deep.temp - temp
+  return Result(program, shallow.seconds + deep.seconds, line(shallow.params, deep.params),
+                line(shallow.opt_state, deep.opt_state), temp, total, error=shallow.error or deep.error)
+
+
+def truncation(layers: int, depth: int) -> str:
+  """The first line of a compile at fewer layers than the model's, or "" at full depth."""
+  if layers >= depth:
+    return ""
+  return (f"TRUNCATED: {layers} of the model's {depth} layers (and {second_depth(layers, depth)} to extrapolate): "
+          f"the per-chip memory below is extrapolated to {depth} layers, not compiled at them")
+
+
+def second_depth(layers: int, depth: int) -> int:
+  """The other depth a truncated compile is made at: twice as deep, so that the slope is measured over as many
+  layers as were asked for (at most the model's)."""
+  return min(2 * layers, depth)
+
+
+def _compile_all(cfg, methods, model_cfg, mesh, programs, log) -> list[Result]:
   params = _per_chip(state_lib.TrainState.abstract(model_cfg, mesh, state_lib.make_optimizer(cfg.optim)).params)
   results = []
   for program in run_programs(cfg, methods, model_cfg, mesh, log):
     if program.kind not in programs:
       continue
-    log(f"compiling {program.name}: {program.layout} ...")
+    log(f"compiling {program.name} ({model_cfg.num_layers} layers): {program.layout} ...")
     results.append(compile_program(program, params))
+  return results
+
+
+def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tuple[str, ...] = PROGRAMS,
+                estimate: bool = True, depth: int = 0, log: Callable[[str], None] = print) -> Report:
+  """Compiles the run's programs (of `programs`) for `topology` and collects XLA's memory plans and, on TPU, its
+  estimates; judges nothing. depth: the model's number of layers where the config asks for fewer (0: the
+  config's): each program is then compiled at two depths and its memory extrapolated to `depth`."""
+  tgt = target(topology)
+  cfg = validated(cfg, len(tgt.devices))
+  model_cfg, source = model_config(cfg)
+  depth = max(depth, model_cfg.num_layers)
+  mesh = sharding.make_mesh(cfg, devices=list(tgt.devices))
+  methods = algorithms.names() if all_methods else (cfg.algo,)
+  headline = (f"{', '.join(methods)}: {model_cfg.model_type}, {model_cfg.num_layers} layers, "
+              f"{_count_params(model_cfg.num_params)} parameters ({source}); {tgt.describe()}; mesh {dict(mesh.shape)}")
+  first = truncation(model_cfg.num_layers, depth)
+  for line in (first, headline):
+    if line:
+      log(line)
+  headline = f"{first}\n{headline}" if first else headline
+  results = _compile_all(cfg, methods, model_cfg, mesh, programs, log)
+  if first:
+    a, b = model_cfg.num_layers, second_depth(model_cfg.num_layers, depth)
+    deeper = _compile_all(cfg, methods, model_cfg.replace(num_layers=b), mesh, programs, log)
+    results = [extrapolate(x, y, a, b, depth) for x, y in zip(results, deeper)]
   estimates = {}
   if estimate and tgt.chip is not None:
     log("compiling one layer for XLA's cost estimates ...")
@@ -569,11 +630,11 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   return Report(tgt, headline, results, estimates)
 
 
-def run(cfg, topology: str, *, all_methods: bool = False, programs: tuple[str, ...] = PROGRAMS,
+def run(cfg, topology: str, *, all_methods: bool = False, programs: tuple[str, ...] = PROGRAMS, depth: int = 0,
         log: Callable[[str], None] = print) -> Report:
   """--mode=compile: compiles, prints the table, and raises CompileError with one line when a program does not
-  fit."""
-  rep = compile_run(cfg, topology, all_methods=all_methods, programs=programs, log=log)
+  fit (at `depth` layers, extrapolated, when the config asks for fewer)."""
+  rep = compile_run(cfg, topology, all_methods=all_methods, programs=programs, depth=depth, log=log)
   log(rep.text())
   line = verdict(rep.results, rep.target)
   if line:

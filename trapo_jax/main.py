@@ -280,13 +280,22 @@ def main(argv: list[str]) -> None:
     sys.exit(errors.EXIT_INTERRUPTED)
 
 
+def declared_layers(cfg: ml_collections.ConfigDict) -> int:
+  """The model's depth as the config file sets it, before the command line's overrides: --mode=compile with
+  --config.model.num_layers lower extrapolates to it."""
+  flag = flags.FLAGS["config"]
+  if "model.num_layers" not in config_flags.get_override_values(flag):
+    return cfg.model.num_layers
+  return flag.parser.parse(config_flags.get_config_filename(flag)).model.num_layers
+
+
 def compile_run() -> None:
   """--mode=compile: no cache (the compile times are measured), no data, no weights, no distributed start."""
   from trapo_jax import aot
   cfg = loaded_config()
   try:
     aot.prepare(_TOPOLOGY.value)
-    aot.run(cfg, _TOPOLOGY.value, all_methods=_ALL_METHODS.value)
+    aot.run(cfg, _TOPOLOGY.value, all_methods=_ALL_METHODS.value, depth=declared_layers(cfg))
   except config_lib.ConfigError as e:
     fail(f"config error: {e}")
   except aot.CompileError as e:

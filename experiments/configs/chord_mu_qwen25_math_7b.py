@@ -8,6 +8,11 @@ valley 0.05: --config.chord_mu.mu_warmup=0 --config.chord_mu.mu_decay=0.4 --conf
 
   python -m trapo_jax.main --config=experiments/configs/chord_mu_qwen25_math_7b.py --workdir=gs://bucket/chord \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+
+Slice: a v5p-32, chosen from its KV cache and the temporaries the README's run plans; not yet compiled at full depth
+(docs/performance.md, "TPU, compiled here"): check before renting it:
+
+  python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=experiments/configs/chord_mu_qwen25_math_7b.py
 """
 
 from experiments.configs import trapo_qwen25_math_7b

@@ -4,6 +4,11 @@ everything else is a guess, as are the layout and schedule defaults of the `pref
 
   python -m trapo_jax.main --config=experiments/configs/prefix_rft_qwen25_math_7b.py --workdir=gs://bucket/prefix \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
+
+Slice: a v5p-64 (its one-pass rollout of 128 prompts x 8 rows over 9216 + 8192 slots holds 60 GiB of KV cache per
+chip on 16 chips), where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"):
+
+  python -m trapo_jax.main --mode=compile --topology=v5p-64 --config=experiments/configs/prefix_rft_qwen25_math_7b.py
 """
 
 from experiments.configs import trapo_qwen25_math_7b

@@ -2,6 +2,10 @@
 
   python -m trapo_jax.main --config=experiments/configs/trapo_llama31_8b.py --workdir=runs/trapo_llama31_8b \
       --config.model.hf_dir=/path/to/Llama-3.1-8B-Instruct --config.data.path=/path/to/openr1_train.parquet
+
+Slice: a v5p-32, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"):
+
+  python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=experiments/configs/trapo_llama31_8b.py
 """
 
 from experiments.configs import trapo_qwen25_math_7b
@@ -36,4 +40,7 @@ def get_config():
   c.data.template = "llama3"
   c.eval.template = "llama3"
   # Everything else is the 7B run (8 prompts x 8 samples, lr 1e-6, 1024 + 8192 tokens): a guess.
+  # Evaluation 16 prompts x 32 samples a call: 128 KiB of bf16 KV cache a token (the 7B run's 56 KiB) leave the
+  # 7B run's 32 prompts without room on a v5p-32; 16 is the fewest that fills its 16 batch shards.
+  c.eval.batch_size = 16
   return c

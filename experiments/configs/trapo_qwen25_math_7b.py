@@ -8,6 +8,10 @@ The model is the official run's: the stock Qwen2.5-Math-7B checkpoint (4096 posi
 context and RoPE base 40000 that the LUFFY/HPT/ReLIFT training scripts give it, since a sequence here is 1024 + 8192
 tokens. This config sets both (model.rope_theta, model.max_position_embeddings), so they override the checkpoint's
 config.json; without them loading that checkpoint stops with a line naming them.
+
+Slice: a v5p-32, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"):
+
+  python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=experiments/configs/trapo_qwen25_math_7b.py
 """
 
 from trapo_jax import config as config_lib
@@ -54,4 +58,7 @@ def get_config():
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.eval.at_end = True
+  # 32 prompts x 32 samples a call: the KV cache of 64 x 32 x 9216 slots (63 GiB per chip on a v5p-32) does not fit
+  # the decode; the batch changes only how the 600 problems are grouped (docs/performance.md, "TPU, compiled here").
+  c.eval.batch_size = 32
   return c

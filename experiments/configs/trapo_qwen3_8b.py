@@ -2,6 +2,10 @@
 
   python -m trapo_jax.main --config=experiments/configs/trapo_qwen3_8b.py --workdir=runs/trapo_qwen3_8b \
       --config.model.hf_dir=/path/to/Qwen3-8B --config.data.path=/path/to/openr1_train.parquet
+
+Slice: a v5p-32, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"):
+
+  python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=experiments/configs/trapo_qwen3_8b.py
 """
 
 from experiments.configs import trapo_qwen25_math_7b
@@ -33,4 +37,7 @@ def get_config():
   # Everything else is the 7B run (8 prompts x 8 samples, lr 1e-6, 1024 + 8192 tokens, evaluation at T=0.6,
   # top-p 1): a guess. Qwen3's model card recommends T=0.6, top-p 0.95, top-k 20 for thinking mode; the paper's
   # evaluation protocol is kept here so that results compare.
+  # Evaluation 16 prompts x 32 samples a call: 144 KiB of bf16 KV cache a token (the 7B run's 56 KiB) leave the
+  # 7B run's 32 prompts without room on a v5p-32; 16 is the fewest that fills its 16 batch shards.
+  c.eval.batch_size = 16
   return c
