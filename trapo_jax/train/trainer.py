@@ -275,12 +275,14 @@ def jit_step(ctx: Context, phase: algorithms.Phase):
 
 
 def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
-  """The phase's PPO epochs and mini-batches; a phase of demonstrations alone (SFT) makes one update, as the
-  official SFT step does, and has no sampler log-probs."""
+  """The phase's PPO epochs, mini-batches and micro-batch accumulation (the phase's own where it declares them); a
+  phase of demonstrations alone (SFT) makes one update, as the official SFT step does, and has no sampler log-probs."""
   t = cfg.train
+  accumulate = dict(micro_reduce=phase.micro_reduce, micro_batches=phase.micro_batches)
   if not phase.samples:
-    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute")
-  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=t.mini_batches, old_logp=t.old_logp)
+    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute", **accumulate)
+  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=phase.mini_batches or t.mini_batches, old_logp=t.old_logp,
+                          **accumulate)
 
 
 def uses_reference(phase: algorithms.Phase) -> bool:
@@ -421,8 +423,10 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if cfg.rollout.overlong_filter and rb.truncated is not None:
     train_rb = rollout_lib.without_rows(rb, rb.truncated)  # DAPO's overlong filtering
     option_metrics["overlong/filtered_rows"] = float(rb.truncated.sum())
+  updates = updates_of(cfg, phase)
   packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
-                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates_of(cfg, phase).mini_batches)
+                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates.mini_batches,
+                         micro_batches=updates.micro_batches)
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
@@ -448,7 +452,11 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if phase.samples:
     state, after = _after_update(ctx, state, batch, rb, step, step_fns)
     m.update(after)
-  m["lr"] = state_lib.learning_rate(cfg.optim, step * updates_of(cfg, phase).count)  # at the step's first update
+  # At the step's first update, by the phase's optimizer (a method's own where the phase names one).
+  optim = cfg.optim
+  if phase.optimizer:
+    optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **ctx.method.optimizers(cfg)[phase.optimizer]))
+  m["lr"] = state_lib.learning_rate(optim, step * updates_of(cfg, phase).count)
   m["time/sampling"] = timings.get("sampling", 0.0)
   m["time/grading"] = timings.get("grading", 0.0)
   m["grader/timeouts"] = timings.get("grader_timeouts", 0)
@@ -479,7 +487,8 @@ def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step
     local = local_share(ctx.loader.prompts(uids), jax.process_index(), jax.process_count())
     rows = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=ctx.cfg.data.max_response_len)
     packed = step_lib.pack(rows, np.zeros(rows.rewards.shape, np.float32), shards=ctx.shards, pad_id=ctx.pad_id,
-                           token_budget=ctx.cfg.train.micro_batch_tokens)
+                           token_budget=ctx.cfg.train.micro_batch_tokens,
+                           micro_batches=updates_of(ctx.cfg, phase).micro_batches)
     if phase.name not in step_fns:
       step_fns[phase.name] = jit_step(ctx, phase)
     with sharding.activate(ctx.mesh):
