@@ -304,3 +304,28 @@ def test_sft_trains_with_its_own_optimizer_and_warm_up():
   assert s2r.phase_at(cfg, 149) is not None and s2r.phase_at(cfg, 149).name == "sft"
   pg = next(t for t in then.objective.terms if t.name == "pg")
   assert dict(pg.params)["clip_eps"] == 0.2 and cfg.loss.clip_eps < 0  # its own clip, not the run's option
+
+
+def test_sft_then_rl_trains_rl_on_prompts_its_sft_never_draws(tmp_path):
+  """SFT->RL's RL phase draws only the held-out share of the training prompts (a fixed split by uid), its SFT phase
+  only the others, as the official RL run on prompts held out from its SFT data."""
+  from tests import test_trainer
+  from trapo_jax.train import trainer
+  cfg = test_trainer.tiny(test_trainer._config("sft_then_rl"), str(tmp_path))
+  cfg.sft_then_rl.rl_prompts = 0.5
+  cfg.train.batch_prompts = 1  # the fixture's 6 problems: 3 in each part
+  method = algorithms.from_config(cfg)
+  ctx = trainer.build_context(cfg, str(tmp_path))
+  ctx.loader = trainer._loader(ctx)
+  every = {e.uid for e in ctx.loader.examples}
+  drawn = {}
+  for phase in method.phases(cfg):
+    loader = trainer.phase_loader(ctx, phase)
+    drawn[phase.prompts_from] = {int(u) for _ in range(6) for u in next(loader).uids}
+  # The split: by a hash of the uid, so independent of order; about half held out at rl_prompts = 0.5.
+  held = {u for u in every if ((u * 2654435761) % 2 ** 32) / 2 ** 32 < 0.5}
+  assert method.held_out(cfg) == 0.5 and 0 < len(held) < len(every)
+  assert drawn["held_out"] == held and drawn["train"] == every - held
+  # rl_prompts = 0: both phases draw from the run's loader, every prompt.
+  cfg.sft_then_rl.rl_prompts = 0.0
+  assert {p.prompts_from for p in algorithms.from_config(cfg).phases(cfg)} == {""}

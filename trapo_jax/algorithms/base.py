@@ -37,6 +37,9 @@ class Phase:
   micro_reduce: str = "mean"
   micro_batches: int = 0
   mini_batches: int = 0
+  # Which training prompts the phase draws (`prompt_part`): "" all; "train" those not held out, "held_out" the
+  # Method.held_out(cfg) share kept for a later phase (SFT->RL's RL phase on prompts its SFT never saw).
+  prompts_from: str = ""
 
   @property
   def rows_per_prompt(self) -> int:
@@ -84,6 +87,11 @@ class Method:
   def advantage_std(self, cfg) -> bool:
     """Whether group advantages are divided by the group's std. Default: loss.use_std."""
     return bool(cfg.loss.use_std)
+
+  def held_out(self, cfg) -> float:
+    """The share of training prompts held out for phases with prompts_from="held_out". Default: none."""
+    del cfg
+    return 0.0
 
   def optimizers(self, cfg) -> dict[str, dict[str, Any]]:
     """Optimizers besides the run's, by name: each the cfg.optim keys it changes. Their state is part of the train
@@ -217,6 +225,18 @@ def accumulation(name: str, *, micro_batches: int, mini_batches: int) -> dict[st
   return dict(micro_reduce="sum", micro_batches=micro_batches, mini_batches=mini_batches)
 
 
+PROMPT_PARTS = ("", "train", "held_out")
+
+
+def in_part(uid: int, held_out: float, part: str) -> bool:
+  """Whether the prompt `uid` belongs to `part` of a split holding out the `held_out` share: a fixed hash of the uid,
+  so the split does not depend on the order, the batch or the process."""
+  if part == "":
+    return True
+  held = (int(uid) * 2654435761 % 2 ** 32) / 2 ** 32 < held_out  # Knuth's multiplicative hash
+  return held if part == "held_out" else not held
+
+
 def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
   """Every phase's rows per step split evenly over the batch shards and its mini- and micro-batches; every term can
   be evaluated."""
@@ -225,6 +245,8 @@ def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
     require(rows % batch_shards == 0, "train.batch_prompts",
             f"{rows} sequences per step ({phase.name} phase) do not split over the {batch_shards} batch shards "
             "(mesh data x fsdp)")
+    require(phase.prompts_from in PROMPT_PARTS, "algo", f"{cfg.algo}, {phase.name} phase: prompts_from "
+            f"{phase.prompts_from!r} is not one of {PROMPT_PARTS}")
     if phase.mini_batches:
       require(cfg.train.mini_batches in (1, phase.mini_batches), "train.mini_batches",
               f"{cfg.algo} sets its own mini-batches ({cfg.algo}.mini_batches = {phase.mini_batches})")

@@ -59,6 +59,7 @@ class Context:
   # Optimizers by name ("" the run's), when the method has more than one: their states share the train state.
   txs: dict[str, Any] | None = None
   loader: Any = None  # the training PromptLoader, once `run` has built it (updates from `after_update` read it)
+  part_loaders: dict[str, Any] = dataclasses.field(default_factory=dict)  # loaders of a split's parts (phase_loader)
   algo_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's run state (checkpointed)
 
   @property
@@ -312,6 +313,22 @@ def _loader(ctx: Context, split: str = "train"):
                                demo_form=ctx.method.demo_form(cfg))
 
 
+def phase_loader(ctx: Context, phase: algorithms.Phase):
+  """The loader of the prompts the phase draws: the run's, or one over its part of the method's split (built once,
+  from the run's loader's examples)."""
+  if not phase.prompts_from:
+    return ctx.loader
+  if phase.prompts_from not in ctx.part_loaders:
+    from trapo_jax.data import pipeline
+    cfg, held_out = ctx.cfg, ctx.method.held_out(ctx.cfg)
+    examples = [e for e in ctx.loader.examples if algorithms.base.in_part(e.uid, held_out, phase.prompts_from)]
+    ctx.part_loaders[phase.prompts_from] = pipeline.PromptLoader(
+        examples, ctx.tokenizer, batch_size=cfg.train.batch_prompts, max_prompt_len=cfg.data.max_prompt_len,
+        max_response_len=cfg.data.max_response_len, template=cfg.data.template, seed=cfg.data.shuffle_seed,
+        demo_form=ctx.method.demo_form(cfg))
+  return ctx.part_loaders[phase.prompts_from]
+
+
 def data_dir(cfg, workdir: str) -> str:
   return cfg.data.data_dir or os.path.join(workdir, "tfds")
 
@@ -525,7 +542,10 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
       workdir_lib.check_resume, current=identity, workdir=workdir, allow_change=allow_config_change))
   if restored is not None:
     state, meta = restored
-    loader.restore(meta["data"])
+    # The position is that of the loader the last step drew from; a phase on another part starts its own afresh.
+    first = ctx.method.phase_at(cfg, int(state.step))
+    if meta["data"].get("part", "") == first.prompts_from:
+      phase_loader(ctx, first).restore(meta["data"])
     ctx.algo_state = meta.get("algo_state", ctx.algo_state)
   start = int(state.step)
   results: dict[str, Any] = {}
@@ -540,13 +560,16 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   try:
     with _Preemption() as preempt:
       while int(state.step) < cfg.train.steps:
-        state, m = train_one_step(ctx, state, next(loader), step_fns, more_prompts=loader)
+        phase = ctx.method.phase_at(cfg, int(state.step))
+        prompts = phase_loader(ctx, phase)
+        state, m = train_one_step(ctx, state, next(prompts), step_fns, more_prompts=prompts)
         step = int(state.step)
         bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
         if m["skipped"]:
           logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
         writer.write(step, m)
-        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity, "algo_state": ctx.algo_state}
+        data = dict(prompts.state(), part=phase.prompts_from) if phase.prompts_from else prompts.state()
+        meta = {"data": data, "algo": cfg.algo, "identity": identity, "algo_state": ctx.algo_state}
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)
