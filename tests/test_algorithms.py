@@ -42,7 +42,8 @@ TERMS = {
                     "on": ("own", "srft_reinforce"), "entropy": ("response", "entropy")}},
     "prefix_rft": {"rl": {"pg": ("own", "policy_gradient"), "prefix": ("imitated", "prefix_rft_surrogate"),
                           "entropy": ("response", "entropy")}},
-    "uft": {"rl": {"pg": ("own", "policy_gradient"), "hint_nll": ("imitated", "nll"), "entropy": ("own", "entropy")}},
+    "uft": {"rl": {"pg": ("own", "policy_gradient"), "hint_nll": ("imitated", "nll"), "entropy": ("own", "entropy"),
+                   "kl": ("own", "reference_kl")}},
 }
 # The kinds of rows a prompt yields in each phase (own rollouts, guided continuations, whole demonstrations).
 KINDS = {
@@ -160,6 +161,9 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
     return _np_policy_gradient(x, a, **params)
   if name == "reference_kl":  # log r = log pi_ref - log pi; d/dlogp of k1, k2, k3: 1, -log r, 1 - r
     log_r = x["ref_logp"] - logp
+    if params["estimator"] == "k3_clamped":  # verl's low_var_kl: k3 clamped to [-10, 10], no gradient outside
+      k3 = np.exp(log_r) - 1 - log_r
+      return np.clip(k3, -10, 10), np.where(np.abs(k3) < 10, 1 - np.exp(log_r), 0.0)
     return {"k1": (-log_r, np.ones_like(logp)), "k2": (0.5 * log_r ** 2, -log_r),
             "k3": (np.exp(log_r) - 1 - log_r, 1 - np.exp(log_r))}[params["estimator"]]
   if name == "trsft":  # -p / sg(max(p, alpha))
@@ -236,7 +240,7 @@ def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarr
   m = mask.astype(np.float64)
   if mode == "seq_sum_over_max_len":
     return m / (max_len * m.shape[0])
-  if mode == "token_mean":
+  if mode in ("token_mean", "global_token_mean"):  # one micro-batch: the batch's token count is its own
     return m / max(m.sum(), 1.0)
   if mode == "seq_mean_token_mean":
     tokens = m.sum(-1, keepdims=True)

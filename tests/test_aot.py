@@ -382,3 +382,16 @@ def test_libtpu_prints_nothing_on_a_cpu_command_or_a_tpu_compile():
   tpu = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert tpu.returncode == 0 and "16 TPU v5 devices" in tpu.stdout, tpu.stderr[-2000:]
   assert not any(s in tpu.stderr for s in _NOISE), tpu.stderr
+
+
+def test_compile_mode_lowers_the_declared_micro_and_mini_batches():
+  """HPT sums 2 micro-batches per mini-batch and takes 2 mini-batches (hpt.micro_batches, hpt.mini_batches): the
+  compiled train step is the trainer's, on 4 micro-batches of 16 rows whatever the token budget."""
+  cfg = config_lib.base_config()
+  cfg.model.update(hf_dir="", **TINY)
+  cfg.data.update(max_prompt_len=8, max_response_len=8)
+  cfg.train.update(batch_prompts=8, logprob_chunk=8, micro_batch_tokens=1 << 20)
+  cfg.algo = "hpt"
+  rep = aot.compile_run(cfg, "cpu:8", programs=("train",), estimate=False, log=lambda s: None)
+  (r,) = rep.results
+  assert r.program.layout.endswith("4 micro-batches of 16") and not r.error, (r.program.layout, r.error)

@@ -227,6 +227,32 @@ def test_kl_estimators(estimator):
     assert expect == pytest.approx(kl, rel=1e-5)
 
 
+def test_clamped_k3_is_verls_low_var_kl():
+  """UFT's KL (verl `low_var_kl`): k3 = r - 1 - log r clamped to [-10, 10], against float64 across the clamp, with
+  no gradient where it clamps and a finite one far beyond (log r = +-60)."""
+  log_r = np.array([[-60.0, -12.0, -11.0, -3.0, -0.5, 0.0, 0.4, 2.0, 2.5, 3.0, 60.0]])
+  logp = np.full(log_r.shape, -1.0)
+  ref = jnp.asarray(logp + log_r, jnp.float32)
+  k3 = np.exp(log_r) - 1 - log_r
+  value, grad = np.clip(k3, -10, 10), np.where(k3 < 10, 1 - np.exp(log_r), 0.0)
+  assert (k3 > 10).sum() >= 4 and (k3 < 10).sum() >= 4  # both sides of the clamp are exercised
+  f = lambda x: losses.kl_estimate(x, ref, "k3_clamped")
+  np.testing.assert_allclose(f(jnp.asarray(logp, jnp.float32)), value, rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda x: f(x).sum())(jnp.asarray(logp, jnp.float32))
+  np.testing.assert_allclose(g, grad, rtol=1e-5, atol=1e-5)
+  # The token mean UFT takes, as a term of its objective, against the float64 mean.
+  term = losses.Term("kl", tokens="own", loss="reference_kl", aggregation="token_mean", over="selected",
+                     params=(("estimator", "k3_clamped"),))
+  mask = np.array([[1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1]], bool)
+  z = jnp.zeros(log_r.shape, jnp.float32)
+  x = losses.TokenInputs(logp=jnp.asarray(logp, jnp.float32), old_logp=jnp.asarray(logp, jnp.float32), entropy=z,
+                         advantages=jnp.zeros((1,)), rewards=jnp.zeros((1,)), kind=jnp.zeros((1,), jnp.int32),
+                         prefix_mask=jnp.zeros(log_r.shape, bool), off_loss_mask=jnp.zeros(log_r.shape, bool),
+                         response_mask=jnp.asarray(mask), ref_logp=ref)
+  got = float(losses.term_value(x, term, max_len=11, seq_scale=8.0))
+  assert got == pytest.approx(float(value[mask].mean()), rel=1e-5)
+
+
 def test_luffy_offpolicy_loss():
   logp, adv, gamma = _logp((3, 5)), RNG.normal(size=(3, 1)).astype(np.float32), 0.1
   p, a = np.exp(np.float64(logp)), np.float64(adv)

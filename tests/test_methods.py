@@ -5,11 +5,13 @@ surrogate far from ratio 1, and ReLIFT's buffer and second optimizer across a re
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,13 +44,24 @@ def test_chord_mu_schedule():
   assert [mu(t) for t in (0, 100, 200)] == [0.0, 0.25, 0.5]  # linear warm-up to the peak
   assert mu(400) == pytest.approx(0.02 + 0.48 * 0.5)  # half-way through the cosine
   assert mu(600) == mu(10_000) == 0.02  # the valley after warm-up + decay
-  # The methods' weights at 500 steps: the official example's 200 / 400 steps; GRPO gets 1 - mu; each term is over
-  # its rows' share of the batch (8 own rows and 2 demonstrations per prompt).
+  # The paper's CHORD-mu at 500 steps: no warm-up, 0.9 -> 0.05 over 200 steps, plain NLL; GRPO gets 1 - mu; each
+  # term is over its rows' share of the batch (8 own rows and 2 demonstrations per prompt).
   cfg, chord_mu = _method("chord_mu")
-  assert chord_mu.mu_steps(cfg) == (200, 400)
+  assert chord_mu.mu_steps(cfg) == (0, 200)
   pg, sft = chord_mu.phase_at(cfg, 0).objective.terms
+  paper = {0: 0.9, 100: 0.05 + 0.85 * 0.5, 200: 0.05, 300: 0.05}
+  for t, mu_t in paper.items():
+    assert pg.weight_at(t) == pytest.approx((1 - mu_t) / 0.8) and sft.weight_at(t) == pytest.approx(mu_t / 0.2)
+  assert sft.loss == "nll"
+  # The example YAML's run, a config: warm-up 200, decay 400 of 500 steps, 0.5 -> 0.02, phi on.
+  cfg = importlib.import_module("experiments.configs.chord_example").get_config()
+  cfg.train.steps = 500
+  example = algorithms.from_config(cfg)
+  assert example.mu_steps(cfg) == (200, 400)
+  pg, sft = example.phase_at(cfg, 0).objective.terms
   for t in (0, 100, 300, 700):
     assert pg.weight_at(t) == pytest.approx((1 - mu(t)) / 0.8) and sft.weight_at(t) == pytest.approx(mu(t) / 0.2)
+  assert sft.loss == "phi_nll"
   cfg, chord_phi = _method("chord_phi")
   pg, sft = chord_phi.phase_at(cfg, 0).objective.terms
   assert [sft.weight_at(t) for t in (0, 1, 250, 499)] == pytest.approx([0.1 / 0.2] * 4)
@@ -269,6 +282,50 @@ def test_relift_buffer_and_fine_tuning_optimizer_survive_a_resume(tmp_path, monk
   # Left in the buffer: the oldest 2 prompts, the last of step 1's batch (newest first, the front fine-tuned on).
   first_batch = next(trainer._loader(trainer.build_context(config(3), workdir)))
   assert meta["algo_state"]["buffer"] == first_batch.uids[-2:].tolist()
-  # 3 steps of the run's AdamW; 2 of the fine-tuning one: its state came back with the checkpoint.
-  assert int(final.step) == 3 and _adam_counts(final.opt_state) == [3, 2]
+  # 3 steps of 2 RL mini-batches each of the run's AdamW; 2 of the fine-tuning one: its state came back with the
+  # checkpoint.
+  assert int(final.step) == 3 and _adam_counts(final.opt_state) == [6, 2]
   assert all(np.isfinite(r["fine_tune/loss"]) for r in rows[1:])
+
+
+def test_sft_trains_with_its_own_optimizer_and_warm_up():
+  """SFT (alone or before RL) updates with the official SFT AdamW: lr 5e-5, linear warm-up over 10 % of its steps;
+  SFT->RL's RL phase updates with the run's AdamW (fresh, as a new training) and clips (PPO, 0.2)."""
+  from trapo_jax.train import state as state_lib
+  cfg, sft = _method("sft", steps=300)
+  assert sft.optimizers(cfg) == {"sft": {"lr": 5e-5, "warmup_steps": 30}}
+  assert [p.optimizer for p in sft.phases(cfg)] == ["sft"]
+  optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **sft.optimizers(cfg)["sft"]))
+  assert [state_lib.learning_rate(optim, t) for t in (0, 15, 30, 299)] == pytest.approx([0.0, 2.5e-5, 5e-5, 5e-5])
+  cfg, s2r = _method("sft_then_rl", steps=300)  # 150 SFT steps
+  assert s2r.optimizers(cfg) == {"sft": {"lr": 5e-5, "warmup_steps": 15}}
+  first, then = s2r.phases(cfg)
+  assert (first.optimizer, then.optimizer) == ("sft", "")
+  assert s2r.phase_at(cfg, 149) is not None and s2r.phase_at(cfg, 149).name == "sft"
+  pg = next(t for t in then.objective.terms if t.name == "pg")
+  assert dict(pg.params)["clip_eps"] == 0.2 and cfg.loss.clip_eps < 0  # its own clip, not the run's option
+
+
+def test_sft_then_rl_trains_rl_on_prompts_its_sft_never_draws(tmp_path):
+  """SFT->RL's RL phase draws only the held-out share of the training prompts (a fixed split by uid), its SFT phase
+  only the others, as the official RL run on prompts held out from its SFT data."""
+  from tests import test_trainer
+  from trapo_jax.train import trainer
+  cfg = test_trainer.tiny(test_trainer._config("sft_then_rl"), str(tmp_path))
+  cfg.sft_then_rl.rl_prompts = 0.5
+  cfg.train.batch_prompts = 1  # the fixture's 6 problems: 3 in each part
+  method = algorithms.from_config(cfg)
+  ctx = trainer.build_context(cfg, str(tmp_path))
+  ctx.loader = trainer._loader(ctx)
+  every = {e.uid for e in ctx.loader.examples}
+  drawn = {}
+  for phase in method.phases(cfg):
+    loader = trainer.phase_loader(ctx, phase)
+    drawn[phase.prompts_from] = {int(u) for _ in range(6) for u in next(loader).uids}
+  # The split: by a hash of the uid, so independent of order; about half held out at rl_prompts = 0.5.
+  held = {u for u in every if ((u * 2654435761) % 2 ** 32) / 2 ** 32 < 0.5}
+  assert method.held_out(cfg) == 0.5 and 0 < len(held) < len(every)
+  assert drawn["held_out"] == held and drawn["train"] == every - held
+  # rl_prompts = 0: both phases draw from the run's loader, every prompt.
+  cfg.sft_then_rl.rl_prompts = 0.0
+  assert {p.prompts_from for p in algorithms.from_config(cfg).phases(cfg)} == {""}

@@ -46,6 +46,7 @@ def tiny(cfg, workdir: str, steps: int = 3):
     cfg.train.update(steps=steps, batch_prompts=2, ckpt_every=1, micro_batch_tokens=256, logprob_chunk=8)
     if cfg.algo == "sft_then_rl":
       cfg.sft_then_rl.sft_steps = 1
+      cfg.sft_then_rl.rl_prompts = 0.0  # the fixture's 6 problems do not split into two parts of a batch each
     # Every phase's rows must split over the 4 batch shards: 2 prompts do unless a phase has 1 row per prompt.
     if any(p.rows_per_prompt % 2 for p in algorithms.from_config(cfg).phases(cfg)):
       cfg.train.batch_prompts = 4

@@ -261,7 +261,9 @@ def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh
   t = cfg.data.max_prompt_len + cfg.data.max_response_len
   lb = cfg.data.max_response_len
   shards = sharding.local_batch_shards(mesh)
-  mb = step_lib.micro_batch_rows(rows, t, cfg.train.micro_batch_tokens, shards)
+  updates = trainer.updates_of(cfg, phase)  # the trainer's layout: its mini-batches and declared micro-batches
+  mb = step_lib.layout_rows(rows, t, cfg.train.micro_batch_tokens, shards, updates.mini_batches,
+                            updates.micro_batches)
   m = rows // mb
   shapes = dict(seq_tokens=((m, mb, t), jnp.int32), seq_mask=((m, mb, t), jnp.bool_), resp_start=((m, mb), jnp.int32),
                 resp_tokens=((m, mb, lb), jnp.int32), prefix_mask=((m, mb, lb), jnp.bool_),
@@ -272,15 +274,15 @@ def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh
   weights = jax.ShapeDtypeStruct((len(phase.objective.terms),), jnp.float32, sharding=sharding.replicated(mesh))
   reference = trainer.uses_reference(phase)
   fn = step_lib.jit_train_step(tx, model_cfg, mesh, objective=phase.objective, chunk_size=cfg.train.logprob_chunk,
-                               temperature=phase.temperature, updates=trainer.updates_of(cfg, phase),
-                               state_tx=state_tx, reference=reference)
+                               temperature=phase.temperature, updates=updates, state_tx=state_tx,
+                               reference=reference)
 
   def lower():
     with sharding.activate(mesh):
       return fn.lower(state, batch, weights, *((state.params,) if reference else ()))
 
   fixes = []
-  if mb > shards:
+  if mb > shards and not updates.micro_batches:  # a declared count fixes the layout
     fixes.append(f"--config.train.micro_batch_tokens={max(1, cfg.train.micro_batch_tokens // 2)}")
   if cfg.model.remat != "full":
     fixes.append("--config.model.remat=full")

@@ -207,13 +207,18 @@ def rollout_is_weight(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: ja
   return jax.lax.stop_gradient(weight)
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_clamped")
 
 
 def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
   """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, with log r = log pi_ref - log pi:
-  k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, never negative). [B, T]."""
+  k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = r - 1 - log r (unbiased, never negative), k3_clamped = k3 clamped
+  to [-10, 10] (verl's `low_var_kl`). [B, T]."""
   log_r = ref_logp - logp
+  if estimator == "k3_clamped":
+    # Beyond |log r| = 20 the value is clamped anyway; clipping first keeps exp finite, so the gradient is 0, not NaN.
+    log_r = jnp.clip(log_r, -20.0, 20.0)
+    return jnp.clip(jnp.exp(log_r) - 1.0 - log_r, -10.0, 10.0)
   if estimator == "k1":
     return -log_r
   if estimator == "k2":
@@ -308,24 +313,31 @@ def advantages(estimator: str, rewards: jax.Array, group_ids: jax.Array, *, use_
   raise ValueError(f"advantage estimator {estimator!r} is unknown (known: {', '.join(ADVANTAGE_ESTIMATORS)})")
 
 
-AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean", "row_share_token_mean")
+AGGREGATIONS = ("seq_sum_over_max_len", "token_mean", "seq_mean_token_mean", "row_share_token_mean",
+                "global_token_mean")
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) -> jax.Array:
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int,
+              batch_tokens: jax.Array | None = None) -> jax.Array:
   """[B, T] losses and mask -> scalar.
 
   seq_sum_over_max_len: sum over tokens / (max_len * B) — each sequence's sum over the fixed L_max, averaged over
     sequences (the official normaliser is this times the sequences per GPU: see LossConfig.seq_scale);
   token_mean: sum / number of tokens; seq_mean_token_mean: per-sequence token mean, averaged over sequences that
     have tokens; row_share_token_mean: the token mean times the share of the B rows that have tokens (CHORD's
-    per-micro-batch weighting of each row type, docs/algorithm.md#chord).
+    per-micro-batch weighting of each row type, docs/algorithm.md#chord); global_token_mean: sum / `batch_tokens`,
+    the mini-batch's response tokens per micro-batch, so the mean over micro-batches is the token mean of the whole
+    mini-batch (DAPO in current verl, `agg_loss` with the batch's token count); the micro-batch's own count where
+    none is given (one micro-batch).
   """
   mask = mask.astype(jnp.float32)
   total = per_token * mask
   if mode == "seq_sum_over_max_len":
     return jnp.sum(total) / (max_len * per_token.shape[0])
-  if mode == "token_mean":
+  if mode == "token_mean" or (mode == "global_token_mean" and batch_tokens is None):
     return jnp.sum(total) / jnp.maximum(jnp.sum(mask), 1.0)
+  if mode == "global_token_mean":
+    return jnp.sum(total) / jnp.maximum(batch_tokens, 1.0)
   if mode == "seq_mean_token_mean":
     tokens = jnp.sum(mask, axis=-1)
     seq = jnp.sum(total, axis=-1) / jnp.maximum(tokens, 1.0)
@@ -362,6 +374,7 @@ class TokenInputs:
   response_mask: jax.Array
   sampler_logp: jax.Array | None = None  # the log-probs the rows were sampled with (0 on given tokens); sampled rows
   ref_logp: jax.Array | None = None  # log pi_ref of the frozen reference policy, where a KL option asks for it
+  batch_tokens: jax.Array | None = None  # [] the mini-batch's response tokens / its micro-batches (global_token_mean)
 
 
 SELECTORS = {
@@ -490,6 +503,8 @@ def check_term(term: Term) -> None:
                      f"(known: {', '.join(AGGREGATIONS)})")
   if term.over not in ("response", "selected"):
     raise ValueError(f"term {term.name!r}: over {term.over!r} must be 'response' or 'selected'")
+  if term.aggregation == "global_token_mean" and term.over != "response":
+    raise ValueError(f"term {term.name!r}: global_token_mean counts the batch's response tokens: needs over='response'")
 
 
 def term_value(x: TokenInputs, term: Term, max_len: int, seq_scale: float) -> jax.Array:
@@ -501,7 +516,7 @@ def term_value(x: TokenInputs, term: Term, max_len: int, seq_scale: float) -> ja
   # every aggregation is linear in the per-token values for a fixed mask, so terms add up to the aggregate of
   # their sum.
   over = x.response_mask if term.over == "response" else selected
-  return scale * aggregate(jnp.where(selected, per_token, 0.0), over, term.aggregation, max_len)
+  return scale * aggregate(jnp.where(selected, per_token, 0.0), over, term.aggregation, max_len, x.batch_tokens)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

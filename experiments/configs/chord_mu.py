@@ -1,6 +1,6 @@
 """CHORD-mu on the default synthetic task (docs/algorithm.md#chord): 8 rollouts + 2 demonstration rows per prompt (the
-official 20 % of the batch, whatever its size); mu warms up over 0.4 and decays over 0.8 of train.steps (the
-official 200 and 400 steps at a 500-step budget)."""
+official 20 % of the batch, whatever its size); the paper's mu: no warm-up, a cosine from 0.9 to 0.05 over 0.4 of
+train.steps (200 of 500 steps). The example YAML's schedule: experiments/configs/chord_example.py."""
 
 from experiments.configs import default
 

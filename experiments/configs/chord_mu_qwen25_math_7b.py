@@ -1,10 +1,10 @@
 """CHORD on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#chord), the official
 `examples/mix_chord/mix_chord.yaml` settings where this trainer has them (its model is Qwen2.5-7B-Instruct).
 
-CHORD-mu: mu warms up over chord_mu.mu_warmup = 0.4 and decays over 0.8 of train.steps (the official example's 200
-and 400 steps at 500 steps). The example's comments give the paper's CHORD-mu as warm-up 0, decay 200, peak 0.9,
-valley 0.05: --config.chord_mu.mu_warmup=0 --config.chord_mu.mu_decay=0.4 --config.chord_mu.mu_peak=0.9
---config.chord_mu.mu_valley=0.05.
+CHORD-mu as the paper (the example YAML's comments): no warm-up, mu from 0.9 to 0.05 over chord_mu.mu_decay = 0.4 of
+train.steps (200 of 500), phi off. The example's own run (warm-up 200, decay 400, 0.5 -> 0.02, phi on):
+--config.chord_mu.mu_warmup=0.4 --config.chord_mu.mu_decay=0.8 --config.chord_mu.mu_peak=0.5
+--config.chord_mu.mu_valley=0.02 --config.chord_mu.phi=True.
 
   python -m trapo_jax.main --config=experiments/configs/chord_mu_qwen25_math_7b.py --workdir=gs://bucket/chord \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet

@@ -21,5 +21,5 @@ def get_config():
   c.train.steps = 500  # guess
   c.optim.lr = 1e-6  # trainer default
   c.optim.grad_clip = 1.0  # trainer default
-  # guess: loss.seq_scale stays 8 (sum / max tokens per micro-batch of the official dr_grpo aggregation).
+  # prefix_rft.aggregation = "token_mean", the shipped YAML's loss_agg_mode (loss.seq_scale then plays no part).
   return c

@@ -16,8 +16,14 @@ from experiments.configs import trapo_qwen25_math_7b
 def get_config():
   c = trapo_qwen25_math_7b.get_config()  # the model's shapes, data and evaluation of the paper's run
   c.algo = "srft"
-  c.train.batch_prompts = 128  # official train_batch_size; its 2 PPO mini-batches of 64 are one update here
+  c.train.batch_prompts = 128  # official train_batch_size, in 2 mini-batches of 64 (srft.mini_batches = 2)
+  # The official actor sums a GPU's K dynamic micro-batches (ppo_max_token_len_per_gpu 32k over its 64 sequences of a
+  # mini-batch): K = ceil(64 x mean sequence length / 32768), 4 to 8 at 2k to 4k tokens; 8 (a power of two, so the
+  # 512 rows of a mini-batch split over the batch shards) for the long responses of Qwen2.5-Math's runs.
+  c.srft.micro_batches = 8
   c.train.steps = 500  # official total_training_steps
-  c.loss.seq_scale = 128.0  # sum / (8192 x 8 GPUs) over the batch's 1024 sequences, as the official normaliser
+  # sum / (8192 x 8 GPUs) over a mini-batch's 512 sequences, as the official normaliser: the sequences a GPU holds in
+  # one micro-batch (64 / K), as the micro-batches' losses add up.
+  c.loss.seq_scale = 8.0
   c.optim.lr = 1e-6  # official LR
   return c

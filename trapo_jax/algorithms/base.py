@@ -31,6 +31,15 @@ class Phase:
   temperature: float = 1.0
   optimizer: str = ""  # which optimizer updates: "" the run's (cfg.optim), else one of Method.optimizers
   prompts: int = 0  # prompts per update; 0: train.batch_prompts (a phase run from `after_update` may differ)
+  # How the phase's official code accumulates (docs/algorithm.md#accumulation): its micro-batch gradients' "mean"
+  # or "sum"; with "sum", the micro-batches per mini-batch it sums (the official K); optimizer updates per batch
+  # (0: train.mini_batches).
+  micro_reduce: str = "mean"
+  micro_batches: int = 0
+  mini_batches: int = 0
+  # Which training prompts the phase draws (`prompt_part`): "" all; "train" those not held out, "held_out" the
+  # Method.held_out(cfg) share kept for a later phase (SFT->RL's RL phase on prompts its SFT never saw).
+  prompts_from: str = ""
 
   @property
   def rows_per_prompt(self) -> int:
@@ -78,6 +87,11 @@ class Method:
   def advantage_std(self, cfg) -> bool:
     """Whether group advantages are divided by the group's std. Default: loss.use_std."""
     return bool(cfg.loss.use_std)
+
+  def held_out(self, cfg) -> float:
+    """The share of training prompts held out for phases with prompts_from="held_out". Default: none."""
+    del cfg
+    return 0.0
 
   def optimizers(self, cfg) -> dict[str, dict[str, Any]]:
     """Optimizers besides the run's, by name: each the cfg.optim keys it changes. Their state is part of the train
@@ -147,8 +161,10 @@ def from_config(cfg) -> Method:
 
 def objective(cfg, *terms: losses.Term) -> losses.Objective:
   """The terms over the run's fixed response length and sequence scale (docs/algorithm.md, normalisation); an RL
-  objective (one with a policy-gradient term) also gets the KL to the reference policy when loss.kl_in is "loss"."""
-  if any(t.loss == "policy_gradient" for t in terms) and cfg.loss.kl_coef > 0 and cfg.loss.kl_in == "loss":
+  objective (one with a policy-gradient term) also gets the KL to the reference policy when loss.kl_in is "loss",
+  unless the method has its own."""
+  if (any(t.loss == "policy_gradient" for t in terms) and cfg.loss.kl_coef > 0 and cfg.loss.kl_in == "loss"
+      and not any(t.loss == "reference_kl" for t in terms)):  # a method's own KL term (UFT's) stands instead
     terms += (reference_kl(cfg),)
   return losses.Objective(terms=tuple(terms), max_len=int(cfg.data.max_response_len),
                           seq_scale=float(cfg.loss.seq_scale))
@@ -200,17 +216,49 @@ def own_rollouts(cfg) -> microgroup.Plan:
   return microgroup.Plan(stages=(cfg.rollout.n,), mode="none")
 
 
+def accumulation(name: str, *, micro_batches: int, mini_batches: int) -> dict[str, Any]:
+  """Phase fields of a verl-0.2 actor (HPT, SRFT, ReLIFT): each micro-batch's loss back-propagated unscaled, so the
+  gradients of a mini-batch's `micro_batches` micro-batches add up, and `mini_batches` AdamW steps per batch.
+  `name`: the method's config group, whose keys hold the two counts."""
+  require(micro_batches >= 1, f"{name}.micro_batches", "must be >= 1")
+  require(mini_batches >= 1, f"{name}.mini_batches", "must be >= 1")
+  return dict(micro_reduce="sum", micro_batches=micro_batches, mini_batches=mini_batches)
+
+
+PROMPT_PARTS = ("", "train", "held_out")
+
+
+def in_part(uid: int, held_out: float, part: str) -> bool:
+  """Whether the prompt `uid` belongs to `part` of a split holding out the `held_out` share: a fixed hash of the uid,
+  so the split does not depend on the order, the batch or the process."""
+  if part == "":
+    return True
+  held = (int(uid) * 2654435761 % 2 ** 32) / 2 ** 32 < held_out  # Knuth's multiplicative hash
+  return held if part == "held_out" else not held
+
+
 def check_rows(cfg, phases: tuple[Phase, ...], batch_shards: int) -> None:
-  """Every phase's rows per step split evenly over the batch shards; every term can be evaluated."""
+  """Every phase's rows per step split evenly over the batch shards and its mini- and micro-batches; every term can
+  be evaluated."""
   for phase in phases:
     rows = (phase.prompts or cfg.train.batch_prompts) * phase.rows_per_prompt
     require(rows % batch_shards == 0, "train.batch_prompts",
             f"{rows} sequences per step ({phase.name} phase) do not split over the {batch_shards} batch shards "
             "(mesh data x fsdp)")
-    k = cfg.train.mini_batches
-    require(rows % (k * batch_shards) == 0, "train.mini_batches",
+    require(phase.prompts_from in PROMPT_PARTS, "algo", f"{cfg.algo}, {phase.name} phase: prompts_from "
+            f"{phase.prompts_from!r} is not one of {PROMPT_PARTS}")
+    if phase.mini_batches:
+      require(cfg.train.mini_batches in (1, phase.mini_batches), "train.mini_batches",
+              f"{cfg.algo} sets its own mini-batches ({cfg.algo}.mini_batches = {phase.mini_batches})")
+    k = phase.mini_batches or cfg.train.mini_batches
+    key = f"{cfg.algo}.mini_batches" if phase.mini_batches else "train.mini_batches"
+    require(rows % (k * batch_shards) == 0, key,
             f"{rows} sequences per step ({phase.name} phase) do not split into {k} mini-batches over the "
             f"{batch_shards} batch shards")
+    if phase.micro_batches:
+      require(rows % (k * phase.micro_batches * batch_shards) == 0, f"{cfg.algo}.micro_batches",
+              f"{rows} sequences per step ({phase.name} phase) do not split into {k} mini-batches of "
+              f"{phase.micro_batches} micro-batches over the {batch_shards} batch shards")
     for term in phase.objective.terms:
       try:
         losses.check_term(term)

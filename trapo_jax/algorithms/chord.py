@@ -3,16 +3,18 @@ share of demonstration rows; CHORD-mu schedules mu with plain NLL, CHORD-phi kee
 demonstration token by sg(p (1 - p)).
 
 Official code: modelscope/Trinity-RFT, `trinity/algorithm/policy_loss_fn/chord_policy_loss.py`
-(`MIXCHORDPolicyLossFn`: the PPO loss, clip 0.2, token mean over the micro-batch's own rows and the SFT loss token
+(`MIXCHORDPolicyLossFn`: the PPO loss, clip 0.2 and dual clip 3 (Trinity's PPO loss), token mean over the micro-batch's own rows and the SFT loss token
 mean over its expert rows, each times the micro-batch's share of that row type; `mu_schedule_function`;
 `SFTPhiLossFn`), `trinity/algorithm/advantage_fn/grpo_advantage.py` (advantages divided by the group std),
-`examples/mix_chord/mix_chord.yaml` (expert_data_ratio 0.2; mu warm-up 200, decay 400, peak 0.5, valley 0.02;
-its comments give CHORD-mu as warm-up 0, decay 200, peak 0.9, valley 0.05, and CHORD-phi as mu = 0.1).
+`examples/mix_chord/mix_chord.yaml` (expert_data_ratio 0.2; mu warm-up 200, decay 400, peak 0.5, valley 0.02 with
+phi on; its comments give the paper's CHORD-mu as warm-up 0, decay 200, peak 0.9, valley 0.05, phi off, and
+CHORD-phi as mu = 0.1). `chord_mu`'s defaults are the paper's CHORD-mu; the example's run is
+experiments/configs/chord_example.py.
 
 Here the expert rows are the prompts' own demonstrations, appended to each prompt's rows, ungraded and outside its
 GRPO group: k = round(n x share / (1 - share)) per prompt, 2 for n = 8 at the official 20 %, whatever the batch.
-The mu schedule is in fractions of train.steps (`mu_warmup`, `mu_decay`): 0.4 and 0.8 equal the official 200 and
-400 steps at this comparison's 500-step budget (the official run's length is not published).
+The mu schedule is in fractions of train.steps (`mu_warmup`, `mu_decay`): 0 and 0.4 equal the paper's 0 and 200
+steps at this comparison's 500-step budget (the official run's length is not published).
 
 Not verified: Trinity's `entropy_loss_fn="mix"` coefficient (its default is 0: no entropy term here) and whether
 its step count starts at 0 or 1 (here: the 0-based optimizer step).
@@ -49,13 +51,14 @@ class ChordWeight:
 @dataclasses.dataclass(frozen=True)
 class Chord(base.Method):
   """CHORD's terms and rows; the registered variants differ by their defaults."""
-  mu_warmup: float = 0.4  # fraction of train.steps (official 200 steps)
-  mu_decay: float = 0.8  # fraction of train.steps (official 400 steps)
-  mu_peak: float = 0.5
-  mu_valley: float = 0.02
+  mu_warmup: float = 0.0  # fraction of train.steps (the paper's CHORD-mu: 0 steps)
+  mu_decay: float = 0.4  # fraction of train.steps (the paper's 200 steps of 500)
+  mu_peak: float = 0.9
+  mu_valley: float = 0.05
   phi: bool = False  # weight each demonstration token's -log p by sg(p (1 - p))
   expert_share: float = 0.2  # demonstration rows' share of the batch (official expert_data_ratio)
   clip_eps: float = 0.2
+  dual_clip: float = 3.0  # Trinity's PPO loss caps a negative advantage's loss at -3 A
   use_std: bool = True
 
   def demo_form(self, cfg) -> str:
@@ -76,7 +79,7 @@ class Chord(base.Method):
   def phases(self, cfg) -> tuple[base.Phase, ...]:
     plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="none", demos=tuple(range(self.demo_rows(cfg))))
     pg = base.policy_gradient(cfg, weight=self.weight(cfg, sft=False), aggregation="row_share_token_mean",
-                              over="selected", clip_eps=float(self.clip_eps))
+                              over="selected", clip_eps=float(self.clip_eps), dual_clip=float(self.dual_clip))
     sft = losses.Term("sft", tokens="demo_rows", loss="phi_nll" if self.phi else "nll",
                       weight=self.weight(cfg, sft=True), aggregation="row_share_token_mean", over="selected")
     return (base.Phase("rl", plan, base.objective(cfg, pg, sft), temperature=float(cfg.rollout.temperature)),)
@@ -93,6 +96,7 @@ class Chord(base.Method):
     require(self.mu_warmup >= 0 and self.mu_decay >= 0, key + "mu_warmup", "warm-up and decay must be >= 0")
     require(0 <= self.mu_valley <= 1 and 0 <= self.mu_peak <= 1, key + "mu_peak", "mu must lie in [0, 1]")
     require(self.clip_eps > 0, key + "clip_eps", "must be > 0")
+    require(self.dual_clip > 1, key + "dual_clip", "must be > 1")
 
 
 @base.register

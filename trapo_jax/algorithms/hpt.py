@@ -11,10 +11,12 @@ gate 0, coefficient 1.0, lr 5e-6).
 Rows per prompt are fixed (n): a gated prompt's first row becomes the demonstration (outside the GRPO group: its
 advantage is 0, its loss is the NLL alone) and its other rows are emptied, so no term sees them.
 
+Accumulation (`mix_actor.py:update_policy`, verl 0.2): each micro-batch's loss is back-propagated unscaled, so a
+GPU's K micro-batches add up (the SFT and entropy token means count K times), and a 128-prompt batch takes two AdamW
+steps (`ppo_mini_batch_size` 64): `micro_batches` and `mini_batches` (docs/algorithm.md#accumulation).
+
 Not reproduced: the middle branch (`switch_gate_off`, equal to the gate in the official run, so never taken);
-`max_grad_norm=80` (an update whose gradient norm exceeds 80 is skipped); the two PPO mini-batches per 128-prompt
-batch. The official SFT term is a token mean per micro-batch summed over the micro-batches of a GPU; here the
-micro-batch means are averaged, as every token-mean term of the trainer.
+`max_grad_norm=80` (an update whose gradient norm exceeds 80 is skipped).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Hpt(base.Method):
   gate: int = 0  # at most this many correct rollouts: train on the demonstration instead
   sft_coef: float = 1.0  # official 1.0 for Qwen2.5-Math-7B (0.3 for the 1.5B model)
   demo: int = 0
+  micro_batches: int = 2  # summed per mini-batch; official K = a GPU's dynamic micro-batches (the 7B config: 8)
+  mini_batches: int = 2  # AdamW steps per batch (official: 128 prompts in mini-batches of 64)
 
   def demo_form(self, cfg) -> str:
     return base.whole_response(cfg)
@@ -44,7 +48,9 @@ class Hpt(base.Method):
     nll = losses.Term("sft", tokens="demo_rows", loss="nll", weight=float(self.sft_coef), aggregation="token_mean",
                       over="selected")
     return (base.Phase("rl", plan, base.objective(cfg, nll, base.policy_gradient(cfg), base.entropy_bonus(cfg)),
-                       temperature=float(cfg.rollout.temperature)),)
+                       temperature=float(cfg.rollout.temperature),
+                       **base.accumulation(self.name, micro_batches=self.micro_batches,
+                                           mini_batches=self.mini_batches)),)
 
   def check(self, cfg) -> None:
     require(0 <= self.gate < cfg.rollout.n, "hpt.gate", f"must lie in [0, rollout.n={cfg.rollout.n})")

@@ -1,13 +1,15 @@
 """Prefix-RFT (docs/algorithm.md#prefix-rft): per prompt, some groups of rollouts are the model's own and the others
 continue a prefix of a demonstration, its ratio r = low + (high - low) Beta(1, 1) with bounds scheduled over
 training; prefix tokens share their row's advantage under the PPO-clip surrogate, but only the highest-entropy
-20 % of a micro-batch's prefix tokens keep it; Dr.GRPO advantages (no std), sum / max length.
+20 % of a micro-batch's prefix tokens keep it; Dr.GRPO advantages (no std); a token mean over the micro-batch's
+response tokens (the shipped YAML's `loss_agg_mode: token-mean`; `aggregation`).
 
 Official code: ZeroYuHuang/prefix_rft, `recipe/prefix_rft/rl_dataset.py:PrefixRFTDataset` (`num_prefix` groups of
 which `num_empty_prefix` unguided, a random demonstration per group, `_get_prefix`: int(r x length) tokens, at least
 `min_prefix_len`, at most length - 1), `scheduler/global_step.py` (`BetaSampler`, `CosineDecayController`),
 `dp_actor.py:reshape_func` ("entropy": the lowest-entropy `mask_ratio` share of the micro-batch's prefix tokens get
-advantage 0), `core_algos.py:compute_policy_loss` (dual clip, c = 3) and `agg_loss("dr_grpo")` (sum / max tokens),
+advantage 0), `core_algos.py:compute_policy_loss` (dual clip, c = 3) and `agg_loss` (`loss_agg_mode`: the YAML's
+token-mean; "dr_grpo", sum / max tokens, is `aggregation="seq_sum_over_max_len"`),
 `compute_dr_grpo_outcome_advantage` (mean-centred, no std).
 
 The repository ships no run script (it imports a `recipe.prefix_rft_v2` it does not contain), so the layout and the
@@ -41,6 +43,7 @@ class PrefixRft(base.Method):
   entropy_drop: float = 0.8  # the lowest-entropy share of prefix tokens whose advantage is 0
   clip_eps: float = 0.2
   clip_c: float = 3.0  # dual clip for A < 0
+  aggregation: str = "token_mean"  # the shipped YAML's loss_agg_mode; "seq_sum_over_max_len": agg_loss("dr_grpo")
 
   def demo_form(self, cfg) -> str:
     return base.whole_response(cfg)
@@ -57,8 +60,8 @@ class PrefixRft(base.Method):
   def phase_at(self, cfg, step: int) -> base.Phase:
     """Only the rows change with the step (the bounds): one objective, compiled once."""
     clip = dict(clip_eps=float(self.clip_eps), dual_clip=float(self.clip_c))
-    own = base.policy_gradient(cfg, **clip)
-    prefix = losses.Term("prefix", tokens="imitated", loss="prefix_rft_surrogate", aggregation=cfg.loss.aggregation,
+    own = base.policy_gradient(cfg, aggregation=self.aggregation, **clip)
+    prefix = losses.Term("prefix", tokens="imitated", loss="prefix_rft_surrogate", aggregation=self.aggregation,
                          params=tuple(clip.items()) + (("entropy_drop", float(self.entropy_drop)),))
     return base.Phase("rl", self.plan(cfg, step), base.objective(cfg, own, prefix, base.entropy_bonus(cfg)),
                       temperature=float(cfg.rollout.temperature))
@@ -78,3 +81,5 @@ class PrefixRft(base.Method):
     require(self.min_prefix >= 1, "prefix_rft.min_prefix", "must be >= 1")
     require(0 <= self.entropy_drop < 1, "prefix_rft.entropy_drop", "must lie in [0, 1)")
     require(self.clip_eps > 0 and self.clip_c > 1, "prefix_rft.clip_c", "needs clip_eps > 0 and clip_c > 1")
+    require(self.aggregation in losses.AGGREGATIONS, "prefix_rft.aggregation",
+            f"must be one of {losses.AGGREGATIONS}")

@@ -13,8 +13,12 @@ Scale-free defaults that equal the official ones at its 128-prompt batches and l
 `buffer_batches` x train.batch_prompts prompts (official 128), and the fine-tuning lr is `sft_lr_scale` x optim.lr
 (official 1e-6 for both). The buffer and the fine-tuning optimizer's state are part of every checkpoint.
 
-Not reproduced: the official RL update splits its 128-prompt batch into two mini-batches (two AdamW steps); here
-one update per batch. Its reward also requires the thought format (`reward_impl_version=3`); here every method
+Accumulation (`actor.py`, verl 0.2): the RL update sums a GPU's micro-batch losses (`micro_batches`) and splits its
+128-prompt batch into two mini-batches, two AdamW steps (`mini_batches`); the fine-tuning loss is 1/8 of its token
+mean (`sft_loss_scale`: the official gradient accumulation divides by the whole mini-batch over the per-GPU
+micro-batch, 8 times a GPU's count at 8 GPUs), docs/algorithm.md#accumulation.
+
+Not reproduced: its reward also requires the thought format (`reward_impl_version=3`); here every method
 shares the grader.
 """
 
@@ -41,6 +45,9 @@ class Relift(base.Method):
   sft_grad_clip: float = 1.0
   sft_entropy_coef: float = 0.001
   demo: int = 0  # which demonstration is fine-tuned on (official: the first target)
+  micro_batches: int = 2  # RL micro-batches summed per mini-batch; official K: a GPU's dynamic ones (7B config: 8)
+  mini_batches: int = 2  # RL AdamW steps per batch (official: 128 prompts in mini-batches of 64)
+  sft_loss_scale: float = 0.125  # x the fine-tuning loss (official: 1/8 of the token mean, see above)
 
   def demo_form(self, cfg) -> str:
     return base.whole_response(cfg)
@@ -49,14 +56,18 @@ class Relift(base.Method):
     return max(1, round(self.buffer_batches * cfg.train.batch_prompts))
 
   def fine_tune_phase(self, cfg) -> base.Phase:
-    nll = losses.Term("nll", tokens="imitated", loss="nll", aggregation="token_mean")
-    entropy = losses.Term("entropy", tokens="response", loss="entropy", weight=-float(self.sft_entropy_coef),
+    scale = float(self.sft_loss_scale)
+    nll = losses.Term("nll", tokens="imitated", loss="nll", weight=scale, aggregation="token_mean")
+    entropy = losses.Term("entropy", tokens="response", loss="entropy", weight=-scale * float(self.sft_entropy_coef),
                           aggregation="token_mean")
     return base.Phase("fine_tune", microgroup.DemoRows(which=(self.demo,)), base.objective(cfg, nll, entropy),
                       optimizer="fine_tune", prompts=self.buffer_size(cfg))
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
-    return grpo.Grpo().phases(cfg) + (self.fine_tune_phase(cfg),)
+    (rl,) = grpo.Grpo().phases(cfg)
+    rl = dataclasses.replace(rl, **base.accumulation(self.name, micro_batches=self.micro_batches,
+                                                     mini_batches=self.mini_batches))
+    return (rl, self.fine_tune_phase(cfg))
 
   def phase_at(self, cfg, step: int) -> base.Phase:
     return self.phases(cfg)[0]
@@ -82,4 +93,5 @@ class Relift(base.Method):
     require(self.buffer_batches > 0, "relift.buffer_batches", "must be > 0")
     require(self.sft_lr_scale > 0, "relift.sft_lr_scale", "must be > 0")
     require(self.sft_grad_clip > 0, "relift.sft_grad_clip", "must be > 0")
+    require(self.sft_loss_scale > 0, "relift.sft_loss_scale", "must be > 0")
     require(self.demo in (0, 1), "relift.demo", "must be 0 or 1 (each problem has two demonstrations)")

@@ -1,9 +1,16 @@
-"""SFT then RL (docs/algorithm.md#sft-then-rl): SFT for the first `sft_steps` optimizer steps, GRPO after, one run."""
+"""SFT then RL (docs/algorithm.md#sft-then-rl): SFT for the first `sft_steps` optimizer steps, GRPO after, one run.
+
+The official baseline runs them as two trainings: SFT (OpenRLHF: lr 5e-5, 10 % warm-up) and then RL from the SFT
+model with PPO clipping on, on held-out prompts (`openr1.complement.parquet`). Here the SFT phase has its own AdamW
+(`lr`, `warmup`, as `algo=sft`), so the RL phase starts the run's AdamW fresh, as a new training does, its policy
+gradient is clipped at `clip_eps` (0.2), and it draws only the `rl_prompts` share of the training prompts, which the
+SFT phase never draws (base.in_part: a fixed split by uid).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from trapo_jax.algorithms import base
 from trapo_jax.algorithms import grpo
@@ -16,6 +23,10 @@ from trapo_jax.errors import require
 class SftThenRl(base.Method):
   name: ClassVar[str] = "sft_then_rl"
   sft_steps: int = -1  # steps of SFT before GRPO; -1: half of train.steps (the split follows an overridden budget)
+  lr: float = 5e-5  # the SFT phase's learning rate (official OpenRLHF SFT)
+  warmup: float = 0.1  # the SFT phase's linear warm-up, a share of its steps
+  clip_eps: float = 0.2  # PPO clip of the RL phase (official: on)
+  rl_prompts: float = 0.5  # share of the training prompts held out for the RL phase; 0: both phases draw all
 
   def demo_form(self, cfg) -> str:
     return sft.Sft().demo_form(cfg)
@@ -24,7 +35,19 @@ class SftThenRl(base.Method):
     return cfg.train.steps // 2 if self.sft_steps < 0 else self.sft_steps
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
-    return sft.Sft().phases(cfg) + grpo.Grpo().phases(cfg)
+    (rl,) = grpo.Grpo().phases(cfg)
+    pg = base.policy_gradient(cfg, clip_eps=float(self.clip_eps))
+    split = self.rl_prompts > 0
+    rl = dataclasses.replace(rl, objective=base.objective(cfg, pg, base.entropy_bonus(cfg)),
+                             prompts_from="held_out" if split else "")
+    (first,) = sft.Sft().phases(cfg)
+    return (dataclasses.replace(first, prompts_from="train" if split else ""), rl)
+
+  def held_out(self, cfg) -> float:
+    return float(self.rl_prompts)
+
+  def optimizers(self, cfg) -> dict[str, dict[str, Any]]:
+    return {"sft": sft.sft_optimizer(self, self.sft_steps_of(cfg))}
 
   def phase_at(self, cfg, step: int) -> base.Phase:
     first, then = self.phases(cfg)
@@ -32,3 +55,6 @@ class SftThenRl(base.Method):
 
   def check(self, cfg) -> None:
     require(self.sft_steps >= -1, "sft_then_rl.sft_steps", "must be >= 0, or -1 for half of train.steps")
+    require(self.clip_eps > 0, "sft_then_rl.clip_eps", "must be > 0")
+    require(0 <= self.rl_prompts < 1, "sft_then_rl.rl_prompts", "must lie in [0, 1) (a share of the prompts)")
+    sft.check_optimizer(self)

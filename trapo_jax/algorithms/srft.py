@@ -10,8 +10,8 @@ the micro-batch's demonstration rows), `mix_core_alg.py:compute_token_on_off_pol
 -w log p on own tokens, w from `correct_answer_mask` = reward 1; -A p / (p + 0.1) on demonstration tokens; sum / max
 length, no clip), `exp_scripts/train_srft.sh` (the run: lr 1e-6, 8 rollouts with one prefix of ratio 1.0).
 
-Not reproduced: the two PPO mini-batches per 128-prompt batch; the official SFT term is summed over micro-batches
-(here averaged, as every token-mean term).
+Accumulation as HPT's (the same actor): the micro-batch losses of a mini-batch summed (`micro_batches`), two AdamW
+steps per 128-prompt batch (`mini_batches`), docs/algorithm.md#accumulation.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class Srft(base.Method):
   correct_coef: float = 0.1  # x sg(exp(H)): REINFORCE weight of a correct rollout's tokens
   wrong_coef: float = -1.0  # REINFORCE weight of a wrong rollout's tokens
   gamma: float = 0.1  # LUFFY's shaping p / (p + gamma) on demonstration tokens
+  micro_batches: int = 2  # summed per mini-batch; official K = a GPU's dynamic micro-batches (the 7B config: 8)
+  mini_batches: int = 2  # AdamW steps per batch (official: 128 prompts in mini-batches of 64)
 
   def demo_form(self, cfg) -> str:
     return base.whole_response(cfg)
@@ -46,7 +48,9 @@ class Srft(base.Method):
     on = losses.Term("on", tokens="own", loss="srft_reinforce", aggregation=cfg.loss.aggregation,
                      params=(("correct", float(self.correct_coef)), ("wrong", float(self.wrong_coef))))
     return (base.Phase("rl", plan, base.objective(cfg, sft, off, on, base.entropy_bonus(cfg)),
-                       temperature=float(cfg.rollout.temperature)),)
+                       temperature=float(cfg.rollout.temperature),
+                       **base.accumulation(self.name, micro_batches=self.micro_batches,
+                                           mini_batches=self.mini_batches)),)
 
   def check(self, cfg) -> None:
     require(self.gamma > 0, "srft.gamma", "must be > 0")

@@ -5,16 +5,17 @@ loss = GRPO on the generated tokens + beta x the token-mean NLL of the hint toke
 Official code: liumy2010/UFT, `verl/utils/dataset/rl_dataset.py:RLHFDataset.__getitem__` (the hint: num = min(5,
 steps) segments of the solution's steps, k = the number of num Bernoulli(p) draws, the first k segments appended to
 the prompt; `timestep` from 1), `verl/workers/actor/dp_actor.py:update_policy` (PPO loss, clip 0.2, token mean;
-`sft_loss_coef` x the token-mean cross-entropy of the hint tokens; entropy 0.001), `verl/trainer/ppo/core_algos.py:
-compute_grpo_outcome_advantage` (divided by the group std), `run.py` (T = 500, T_hint = 300, p from 0.05 to 0.95,
-beta = 0.001, 4 rollouts, 256 prompts per batch).
+`sft_loss_coef` x the token-mean cross-entropy of the hint tokens; entropy 0.001; the KL loss, `low_var_kl`: k3
+clamped to [-10, 10], token mean, 0.001), `verl/trainer/ppo/core_algos.py:compute_grpo_outcome_advantage` (divided
+by the group std), `run.py` (T = 500, T_hint = 300, p from 0.05 to 0.95, beta = 0.001, 4 rollouts, 256 prompts per
+batch in 4 PPO mini-batches).
 
 Here the hint is a given prefix of the response rather than the end of the prompt: the same tokens in the same order,
 but the grader reads only what the model generated (`grade_given=False`), as the official reward reads the response
 alone, and the policy gradient and entropy see only generated tokens. Segments are the demonstration's "\\n\\n"
 steps; T_hint is `hint_steps` x train.steps (0.6 = the official 300 of 500).
 
-Not reproduced: the KL loss to the reference policy (official use_kl_loss, 0.001); the PPO mini-batches.
+The KL term is UFT's own (`kl_coef`), so loss.kl_coef stays 0; its reference is the initial policy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Uft(base.Method):
   sft_coef: float = 0.001  # beta: weight of the hint tokens' NLL
   clip_eps: float = 0.2
   use_std: bool = True
+  kl_coef: float = 0.001  # official use_kl_loss: kl_loss_coef x the clamped k3 to the reference, token mean
+  mini_batches: int = 4  # AdamW steps per batch (official: 256 prompts in 4 PPO mini-batches)
 
   def demo_form(self, cfg) -> str:
     return base.whole_response(cfg)
@@ -60,7 +63,12 @@ class Uft(base.Method):
                        aggregation="token_mean", over="selected")
     entropy = losses.Term("entropy", tokens="own", loss="entropy", weight=-float(cfg.loss.entropy_coef),
                           aggregation="token_mean", over="selected")
-    return base.Phase("rl", plan, base.objective(cfg, pg, hint, entropy), temperature=float(cfg.rollout.temperature))
+    terms = (pg, hint, entropy)
+    if self.kl_coef > 0:
+      terms += (losses.Term("kl", tokens="own", loss="reference_kl", weight=float(self.kl_coef),
+                            aggregation="token_mean", over="selected", params=(("estimator", "k3_clamped"),)),)
+    return base.Phase("rl", plan, base.objective(cfg, *terms), temperature=float(cfg.rollout.temperature),
+                      mini_batches=self.mini_batches)
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
     return (self.phase_at(cfg, 0),)
@@ -74,3 +82,6 @@ class Uft(base.Method):
     require(self.segments >= 1, "uft.segments", "must be >= 1")
     require(self.sft_coef >= 0, "uft.sft_coef", "must be >= 0")
     require(self.clip_eps > 0, "uft.clip_eps", "must be > 0")
+    require(self.kl_coef >= 0, "uft.kl_coef", "must be >= 0")
+    require(self.mini_batches >= 1, "uft.mini_batches", "must be >= 1")
+    require(cfg.loss.kl_coef == 0, "loss.kl_coef", "uft has its own KL term (uft.kl_coef): leave loss.kl_coef at 0")

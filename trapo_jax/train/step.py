@@ -3,11 +3,12 @@
 Sequences are packed right-padded, prompt then response ([N, T]); the loss reads the hidden state before each
 response token (a per-row gather), so every loss array is response-aligned [N, L] like the sampler's output.
 
-Micro-batches: the N rows are split into M equal micro-batches scanned inside one jitted step; gradients are
-averaged, so with the sequence-mean aggregations the step's gradient equals the full-batch gradient. (The official
-code sums the gradients of token-budgeted micro-batches of one GPU's 8 sequences and averages over GPUs; with
-`loss.seq_scale` = sequences per GPU this gives the same objective, docs/algorithm.md. The entropy term is a token mean per
-micro-batch, as there.)
+Micro-batches: the N rows are split into M equal micro-batches scanned inside one jitted step. A phase declares how
+their gradients combine (Updates.micro_reduce, docs/algorithm.md#accumulation): "mean", so with the sequence-mean
+aggregations the step's gradient equals the full-batch gradient (TRAPO's official code sums the gradients of a GPU's
+8 sequences and averages over GPUs; with `loss.seq_scale` = sequences per GPU this is the same objective), or "sum"
+over a declared number of micro-batches, as the verl-0.2 actors of HPT, SRFT and ReLIFT call backward on each
+micro-batch's loss unscaled, so each token-mean term counts once per micro-batch.
 """
 
 from __future__ import annotations
@@ -59,12 +60,26 @@ def micro_batch_rows(num_rows: int, seq_len: int, token_budget: int, shards: int
   return mb
 
 
+def layout_rows(num_rows: int, seq_len: int, token_budget: int, shards: int, mini_batches: int = 1,
+                micro_batches: int = 0) -> int:
+  """Rows per micro-batch of a batch of num_rows that splits into `mini_batches` mini-batches of `micro_batches`
+  micro-batches each (a phase that sums them: its declared count), or of as many as the token budget asks (0)."""
+  if num_rows % mini_batches:
+    raise ValueError(f"cannot split {num_rows} rows into {mini_batches} mini-batches")
+  per_mini = num_rows // mini_batches
+  if not micro_batches:
+    return micro_batch_rows(per_mini, seq_len, token_budget, shards)
+  if per_mini % micro_batches or (per_mini // micro_batches) % shards:
+    raise ValueError(f"cannot split {per_mini} rows into {micro_batches} micro-batches over {shards} batch shards")
+  return per_mini // micro_batches
+
+
 def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: int,
-         mini_batches: int = 1) -> PackedBatch:
+         mini_batches: int = 1, micro_batches: int = 0) -> PackedBatch:
   """A RolloutBatch -> packed, bucketed, micro-batched host arrays.
 
   mini_batches K: the micro-batches split into K mini-batches of consecutive rows (Updates), each a whole number of
-  micro-batches.
+  micro-batches; micro_batches: that number where the phase declares it (`layout_rows`).
   """
   n = rb.tokens.shape[0]
   resp_lens = rb.response_mask.sum(-1).astype(np.int32)
@@ -78,9 +93,7 @@ def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: 
     seq[i, :lp] = rb.prompt_ids[i, :lp]
     seq[i, lp:lp + lr] = rb.tokens[i, :lr]
     mask[i, :lp + lr] = True
-  if n % mini_batches:
-    raise ValueError(f"cannot split {n} rows into {mini_batches} mini-batches")
-  mb = micro_batch_rows(n // mini_batches, t, token_budget, shards)
+  mb = layout_rows(n, t, token_budget, shards, mini_batches, micro_batches)
   m = n // mb
   fit = lambda x: np.ascontiguousarray(x[:, :lb]).reshape(m, mb, lb)
   return PackedBatch(
@@ -117,11 +130,14 @@ class Updates:
   `epochs` passes over the batch, each in `mini_batches` optimizer steps over consecutive rows (PPO's epochs and
   mini-batches). old_logp: "recompute", the trainer's log-probs under the parameters the step starts from (with one
   update, those of the update itself: ratio 1, the official setting); or "sampler", the log-probs the rows were
-  sampled with.
+  sampled with. micro_reduce: how a mini-batch's micro-batch gradients combine, "mean" or "sum";
+  micro_batches: micro-batches per mini-batch where the phase fixes it (0: as many as the token budget asks).
   """
   epochs: int = 1
   mini_batches: int = 1
   old_logp: str = "recompute"
+  micro_reduce: str = "mean"
+  micro_batches: int = 0
 
   @property
   def count(self) -> int:
@@ -156,7 +172,8 @@ def loss_fn(params, mb: dict, weights: jax.Array, ref_params=None, *, model_cfg:
   inputs = losses.TokenInputs(
       logp=logp, old_logp=old, entropy=entropy, advantages=mb["advantages"],
       rewards=mb["rewards"], kind=mb["kind"], prefix_mask=mb["prefix_mask"], off_loss_mask=mb["off_loss_mask"],
-      response_mask=mb["response_mask"], sampler_logp=mb.get("sampler_logp"), ref_logp=ref)
+      response_mask=mb["response_mask"], sampler_logp=mb.get("sampler_logp"), ref_logp=ref,
+      batch_tokens=mb.get("batch_tokens"))
   loss, metrics = losses.objective_loss(inputs, objective, weights)
   own = _own_tokens(mb)
   if old_logp == "batch":  # several updates: the mismatch is measured once per step (ppo_updates)
@@ -192,12 +209,17 @@ def combine_metrics(summed: dict, num_micro: int) -> dict:
 
 def accumulate_gradients(params, batch: dict, weights: jax.Array, ref_params=None, *, model_cfg: tfm.ModelConfig,
                          objective: losses.Objective, chunk_size: int, temperature: float = 1.0,
-                         old_logp: str = "current") -> tuple[Any, dict]:
-  """The step's gradient and metrics over [M, mb, ...] micro-batches: the mean of the micro-batch gradients."""
+                         old_logp: str = "current", reduce: str = "mean") -> tuple[Any, dict]:
+  """The step's gradient and metrics over [M, mb, ...] micro-batches: the mean (reduce="mean") or the sum ("sum") of
+  the micro-batch gradients. Metrics are means over the micro-batches either way."""
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg, objective=objective,
                                                  chunk_size=chunk_size, temperature=temperature, old_logp=old_logp),
                                has_aux=True)
   num_micro = batch["advantages"].shape[0]
+  if any(t.aggregation == "global_token_mean" for t in objective.terms):
+    # Each micro-batch divides by the (mini-)batch's tokens per micro-batch: their mean is the batch's token mean.
+    per_micro = jnp.sum(batch["response_mask"].astype(jnp.float32)) / num_micro
+    batch = dict(batch, batch_tokens=jnp.broadcast_to(per_micro, (num_micro,)))
 
   def accumulate(carry, mb):
     grads, metrics = carry
@@ -211,6 +233,10 @@ def accumulate_gradients(params, batch: dict, weights: jax.Array, ref_params=Non
   metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
                               jax.eval_shape(grad_fn, params, first, weights, ref_params)[0][1])
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), batch)
+  if reduce == "sum":
+    return grads, combine_metrics(metrics, num_micro)
+  if reduce != "mean":
+    raise ValueError(f"micro-batch reduction {reduce!r} is unknown (known: mean, sum)")
   return jax.tree.map(lambda g: g / num_micro, grads), combine_metrics(metrics, num_micro)
 
 
@@ -243,7 +269,8 @@ def train_step(state: TrainState, batch: dict, weights: jax.Array, ref_params=No
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
   grads, metrics = accumulate_gradients(state.params, batch, weights, ref_params, model_cfg=model_cfg,
                                         objective=objective, chunk_size=chunk_size, temperature=temperature,
-                                        old_logp="sampler" if updates.old_logp == "sampler" else "current")
+                                        old_logp="sampler" if updates.old_logp == "sampler" else "current",
+                                        reduce=updates.micro_reduce)
   params, opt_state, metrics = apply_gradients(tx, state.params, state.opt_state, grads, metrics)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -280,7 +307,8 @@ def ppo_updates(params, opt_state, batch: dict, weights: jax.Array, ref_params=N
                         batch)
     mini["first"] = jnp.broadcast_to((u == 0) & first_is_current, (per_mini,))
     grads, metrics = accumulate_gradients(params, mini, weights, model_cfg=model_cfg, objective=objective,
-                                          chunk_size=chunk_size, temperature=temperature, old_logp="batch")
+                                          chunk_size=chunk_size, temperature=temperature, old_logp="batch",
+                                          reduce=updates.micro_reduce)
     params, opt_state, metrics = apply_gradients(tx, params, opt_state, grads, metrics)
     return (params, opt_state), metrics
 

@@ -61,6 +61,7 @@ class Context:
   # Optimizers by name ("" the run's), when the method has more than one: their states share the train state.
   txs: dict[str, Any] | None = None
   loader: Any = None  # the training PromptLoader, once `run` has built it (updates from `after_update` read it)
+  part_loaders: dict[str, Any] = dataclasses.field(default_factory=dict)  # loaders of a split's parts (phase_loader)
   algo_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's run state (checkpointed)
 
   @property
@@ -295,12 +296,14 @@ def jit_step(ctx: Context, phase: algorithms.Phase):
 
 
 def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
-  """The phase's PPO epochs and mini-batches; a phase of demonstrations alone (SFT) makes one update, as the
-  official SFT step does, and has no sampler log-probs."""
+  """The phase's PPO epochs, mini-batches and micro-batch accumulation (the phase's own where it declares them); a
+  phase of demonstrations alone (SFT) makes one update, as the official SFT step does, and has no sampler log-probs."""
   t = cfg.train
+  accumulate = dict(micro_reduce=phase.micro_reduce, micro_batches=phase.micro_batches)
   if not phase.samples:
-    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute")
-  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=t.mini_batches, old_logp=t.old_logp)
+    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute", **accumulate)
+  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=phase.mini_batches or t.mini_batches, old_logp=t.old_logp,
+                          **accumulate)
 
 
 def uses_reference(phase: algorithms.Phase) -> bool:
@@ -328,6 +331,22 @@ def _loader(ctx: Context, split: str = "train"):
                                max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len,
                                template=cfg.data.template, seed=cfg.data.shuffle_seed,
                                demo_form=ctx.method.demo_form(cfg))
+
+
+def phase_loader(ctx: Context, phase: algorithms.Phase):
+  """The loader of the prompts the phase draws: the run's, or one over its part of the method's split (built once,
+  from the run's loader's examples)."""
+  if not phase.prompts_from:
+    return ctx.loader
+  if phase.prompts_from not in ctx.part_loaders:
+    from trapo_jax.data import pipeline
+    cfg, held_out = ctx.cfg, ctx.method.held_out(ctx.cfg)
+    examples = [e for e in ctx.loader.examples if algorithms.base.in_part(e.uid, held_out, phase.prompts_from)]
+    ctx.part_loaders[phase.prompts_from] = pipeline.PromptLoader(
+        examples, ctx.tokenizer, batch_size=cfg.train.batch_prompts, max_prompt_len=cfg.data.max_prompt_len,
+        max_response_len=cfg.data.max_response_len, template=cfg.data.template, seed=cfg.data.shuffle_seed,
+        demo_form=ctx.method.demo_form(cfg))
+  return ctx.part_loaders[phase.prompts_from]
 
 
 def data_dir(cfg, workdir: str) -> str:
@@ -443,8 +462,10 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if cfg.rollout.overlong_filter and rb.truncated is not None:
     train_rb = rollout_lib.without_rows(rb, rb.truncated)  # DAPO's overlong filtering
     option_metrics["overlong/filtered_rows"] = float(rb.truncated.sum())
+  updates = updates_of(cfg, phase)
   packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
-                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates_of(cfg, phase).mini_batches)
+                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates.mini_batches,
+                         micro_batches=updates.micro_batches)
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
@@ -470,7 +491,11 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   if phase.samples:
     state, after = _after_update(ctx, state, batch, rb, step, step_fns)
     m.update(after)
-  m["lr"] = state_lib.learning_rate(cfg.optim, step * updates_of(cfg, phase).count)  # at the step's first update
+  # At the step's first update, by the phase's optimizer (a method's own where the phase names one).
+  optim = cfg.optim
+  if phase.optimizer:
+    optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **ctx.method.optimizers(cfg)[phase.optimizer]))
+  m["lr"] = state_lib.learning_rate(optim, step * updates_of(cfg, phase).count)
   m["time/sampling"] = timings.get("sampling", 0.0)
   m["time/grading"] = timings.get("grading", 0.0)
   m["grader/timeouts"] = timings.get("grader_timeouts", 0)
@@ -501,7 +526,8 @@ def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step
     local = local_share(ctx.loader.prompts(uids), jax.process_index(), jax.process_count())
     rows = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=ctx.cfg.data.max_response_len)
     packed = step_lib.pack(rows, np.zeros(rows.rewards.shape, np.float32), shards=ctx.shards, pad_id=ctx.pad_id,
-                           token_budget=ctx.cfg.train.micro_batch_tokens)
+                           token_budget=ctx.cfg.train.micro_batch_tokens,
+                           micro_batches=updates_of(ctx.cfg, phase).micro_batches)
     if phase.name not in step_fns:
       step_fns[phase.name] = jit_step(ctx, phase)
     with sharding.activate(ctx.mesh):
@@ -539,7 +565,10 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
       workdir_lib.check_resume, current=identity, workdir=workdir, allow_change=allow_config_change))
   if restored is not None:
     state, meta = restored
-    loader.restore(meta["data"])
+    # The position is that of the loader the last step drew from; a phase on another part starts its own afresh.
+    first = ctx.method.phase_at(cfg, int(state.step))
+    if meta["data"].get("part", "") == first.prompts_from:
+      phase_loader(ctx, first).restore(meta["data"])
     ctx.algo_state = meta.get("algo_state", ctx.algo_state)
   workdir_lib.save_config(workdir, cfg)  # once the checkpoint's run accepted this config
   start = int(state.step)
@@ -555,13 +584,16 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
   try:
     with _Preemption() as preempt:
       while int(state.step) < cfg.train.steps:
-        state, m = train_one_step(ctx, state, next(loader), step_fns, more_prompts=loader)
+        phase = ctx.method.phase_at(cfg, int(state.step))
+        prompts = phase_loader(ctx, phase)
+        state, m = train_one_step(ctx, state, next(prompts), step_fns, more_prompts=prompts)
         step = int(state.step)
         bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
         if m["skipped"]:
           logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
         writer.write(step, m)
-        meta = {"data": loader.state(), "algo": cfg.algo, "identity": identity, "algo_state": ctx.algo_state}
+        data = dict(prompts.state(), part=phase.prompts_from) if phase.prompts_from else prompts.state()
+        meta = {"data": data, "algo": cfg.algo, "identity": identity, "algo_state": ctx.algo_state}
         if preempt.requested:
           checkpointer.save(step, state, meta, force=True)
           logging.warning("preempted: checkpoint of step %d saved, exiting", step)
