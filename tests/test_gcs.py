@@ -130,7 +130,7 @@ def test_gcs_workdir_weights_and_data_match_local_paths(gcs_env, tmp_path):
   logged = scalars["loss"]
   assert len(set(logged)) == len(logged) and logged == sorted(logged) and logged[-1] == steps, logged
   assert paths.exists(paths.join(run, "curves.png"))
-  assert paths.exists(paths.join(run, "tfds"))  # TFDS's data_dir defaults into the (gs://) workdir
+  assert paths.exists(f"{BUCKET}/tfds")  # TFDS's data_dir defaults beside the (gs://) workdir
 
   # A live run holds the lock (this process, on this host): a second run is refused in one line.
   lock = paths.join(run, "LOCK")
@@ -142,10 +142,11 @@ def test_gcs_workdir_weights_and_data_match_local_paths(gcs_env, tmp_path):
   assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
 
   _ok(_main(env, run, gcs_base, gcs_data, "--mode=eval", *EVAL_FLAGS))
-  results = json.loads(paths.read_text(paths.join(run, "eval", "results.json")))
+  evaluated = paths.join(run, "eval", f"step_{steps}")  # the checkpoint's step
+  results = json.loads(paths.read_text(paths.join(evaluated, "results.json")))
   assert results["benchmarks"]["math500"]["problems"] == 2
-  assert len(paths.read_text(paths.join(run, "eval", "generations.jsonl")).splitlines()) == 2
-  assert {"results.md", "pass_at_k.png"} <= set(paths.listdir(paths.join(run, "eval")))
+  assert len(paths.read_text(paths.join(evaluated, "generations.jsonl")).splitlines()) == 2
+  assert {"results.md", "pass_at_k.png"} <= set(paths.listdir(evaluated))
 
   gcs_export, local_export = f"{BUCKET}/export", str(tmp_path / "export")
   _ok(_main(env, run, gcs_base, gcs_data, "--mode=export", f"--export_dir={gcs_export}"))
@@ -157,3 +158,4 @@ def test_gcs_workdir_weights_and_data_match_local_paths(gcs_env, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_gcs, params_local)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_gcs), jax.tree.leaves(params_base)))
   assert hf.load_tokenizer(gcs_export)("1+1").input_ids == hf.load_tokenizer(local_export)("1+1").input_ids
+
