@@ -416,7 +416,8 @@ def tpu_section(result: dict) -> str:
   chips = {t.get("chip") for t in result["tpu_aot"].values()}
   specs = "; ".join(f"{c.name}: {c.hbm_gib:g} GiB HBM, {c.peak_bf16_tflops:g} TFLOP/s bf16, {c.hbm_gbps:g} GB/s "
                     f"([spec]({c.spec}))" for c in aot.CHIPS.values() if c.name in chips)
-  dates = sorted({t["date"] for t in result["tpu_aot"].values()})
+  # A run stored without a date of its own was made with the file.
+  dates = sorted({t.get("date", result["date"]) for t in result["tpu_aot"].values()})
   return ("## TPU, compiled here\n\n"
           f"Made by `python -m benchmarks.run --suite=tpu_aot --doc=docs/performance.md` (`--tpu_runs=config@slice,...` "
           f"compiles some and keeps the others' stored figures) on {', '.join(dates)}: {result['machine']}, "

@@ -40,33 +40,39 @@ def _tpu_result():
       "name": name, "layout": "64 sequences of 9216 tokens", "fits": fits, "params_gib": 1.9, "opt_state_gib": 3.8,
       "kv_cache_gib": 0.0, "temp_gib": None if error else 20.0, "total_gib": total, "compile_s": 181.0,
       "error": error, "fixes": []}
+  run7b = lambda slice_, **kw: {"config": "trapo_qwen25_math_7b", "slice": slice_, **kw}
   return {"suite": "tpu_aot", "date": "2026-01-02", "machine": "x86_64", "cpu_count": 2, "jax": "0", "libtpu": "1",
           "backend": "cpu", "devices": ["cpu:0"], "tpu_aot": {
-              "v5p-32": {"chip": "v5p", "chips": 16, "hbm_gib": 95.0, "headline": "", "verdict": None,
-                         "programs": [program("train step (rl)", True, 30.2)],
-                         "estimates": {"train": {"seconds": 0.0123, "layout": "2 x 9216 tokens per chip",
-                                                 "flops_of_peak": 0.61, "bandwidth_of_peak": 0.2},
-                                       "decode": {"seconds": 2.5e-5, "layout": "4 rows per chip",
-                                                  "flops_of_peak": 0.01, "bandwidth_of_peak": 0.83}}},
-              "v6e-16": {"chip": "v6e", "chips": 16, "hbm_gib": 32.0, "headline": "", "estimates": {},
-                         "verdict": "eval decode needs 70 GiB per chip, v6e has 32 GiB: try --config.eval.batch_size=32",
-                         "programs": [program("eval decode", False, None, "RESOURCE_EXHAUSTED: Ran out of memory")]},
-              "v6e-64": {"error": "INTERNAL: libtpu said no"}}}
+              "trapo_qwen25_math_7b@v5p-32": run7b(
+                  "v5p-32", chip="v5p", chips=16, hbm_gib=95.0, headline="", verdict=None, date="2026-01-03",
+                  programs=[program("train step (rl)", True, 30.2)],
+                  estimates={"train": {"seconds": 0.0123, "layout": "2 x 9216 tokens per chip",
+                                       "flops_of_peak": 0.61, "bandwidth_of_peak": 0.2},
+                             "decode": {"seconds": 2.5e-5, "layout": "4 rows per chip", "flops_of_peak": 0.01,
+                                        "bandwidth_of_peak": 0.83}}),
+              "trapo_qwen25_math_7b@v6e-16": run7b(
+                  "v6e-16", chip="v6e", chips=16, hbm_gib=32.0, headline="", estimates={},
+                  verdict="eval decode needs 70 GiB per chip, v6e has 32 GiB: try --config.eval.batch_size=32",
+                  programs=[program("eval decode", False, None, "RESOURCE_EXHAUSTED: Ran out of memory")]),
+              "trapo_qwen25_math_7b@v6e-64": run7b("v6e-64", error="INTERNAL: libtpu said no")}}
 
 
 def test_tpu_report_has_a_row_per_slice_and_program():
   r = _tpu_result()
   md = run.tpu_table(r)
-  assert "| v5p-32 (16 chips) | train step (rl) | 64 sequences of 9216 tokens | yes | 1.9 / 3.8 / - / 20.0 | " \
-         "30.2 / 95 | 181 s |" in md
-  assert "| v6e-16 (16 chips) | eval decode | 64 sequences of 9216 tokens | **no** | 1.9 / 3.8 / - / - | > 32 / 32 |" \
-         in md
-  assert "| v6e-64 | not compiled: INTERNAL: libtpu said no |" in md
-  assert "| v5p-32 | 12.3 ms (2 x 9216 tokens per chip) | 61% | 25 µs (4 rows per chip) | 83% |" in md
-  assert "| v6e-16 | n/a (XLA gave no time estimate) |" in md
-  assert "- v6e-16: eval decode needs 70 GiB per chip, v6e has 32 GiB: try --config.eval.batch_size=32" in md
+  assert "| trapo_qwen25_math_7b | v5p-32 (16 chips) | train step (rl) | 64 sequences of 9216 tokens | yes | " \
+         "1.9 / 3.8 / - / 20.0 | 30.2 / 95 | 181 s |" in md
+  assert "| trapo_qwen25_math_7b | v6e-16 (16 chips) | eval decode | 64 sequences of 9216 tokens | **no** | " \
+         "1.9 / 3.8 / - / - | > 32 / 32 |" in md
+  assert "| trapo_qwen25_math_7b | v6e-64 | not compiled: INTERNAL: libtpu said no |" in md
+  assert "| trapo_qwen25_math_7b | v5p-32 | 12.3 ms (2 x 9216 tokens per chip) | 61% | 25 µs (4 rows per chip) | " \
+         "83% |" in md
+  assert "| trapo_qwen25_math_7b | v6e-16 | n/a (XLA gave no time estimate) |" in md
+  assert ("- trapo_qwen25_math_7b on v6e-16: eval decode needs 70 GiB per chip, v6e has 32 GiB: try "
+          "--config.eval.batch_size=32") in md
   doc = run.tpu_section(r)
   assert doc.startswith("## TPU, compiled here") and "libtpu 1" in doc and "not a measurement" in doc
+  assert "2026-01-02, 2026-01-03" in doc  # a run without a date of its own was made with the file
   assert "https://cloud.google.com/tpu/docs/v5p" in doc and "https://cloud.google.com/tpu/docs/v4" not in doc
 
 
