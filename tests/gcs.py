@@ -134,6 +134,9 @@ def serve(port: int, bucket: str) -> None:
       return handle(self, method)
 
   server_lib.Router.handle = serialized
+  # A connection whose request never completes (a client that died mid-upload) must not hold the lock above forever:
+  # its read times out, the handler ends, and the other requests go on.
+  server_lib.RequestHandler.timeout = 60
   patched = {"insert": _with_create_precondition(server_lib.objects.insert),
              "download": _with_generation_headers(server_lib.objects.download)}
   for name, handler in patched.items():  # the module's own calls (objects.get -> download) and the route table

@@ -139,7 +139,8 @@ def stop_now(message: str | None, code: int, *, tell_peers: bool = True) -> None
   """Ends this process at once with `code`, after `message` (one line on stderr): no shutdown barrier that would
   wait for peers that are gone or still running; with `tell_peers` the others stop too, naming this process."""
   if message is not None:
-    print(message, file=sys.stderr, flush=True)
+    import tqdm
+    tqdm.tqdm.write(message, file=sys.stderr)  # a line of its own, not glued behind an open progress bar
   if _watchdog is not None and tell_peers:
     _watchdog.stop(FAILED)
   sys.stdout.flush()
