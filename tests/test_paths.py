@@ -97,3 +97,9 @@ def test_listing_sees_another_writers_files(root):
   else:
     open(other, "w").close()
   assert paths.listdir(paths.join(root, "ckpt")) == ["1", "2"] and paths.exists(other)
+
+
+@pytest.mark.parametrize("path,parent", [("runs/x", "runs"), ("x", ""), ("/abs/runs/x/", "/abs/runs"),
+                                         ("gs://b/runs/x", "gs://b/runs"), ("gs://b/runs/x/", "gs://b/runs")])
+def test_parent_of_local_and_bucket_paths(path, parent):
+  assert paths.parent(path) == parent

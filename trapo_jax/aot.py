@@ -39,6 +39,7 @@ import numpy as np
 
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
+from trapo_jax import paths
 from trapo_jax import sharding
 from trapo_jax.errors import ConfigError
 from trapo_jax.models import transformer as tfm
@@ -200,8 +201,8 @@ class Result:
 
 def model_config(cfg) -> tuple[tfm.ModelConfig, str]:
   """The policy's ModelConfig and where its shapes came from: hf_dir's config.json when it has one, else the config."""
-  if cfg.model.hf_dir and os.path.exists(os.path.join(cfg.model.hf_dir, "config.json")):
-    return state_lib.model_config(cfg), os.path.join(cfg.model.hf_dir, "config.json")
+  if cfg.model.hf_dir and paths.exists(paths.join(cfg.model.hf_dir, "config.json")):
+    return state_lib.model_config(cfg), paths.join(cfg.model.hf_dir, "config.json")
   with_sizes = copy.deepcopy(cfg)
   with_sizes.model.hf_dir = ""
   return state_lib.model_config(with_sizes), "the config's model sizes"

@@ -65,6 +65,12 @@ def basename(path: str) -> str:
   return posixpath.basename(str(path).rstrip("/"))
 
 
+def parent(path: str) -> str:
+  """The directory holding `path` (gs://b/runs/x -> gs://b/runs; runs/x -> runs; x -> "")."""
+  path = str(path).rstrip("/")
+  return (posixpath if is_remote(path) else os.path).dirname(path)
+
+
 def _epath(path: str) -> epath.Path:
   return epath.Path(path)
 

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 
 from trapo_jax import algorithms
 from trapo_jax import distributed
@@ -352,7 +351,7 @@ def phase_loader(ctx: Context, phase: algorithms.Phase):
 def data_dir(cfg, workdir: str) -> str:
   """data.data_dir, by default `tfds/` beside the workdir: the runs of a directory (a sweep's, runs/) prepare each
   dataset once, and it is where every host of a pod finds it, the workdir's bucket or shared disk."""
-  return cfg.data.data_dir or str(epath.Path(workdir).parent / "tfds")
+  return cfg.data.data_dir or paths.join(paths.parent(workdir), "tfds")
 
 
 def local_share(batch, index: int, count: int):
