@@ -19,9 +19,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gcs_env():
-  """A local GCS API server (tests/gcs.py) for the session, with this process's environment pointed at it; the
+  """A local GCS API server (tests/gcs.py) for a test module (a fresh bucket: one module's leftovers, such as the
+  connections of a killed run, never reach the next), with this process's environment pointed at it; the
   variables (a dict) are for the processes a test starts."""
   from tests import gcs
   with gcs.emulator() as env:

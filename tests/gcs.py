@@ -20,6 +20,7 @@ import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Iterator
@@ -60,24 +61,28 @@ def _listening(port: int) -> bool:
 @contextlib.contextmanager
 def emulator() -> Iterator[dict[str, str]]:
   """Runs the server (a child process) for the duration; yields its environment. Raises if it does not start."""
-  for _ in range(3):  # the free port may be taken between choosing and binding it
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.gcs", str(port), BUCKET], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + _START_SECONDS
-    while proc.poll() is None and not _listening(port) and time.monotonic() < deadline:
-      time.sleep(0.1)
-    if proc.poll() is None and _listening(port):
-      break
-    proc.kill()
-    proc.wait()
-  else:
-    raise RuntimeError(f"gcp-storage-emulator did not start: {proc.stderr.read()[-2000:]}")
-  try:
-    yield environment(port)
-  finally:
-    proc.kill()
-    proc.wait()
+  # The server's log goes to a file, never to a pipe: a pipe nobody reads fills up (a traceback per connection a
+  # killed client left behind), and the server then blocks on its next log line while holding its request lock.
+  with tempfile.TemporaryFile("w+") as log:
+    for _ in range(3):  # the free port may be taken between choosing and binding it
+      port = _free_port()
+      proc = subprocess.Popen([sys.executable, "-m", "tests.gcs", str(port), BUCKET], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=log)
+      deadline = time.monotonic() + _START_SECONDS
+      while proc.poll() is None and not _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+      if proc.poll() is None and _listening(port):
+        break
+      proc.kill()
+      proc.wait()
+    else:
+      log.seek(0)
+      raise RuntimeError(f"gcp-storage-emulator did not start: {log.read()[-2000:]}")
+    try:
+      yield environment(port)
+    finally:
+      proc.kill()
+      proc.wait()
 
 
 def _with_create_precondition(insert):

@@ -1,10 +1,12 @@
 """trapo_jax.paths on a local directory and on gs:// (a local GCS API server, tests/gcs.py)."""
 
+import http.client
 import os
 import uuid
 
 import pytest
 
+from tests import gcs
 from trapo_jax import paths
 
 
@@ -13,7 +15,7 @@ def root(request, tmp_path):
   if request.param == "local":
     return str(tmp_path)
   request.getfixturevalue("gcs_env")
-  return f"gs://test-bucket/paths/{uuid.uuid4().hex}"  # one fresh prefix per test: the server lives for the session
+  return f"gs://{gcs.BUCKET}/paths/{uuid.uuid4().hex}"  # one fresh prefix per test: the server lives for the module
 
 
 def test_write_replaces_whole_file_and_lists(root):
@@ -103,3 +105,16 @@ def test_listing_sees_another_writers_files(root):
                                          ("gs://b/runs/x", "gs://b/runs"), ("gs://b/runs/x/", "gs://b/runs")])
 def test_parent_of_local_and_bucket_paths(path, parent):
   assert paths.parent(path) == parent
+
+
+def test_gcs_server_keeps_serving_after_much_logging(gcs_env):
+  """Each request with no route logs an error line: ~100 KiB of them, more than a pipe holds, must not block the
+  server (tests/gcs.py logs to a file; a pipe nobody read once wedged a whole run)."""
+  port = int(gcs_env["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+  for _ in range(1500):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("DELETE", "/no/such/route/" + "x" * 40)
+    assert conn.getresponse().status == 501
+    conn.close()
+  paths.write(f"gs://{gcs.BUCKET}/after-logging", "ok")
+  assert paths.read_text(f"gs://{gcs.BUCKET}/after-logging") == "ok"
