@@ -1,6 +1,7 @@
-"""Multi-process runs as they are used: 2 processes x 4 CPU devices (gloo collectives) against 1 process x 8 devices,
-with the default config (the shipped base policy loaded from model.hf_dir, the synthetic data built into the run's
-data_dir, evaluation at start and end), a process killed mid-run, the rerun that resumes, and an export."""
+"""Multi-process runs as they are used: 2 processes x 4 CPU devices (gloo collectives) sharing one gs:// workdir (a
+local GCS API server, tests/gcs.py: a pod's hosts share a bucket, not a disk) against 1 process x 8 devices on a
+local one, with the default config (the shipped base policy loaded from model.hf_dir, the synthetic data built into
+the run's data_dir, evaluation at start and end), a process killed mid-run, the rerun that resumes, and an export."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
 import pytest
 
 from experiments.configs import default
+from tests import gcs
+from tests import helpers
 from tests import numerics
 from tests.test_trainer import ROOT, _params
 from trapo_jax import distributed
+from trapo_jax import paths
 from trapo_jax.models import hf
 
 LR, STEPS = 1e-4, 3
@@ -43,12 +48,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: str, processes: int, extra: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, str]]:
-  """Starts trapo_jax.main in `processes` processes on `workdir` (its data_dir inside it); (process, log path) each."""
+def _start(workdir: str, logs: str, processes: int, extra: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, str]]:
+  """Starts trapo_jax.main in `processes` processes on `workdir` (its data_dir inside it), each logging to a file
+  under the local directory `logs`; (process, log path) each."""
   base = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}",
-          f"--config.data.data_dir={os.path.join(workdir, 'tfds')}", *ARGS, *extra]
+          f"--config.data.data_dir={paths.join(workdir, 'tfds')}", *ARGS, *extra]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
-  os.makedirs(workdir, exist_ok=True)
   runs = []
   port = _free_port()
   for i in range(processes):
@@ -56,7 +61,7 @@ def _start(workdir: str, processes: int, extra: tuple[str, ...] = ()) -> list[tu
         "--config.distributed.enabled=True", f"--config.distributed.coordinator_address=localhost:{port}",
         f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}",
         "--config.distributed.heartbeat_timeout_s=10"]
-    log = f"{workdir}.{len(glob.glob(workdir + '.*.log'))}.log"
+    log = os.path.join(logs, f"{len(glob.glob(os.path.join(logs, '*.log')))}.log")
     with open(log, "w") as f:
       runs.append((subprocess.Popen(base + flags, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log))
   return runs
@@ -82,13 +87,13 @@ def _wait_for(cond, what: str, runs, timeout: float = 900) -> None:
 
 
 def _rows(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+  path = paths.join(workdir, "metrics.jsonl")
+  return [json.loads(line) for line in paths.read_text(path).splitlines()] if paths.exists(path) else []
 
 
 def _generations(workdir: str, name: str) -> list[tuple]:
   return [(r["uid"], r["sample"], r["response"], r["correct"])
-          for r in map(json.loads, open(os.path.join(workdir, "eval", name, "generations.jsonl")))]
+          for r in map(json.loads, paths.read_text(paths.join(workdir, "eval", name, "generations.jsonl")).splitlines())]
 
 
 class _KeyValueStore:
@@ -123,12 +128,15 @@ def test_watchdog_names_a_silent_or_failed_peer_and_lets_a_finished_one_go():
 
 
 @pytest.mark.slow
-def test_two_processes_run_as_one_survive_a_lost_process_and_export(tmp_path):
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+def test_two_processes_on_a_bucket_run_as_one_survive_a_lost_process_and_export(gcs_env, tmp_path):
+  del gcs_env  # this process's environment points at the server, and the processes started here inherit it
+  one, two = str(tmp_path / "one"), f"gs://{gcs.BUCKET}/dist-{uuid.uuid4().hex[:8]}"
+  logs_one, logs_two = str(tmp_path / "logs_one"), str(tmp_path / "logs_two")
+  for d in (one, logs_one, logs_two):
+    os.makedirs(d)
   # kill -9 of process 1 once step 1 is checkpointed: process 0 stops within seconds, naming it in one line.
-  runs = _start(two, processes=2)
-  _wait_for(lambda: len(_rows(two)) >= 1 and os.path.isdir(os.path.join(two, "checkpoints", "1")),
-            "the checkpoint of step 1", runs)
+  runs = _start(two, logs_two, processes=2)
+  _wait_for(lambda: len(_rows(two)) >= 1 and helpers.newest_checkpoint(two), "the checkpoint of step 1", runs)
   runs[1][0].send_signal(signal.SIGKILL)
   killed = time.monotonic()
   runs[0][0].wait(timeout=LOST_WITHIN_S + 30)
@@ -139,20 +147,21 @@ def test_two_processes_run_as_one_survive_a_lost_process_and_export(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: process 1 of 2 was lost"), out[-3000:]
   assert "Traceback" not in out and "Fatal Python error" not in out, out[-3000:]
   assert len(_rows(two)) < STEPS  # it was stopped mid-run
+  committed = helpers.newest_checkpoint(two)  # what the rerun must restore
   # Process 0 built the data into the shared data_dir once, and process 1 read it: a single prepared copy.
-  versions = os.path.join(two, "tfds", "synthetic", "default")
-  assert os.listdir(versions) == ["1.0.0"] and os.path.exists(os.path.join(versions, "1.0.0", "dataset_info.json"))
+  versions = paths.join(two, "tfds", "synthetic", "default")
+  assert paths.listdir(versions) == ["1.0.0"] and paths.exists(paths.join(versions, "1.0.0", "dataset_info.json"))
   # Each process sampled its half of every evaluation batch (2 of 4 prompt rows, over 2 padded batches).
   before = [open(log).read() for _, log in runs]
   assert all("this process sampled 4 of 8 prompt rows" in log for log in before)
 
   # The same command again resumes from the newest checkpoint and finishes.
-  logs = _finish(_start(two, processes=2))
+  logs = _finish(_start(two, logs_two, processes=2))
   resumed = [int(s) for s in re.findall(r"restored checkpoint of step (\d+)", logs[0])]
-  assert len(resumed) == 1 and resumed[0] >= 1, logs[0][-3000:]
+  assert resumed == [committed], logs[0][-3000:]
   assert [r["step"] for r in _rows(two)] == [1, 2, 3]  # written by process 0 only, cut back to the checkpoint
 
-  _finish(_start(one, processes=1))
+  _finish(_start(one, logs_one, processes=1))
   cfg = default.get_config()
   a, meta_a = _params(one, cfg)  # the 2-process checkpoint restores in this single process
   b, meta_b = _params(two, cfg)
@@ -174,10 +183,10 @@ def test_two_processes_run_as_one_survive_a_lost_process_and_export(tmp_path):
   assert len(_generations(one, "before")) == 10 and _generations(one, "before") == _generations(two, "before")
   assert len({g[2] for g in _generations(one, "before")}) > 1  # rows really differ: a mix-up of rows would show
   for workdir in (one, two):
-    assert json.load(open(os.path.join(workdir, "eval", "after", "results.json")))["benchmarks"]["synthetic"][
-        "problems"] == 5
+    assert json.loads(paths.read_text(paths.join(workdir, "eval", "after", "results.json")))["benchmarks"][
+        "synthetic"]["problems"] == 5
 
   # 2 processes export the 1-process run's checkpoint (it restores across process counts); the export loads as it.
-  _finish(_start(one, processes=2, extra=("--mode=export",)))
+  _finish(_start(one, logs_one, processes=2, extra=("--mode=export",)))
   _, exported = hf.load_hf(os.path.join(one, "hf"))
   jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(a.params))

@@ -26,6 +26,7 @@ from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import trainer
 from trapo_jax.train import workdir as workdir_lib
+from tests import helpers
 from tests.test_reliability import ENV, ROOT, TINY_FLAGS
 from tests.test_trainer import tiny
 
@@ -111,8 +112,10 @@ def test_gcs_workdir_weights_and_data_match_local_paths(gcs_env, tmp_path):
   newest = _kill_after_two_checkpoints(env, run, gcs_base, gcs_data, str(tmp_path / "killed.log"))
   assert paths.exists(paths.join(run, "LOCK"))  # the killed run's, taken over below (its pid is gone, same host)
   steps = newest + 1
+  committed = helpers.newest_checkpoint(run)  # the newest directory may be a save the kill interrupted
   resumed = _ok(_main(env, run, gcs_base, gcs_data, f"--config.train.steps={steps}"))
   assert "taking over the lock" in resumed.stderr and not paths.exists(paths.join(run, "LOCK"))
+  assert committed and f"restored checkpoint of step {committed}" in resumed.stderr, resumed.stderr[-3000:]
 
   local = str(tmp_path / "local")
   _ok(_main(env, local, local_base, PARQUET, f"--config.train.steps={steps}"))
