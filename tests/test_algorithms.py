@@ -176,8 +176,11 @@ def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
     return -a * p / (p + g), -a * g * p / (p + g) ** 2
   if name == "entropy":  # an input of the loss, not a function of logp here
     return x["entropy"], np.zeros_like(logp)
-  if name == "prefix_rft_surrogate":  # the advantage survives on the imitated tokens of highest entropy
-    keep = _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])
+  if name == "prefix_rft_surrogate":  # the advantage (the prefix's, if apart) survives on the imitated tokens of
+    keep = _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])  # highest entropy
+    prefix_a = x.get("prefix_advantages")
+    if prefix_a is not None and np.ndim(prefix_a) == 1:  # fields left None arrive as 0-d object arrays
+      a = prefix_a[:, None]
     return _np_policy_gradient(x, a * keep, clip_eps=params["clip_eps"], dual_clip=params["dual_clip"])
   if name == "phi_nll":  # -log p sg(p (1 - p))
     return -logp * p * (1 - p), -p * (1 - p)
@@ -254,7 +257,7 @@ def _np_objective(objective: losses.Objective, x: dict, step: int) -> tuple[floa
   value, grad = 0.0, np.zeros_like(x["logp"])
   for term in objective.terms:
     selected = _np_selected(term.tokens, x)
-    v, dv = _np_loss(term.loss, x, dict(term.params))
+    v, dv = _np_loss(term.loss, x, {**dict(term.params), **term.inputs_at(step)})  # scheduled inputs at `step`
     over = x["response_mask"] if term.over == "response" else selected
     w = _np_aggregate_weights(over, term.aggregation, objective.max_len)
     scale = objective.seq_scale if term.aggregation == "seq_sum_over_max_len" else 1.0

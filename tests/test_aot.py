@@ -75,14 +75,20 @@ def test_rollout_calls_of_each_method():
   stages = lambda *calls: [aot.RolloutCall(*c) for c in calls]  # calls of Sampler.sample, one per stage
   assert calls("grpo") == stages((8, 1024, 8192))
   assert calls("luffy") == [(7, 1024, 8192, (0,) * 7, 0, 1024, 0)]  # the demonstration row is not sampled
-  # Prefix-RFT's drawn prefixes may be all of a demonstration but its last token: their context holds prompt and
-  # response buckets (one pass: prefixes packed behind the prompt, 1024 + 8192 slots at most).
-  assert calls("prefix_rft") == [(8, 1024 + 8192, 8192, (0,) * 4 + (1,) * 4, 1, 1024, 8192)]
+  # Prefix-RFT's drawn prefixes sit in the prompt's budget (officially): prompt + prefix fill at most 1024 slots, and
+  # every continuation has its 8192 (one pass: the prefix packed behind the prompt).
+  assert calls("prefix_rft") == [(8, 1024, 8192, (0,) * 4 + (1,) * 4, 1, 1024, 1024)]
   assert calls("uft") == stages((8, 16384, 8192))  # one stage, hinted from the start
   cfg.rollout.one_pass = False  # stage by stage: a call per stage, the later ones continuing prefixes
   assert calls("trapo") == stages((4, 1024, 8192), (2, 8192, 8192), (1, 8192, 8192), (1, 8192, 8192))
   assert calls("luffy") == stages((7, 1024, 8192), (1, 1024, 8192))
+  assert calls("prefix_rft") == stages((4, 1024, 8192), (4, 1024, 8192))
+  # With the prefix in the response's budget (prefix_rft.placement = "response"), a drawn prefix may be all of a
+  # demonstration but its last token: its context holds the prompt and response buckets (one pass: 1024 + 8192).
+  cfg.prefix_rft.placement = "response"
   assert calls("prefix_rft") == stages((4, 1024, 8192), (4, 16384, 8192))
+  cfg.rollout.one_pass = True
+  assert calls("prefix_rft") == [(8, 1024 + 8192, 8192, (0,) * 4 + (1,) * 4, 1, 1024, 8192)]
 
 
 def test_out_of_memory_messages_are_read():

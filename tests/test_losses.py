@@ -465,6 +465,45 @@ def test_weight_schedule_is_an_input_not_a_constant():
   np.testing.assert_allclose(values, [values[0], values[0] / 2, values[0] / 4], rtol=1e-6)
 
 
+def test_a_scheduled_loss_parameter_is_an_input_behind_the_weights():
+  """Term.inputs: a per-token loss parameter that follows the step (Prefix-RFT's entropy-mask share) comes after the
+  weights in `weights_at`, is read there by its term, and gives the value the constant parameter gives, in one
+  compiled function for every step."""
+  batch = _hand_batch()
+
+  @dataclasses.dataclass(frozen=True)
+  class Share:
+    def __call__(self, step):
+      return (0.0, 0.5, 1 / 3)[step]
+
+  clip = (("clip_eps", 0.2), ("dual_clip", 3.0))
+  term = lambda **kw: losses.Term("prefix", "imitated", "prefix_rft_surrogate", aggregation="token_mean", **kw)
+  scheduled = losses.Objective(terms=(term(params=clip, inputs=(("entropy_drop", Share()),)),
+                                      losses.Term("nll", "imitated", "nll", weight=0.5)), max_len=L)
+  assert scheduled.num_weights == 3
+  np.testing.assert_allclose(scheduled.weights_at(1), [1.0, 0.5, 0.5])
+  traces = []
+
+  @jax.jit
+  def f(w):
+    traces.append(1)
+    return losses.objective_loss(_inputs(*batch), scheduled, w)[0]
+
+  # Distinct entropies, so that each share masks a different set of the 12 imitated tokens (0, 6 and 4 of them).
+  rng = np.random.default_rng(1)
+  batch = batch[:1] + (rng.uniform(0.0, 3.0, batch[1].shape).astype(np.float32),) + batch[2:]
+  values = []
+  for step in range(3):
+    constant = losses.Objective(terms=(term(params=clip + (("entropy_drop", Share()(step)),)),
+                                       losses.Term("nll", "imitated", "nll", weight=0.5)), max_len=L)
+    want = losses.objective_loss(_inputs(*batch), constant, constant.weights_at(step))[0]
+    values.append(float(f(scheduled.weights_at(step))))
+    assert values[-1] == pytest.approx(float(want), rel=1e-6)
+  assert len(traces) == 1 and len(set(values)) == 3
+  with pytest.raises(ValueError, match="entropy_drop is both a constant and a scheduled input"):
+    losses.check_term(term(params=clip + (("entropy_drop", 0.8),), inputs=(("entropy_drop", Share()),)))
+
+
 def test_terms_that_cannot_be_evaluated_are_named():
   with pytest.raises(ValueError, match="term 'x': tokens 'nowhere' is unknown"):
     losses.check_term(losses.Term("x", "nowhere", "nll"))

@@ -23,6 +23,7 @@ from tests.test_microgroup import DEMO0, DEMO1, SPLIT, _batch, _fake_sampler, _s
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 from trapo_jax import losses
+from trapo_jax.algorithms import prefix_rft as prefix_rft_lib
 from trapo_jax.algorithms import schedules
 from trapo_jax.sampling import microgroup
 from trapo_jax.sampling import rollout
@@ -79,6 +80,105 @@ def test_prefix_rft_bounds():
   assert method.phase_at(cfg, 150).rows.ratio_bounds == pytest.approx((0.05, 0.05 + 0.9 * (1 + math.cos(0.75 * math.pi)) / 2))
 
 
+def test_prefix_rft_mask_controllers_are_the_official_classes():
+  """The entropy mask's share at given steps, by hand from prefix_rft `scheduler/global_step.py` (ConstController,
+  LinearDecayController, CosineDecayController), with their __init__ defaults where a kwarg is -1."""
+  ctrl = schedules.controller
+  assert [ctrl("const", g, 0.8, 0.3, 10, 0.5) for g in (0, 1, 10 ** 6)] == [0.8, 0.8, 0.8]
+  # linear_decay's defaults: 1 -> 0 over 10000 steps after int(0.1 x 10000) = 1000 of warm-up from 0.
+  linear = lambda g: ctrl("linear_decay", g, *schedules.CONTROLLER_DEFAULTS["linear_decay"])
+  assert [linear(g) for g in (0, 250, 1000, 6000, 10999, 11000, 20000)] == pytest.approx(
+      [0.0, 0.25, 1.0, 0.5, 1e-4, 0.0, 0.0])
+  # cosine_decay's defaults rise: 0.1 -> 1 by (1 - (1 + cos(pi x / 10000)) / 2) x 0.9, no warm-up.
+  cosine = lambda g: ctrl("cosine_decay", g, *schedules.CONTROLLER_DEFAULTS["cosine_decay"])
+  assert [cosine(g) for g in (0, 2500, 5000, 10000, 10001)] == pytest.approx(
+      [0.1, 0.1 + 0.9 * (1 - math.cos(math.pi / 4)) / 2, 0.55, 1.0, 1.0])
+  # A decaying cosine with a warm-up of int(0.1 x 100) = 10 steps: 0.9 -> 0.1 over the next 100.
+  decay = lambda g: ctrl("cosine_decay", g, 0.9, 0.1, 100, 0.1)
+  assert [decay(g) for g in (5, 10, 60, 110, 111)] == pytest.approx([0.45, 0.9, 0.5, 0.1, 0.1])
+  # The method: "const" 0.8 (the paper's) is a constant of the step; a scheduled share an input, at global_step =
+  # optimizer step + 1.
+  cfg, method = _method("prefix_rft")
+  (phase,) = method.phases(cfg)
+  prefix = next(t for t in phase.objective.terms if t.name == "prefix")
+  assert dict(prefix.params)["entropy_drop"] == 0.8 and not prefix.inputs and phase.objective.num_weights == 3
+  cfg.prefix_rft.mask_ctrl = "linear_decay"
+  cfg.prefix_rft.mask_init = -1.0  # every kwarg the class's default
+  method = algorithms.from_config(cfg)
+  (phase,) = method.phases(cfg)
+  assert method.mask_share() == prefix_rft_lib.MaskShare("linear_decay", 1.0, 0.0, 10000, 0.1)
+  for step in (0, 999, 5999):
+    assert float(phase.objective.weights_at(step)[-1]) == pytest.approx(linear(step + 1), rel=1e-6)
+  cfg.prefix_rft.mask_init, cfg.prefix_rft.mask_target = 0.2, 0.5
+  with pytest.raises(config_lib.ConfigError, match="prefix_rft.mask_init: linear_decay needs"):
+    config_lib.validate(cfg, num_devices=1)
+
+
+def test_sft_learning_rate_decays_as_openrlhf():
+  """OpenRLHF's SFT schedule (transformers' cosine_with_min_lr, min_lr = 0.1 x lr) at given steps, by hand: 300
+  steps, warm-up ceil(0.1 x 300) = 30; the AdamW applies it at each update."""
+  from trapo_jax.train import state as state_lib
+  cfg, sft = _method("sft", steps=300)
+  keys = sft.optimizers(cfg)["sft"]
+  assert keys == {"lr": 5e-5, "warmup_steps": 30, "schedule": "cosine_with_min_lr", "min_lr_ratio": 0.1,
+                  "decay_steps": 300}
+  optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **keys))
+  # Warm-up t / 30; then 0.1 + 0.9 (1 + cos(pi (t - 30) / 270)) / 2: t = 120 is a third of the way (cos = 1/2),
+  # t = 165 half-way, t = 300 the end.
+  steps = (0, 15, 30, 120, 165, 300)
+  expected = [5e-5 * f for f in (0.0, 0.5, 1.0, 0.1 + 0.9 * 0.75, 0.55, 0.1)]
+  assert [state_lib.learning_rate(optim, t) for t in steps] == pytest.approx(expected)
+  # In the optimizer: a constant gradient of 1 on a parameter without weight decay moves it by lr_t / (1 + eps).
+  optim.weight_decay = 0.0
+  tx = state_lib.make_optimizer(optim)
+  params = {"w": jnp.zeros(())}
+
+  def update(state, _):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    return state, -updates["w"]
+
+  _, lrs = jax.lax.scan(update, tx.init(params), None, length=301)
+  np.testing.assert_allclose(np.asarray(lrs)[list(steps)], np.asarray(expected) / (1 + 1e-8), rtol=1e-5, atol=1e-12)
+  # "constant": the warm-up, then lr, as before the decay.
+  cfg.sft.schedule = "constant"
+  keys = algorithms.from_config(cfg).optimizers(cfg)["sft"]
+  assert keys == {"lr": 5e-5, "warmup_steps": 30}
+  optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **keys))
+  assert [state_lib.learning_rate(optim, t) for t in (15, 30, 299)] == pytest.approx([2.5e-5, 5e-5, 5e-5])
+
+
+def test_sft_length_in_epochs_over_the_examples():
+  """sft.epochs: OpenRLHF's max_steps = ceil(epochs x (examples // batch)), set once the loader has the examples;
+  the SFT schedule then spans it. SFT->RL counts the examples of its SFT part."""
+  from types import SimpleNamespace
+  from trapo_jax.train import trainer
+  examples = [SimpleNamespace(uid=u) for u in range(100)]
+  cfg, sft = _method("sft", steps=7)
+  assert sft.length_from_data(cfg, examples) == {}  # epochs = 0: train.steps
+  cfg.sft.epochs = 3.0
+  method = algorithms.from_config(cfg)
+  assert method.length_from_data(cfg, examples) == {"train.steps": 36}  # 3 x (100 // 8)
+  cfg.sft.epochs = 2.5
+  assert algorithms.from_config(cfg).length_from_data(cfg, examples) == {"train.steps": 30}
+  ctx = trainer.Context(cfg=cfg, workdir="", method=algorithms.from_config(cfg), mesh=None, model_cfg=None,
+                        tokenizer=None, tx=None, sampler=None, eos_ids=(), pad_id=0, split_ids=None,
+                        loader=SimpleNamespace(examples=examples))
+  ctx = trainer.with_data_length(ctx)
+  assert ctx.cfg.train.steps == 30 and cfg.train.steps == 7  # the run's copy changes
+  assert ctx.method.optimizers(ctx.cfg)["sft"]["decay_steps"] == 30 and set(ctx.txs) == {"", "sft"}
+  cfg, s2r = _method("sft_then_rl", steps=100)
+  cfg.sft_then_rl.epochs = 3.0
+  held = {e.uid for e in examples if algorithms.base.in_part(e.uid, 0.5, "held_out")}
+  changes = algorithms.from_config(cfg).length_from_data(cfg, examples)
+  sft_steps = math.ceil(3 * ((100 - len(held)) // 8))
+  assert 0 < len(held) < 100 and changes == {"sft_then_rl.sft_steps": sft_steps}
+  cfg.sft_then_rl.sft_steps = 10  # an explicit count wins
+  assert algorithms.from_config(cfg).length_from_data(cfg, examples) == {}
+  cfg.sft_then_rl.sft_steps, cfg.train.steps = -1, sft_steps
+  with pytest.raises(config_lib.ConfigError, match="sft_then_rl.epochs: .* no step is left for RL"):
+    algorithms.from_config(cfg).length_from_data(cfg, examples)
+
+
 def test_uft_hint_probability():
   p = lambda t: schedules.uft_hint_prob(t, 300, 0.05, 0.95)
   assert p(150) == pytest.approx(0.5) and p(300) == pytest.approx(0.05) and p(301) == 0.0
@@ -113,6 +213,123 @@ def test_random_prefixes_cut_between_bounds():
     np.testing.assert_array_equal(rb.off_loss_mask, rb.prefix_mask)
   with pytest.raises(ValueError, match="pass an rng"):
     rollout.collect(plan, batch, _fake_sampler([]), lambda t, m, a: np.zeros(len(a)), [SPLIT])
+
+
+def test_prefix_in_the_prompt_budget():
+  """Prefix-RFT's official placement: the prefix is cut to prompt_budget - prompt length (the prompt is 4 tokens
+  here), none left is no prefix (the row is the model's own); the rows are prompt_budget + the response budget wide
+  and each continuation gets a whole response budget."""
+  rng = np.random.default_rng(0)
+  batch = _batch(3)
+  grade = lambda t, m, a: np.zeros(len(a), np.float32)
+  for budget, expected in ((10, {0: 6, 1: 4}), (4, {0: 0, 1: 0}), (0, {0: 14, 1: 4})):
+    plan = microgroup.Plan(stages=(2, 3), mode="random", ratio_bounds=(1.0, 1.0), imitate="all",
+                           prompt_budget=budget)
+    rb = rollout.collect(plan, batch, _fake_sampler([]), grade, [SPLIT], rng=rng)
+    for i in range(3):
+      row = i * 5 + 2
+      k = int(rb.prefix_mask[row].sum())
+      which = 1 if k and rb.tokens[row, 0] == DEMO1[0] else 0
+      assert k == expected[which] or (k == 0 and budget == 4)
+    assert (rb.kind[rb.prefix_mask.sum(1) == 0] == losses.ROW_OWN).all()
+  assert microgroup.response_width(plan, 96) == (96, 0)
+  assert microgroup.response_width(dataclasses.replace(plan, prompt_budget=64), 96) == (160, 96)
+  # The method: data.max_prompt_len by default, its own budget, or the prefix in the response (the one before).
+  cfg, method = _method("prefix_rft")
+  assert method.plan(cfg, 0).prompt_budget == cfg.data.max_prompt_len
+  cfg.prefix_rft.prompt_budget = 200
+  assert algorithms.from_config(cfg).plan(cfg, 0).prompt_budget == 200
+  cfg.prefix_rft.placement = "response"
+  assert algorithms.from_config(cfg).plan(cfg, 0).prompt_budget == 0
+
+
+def _official_prefix_advantages(scores, index, prefix_index, num_rollouts_per_prefix, v2):
+  """prefix_rft `core_algos.py:compute_dr_grpo_prefix_outcome_advantage` (v2: `_v2_`), loop for loop in float64 ->
+  (each row's advantage on its own tokens, on its prefix tokens)."""
+  from collections import defaultdict
+  scores = np.asarray(scores, np.float64).copy()
+  p_scores = np.zeros_like(scores)
+  id2prefix_id2score = defaultdict(lambda: defaultdict(list))
+  id2prefix_id2mean = defaultdict(dict)
+  for i in range(len(scores)):
+    id2prefix_id2score[index[i]][prefix_index[i]].append(scores[i])
+  for idx in id2prefix_id2score:
+    for prefix_id, group in id2prefix_id2score[idx].items():
+      id2prefix_id2mean[idx][prefix_id] = np.mean(group) if (v2 or len(group) > 1) else 0.0
+  for i in range(len(scores)):
+    scores[i] = scores[i] - id2prefix_id2mean[index[i]][prefix_index[i]]
+  for i in range(len(scores)):
+    if prefix_index[i] != "0000-0000-0000-0000":
+      p_scores[i] = scores[i] - id2prefix_id2mean[index[i]]["0000-0000-0000-0000"]
+  return scores, p_scores / num_rollouts_per_prefix
+
+
+@pytest.mark.parametrize("estimator", losses.PREFIX_ESTIMATORS)
+@pytest.mark.parametrize("stages, unguided", [((3, 3, 3), 1), ((2, 2, 2), 2), ((1, 1, 1), 1)])
+def test_prefix_estimators_against_the_official_loops(estimator, stages, unguided):
+  """dr_grpo_prefix and _v2 on Prefix-RFT's rows against a float64 copy of the official loops: a prompt's rows
+  without a prefix form one group (prefix_uid "0000-..."), each guided stage's rows another; groups of one row are
+  where the two differ."""
+  from types import SimpleNamespace
+  from trapo_jax.train import trainer
+  cfg, _ = _method("prefix_rft")
+  cfg.rollout.n = sum(stages)
+  cfg.prefix_rft.update(stages=stages, unguided=unguided, advantage=estimator)
+  config_lib.validate(cfg, num_devices=1)
+  method = algorithms.from_config(cfg)
+  (phase,) = method.phases(cfg)
+  assert phase.prefix_advantages
+  rng = np.random.default_rng(sum(stages))
+  for seed in range(3):
+    rb = rollout.collect(phase.rows, _batch(4), _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
+                         [SPLIT], rng=rng)
+    rewards = rng.choice([0.0, 1.0, 0.5, -0.25], size=rb.rewards.shape).astype(np.float32)
+    own, prefix = trainer.row_advantages(SimpleNamespace(cfg=cfg, method=method), rb, rewards)
+    prefix_index = [f"{g}-{s}" if k == losses.ROW_GUIDED else "0000-0000-0000-0000"
+                    for g, s, k in zip(rb.group_ids, rb.stage, rb.kind)]
+    ref_own, ref_prefix = _official_prefix_advantages(rewards, rb.group_ids.tolist(), prefix_index,
+                                                      stages[-1], v2=estimator.endswith("v2"))
+    np.testing.assert_allclose(own, ref_own, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prefix, ref_prefix, rtol=1e-6, atol=1e-6)
+    assert (rb.kind == losses.ROW_GUIDED).any() and not prefix[rb.kind != losses.ROW_GUIDED].any()
+  # Dr.GRPO (the default): the run's estimator over the whole prompt, no prefix advantage apart.
+  cfg.prefix_rft.advantage = "dr_grpo"
+  method = algorithms.from_config(cfg)
+  assert not method.phases(cfg)[0].prefix_advantages and method.advantages(cfg, rb, rewards) is None
+
+
+def test_prefix_rft_loss_with_prefix_advantages_and_a_scheduled_mask():
+  """The prefix term reads the prefix's advantage where the batch has one and the mask share the step's schedule
+  gives, against the per-term float64 reference at several steps."""
+  from tests.test_algorithms import _inputs, _np_objective
+  cfg, _ = _method("prefix_rft", steps=40)
+  cfg.prefix_rft.update(advantage="dr_grpo_prefix", mask_ctrl="cosine_decay", mask_init=0.9, mask_target=0.2,
+                        mask_steps=30, mask_warmup=0.1)
+  (phase,) = algorithms.from_config(cfg).phases(cfg)
+  rng = np.random.default_rng(5)
+  rb = rollout.collect(phase.rows, _batch(3), _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
+                       [SPLIT], rng=rng)
+  x = _inputs(rb, 0)
+  x = dataclasses.replace(x, prefix_advantages=jnp.asarray(rng.normal(size=x.advantages.shape), jnp.float32),
+                          old_logp=x.logp + jnp.asarray(rng.uniform(-0.5, 0.5, x.logp.shape), jnp.float32))
+  traces = []
+
+  @jax.jit
+  @jax.value_and_grad
+  def f(logp, w):
+    traces.append(1)
+    return losses.objective_loss(dataclasses.replace(x, logp=logp), phase.objective, w)[0]
+
+  arrays = {k.name: np.asarray(getattr(x, k.name)) for k in dataclasses.fields(x)}
+  arrays = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+  values = []
+  for step in (0, 7, 20, 39):
+    value, grad = f(x.logp, phase.objective.weights_at(step))
+    ref_value, ref_grad = _np_objective(phase.objective, arrays, step)
+    assert abs(float(value) - ref_value) <= 2 * x.logp.size * np.finfo(np.float32).eps * (1 + abs(ref_value))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, rtol=1e-5, atol=1e-7)
+    values.append(float(value))
+  assert len(set(values)) > 1 and len(traces) == 1  # the share moved the loss, through an input: one trace
 
 
 def test_segment_ends():
@@ -293,12 +510,13 @@ def test_sft_trains_with_its_own_optimizer_and_warm_up():
   SFT->RL's RL phase updates with the run's AdamW (fresh, as a new training) and clips (PPO, 0.2)."""
   from trapo_jax.train import state as state_lib
   cfg, sft = _method("sft", steps=300)
-  assert sft.optimizers(cfg) == {"sft": {"lr": 5e-5, "warmup_steps": 30}}
+  assert sft.optimizers(cfg)["sft"]["lr"] == 5e-5 and sft.optimizers(cfg)["sft"]["warmup_steps"] == 30
   assert [p.optimizer for p in sft.phases(cfg)] == ["sft"]
   optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **sft.optimizers(cfg)["sft"]))
-  assert [state_lib.learning_rate(optim, t) for t in (0, 15, 30, 299)] == pytest.approx([0.0, 2.5e-5, 5e-5, 5e-5])
-  cfg, s2r = _method("sft_then_rl", steps=300)  # 150 SFT steps
-  assert s2r.optimizers(cfg) == {"sft": {"lr": 5e-5, "warmup_steps": 15}}
+  assert [state_lib.learning_rate(optim, t) for t in (0, 15, 30)] == pytest.approx([0.0, 2.5e-5, 5e-5])
+  cfg, s2r = _method("sft_then_rl", steps=300)  # 150 SFT steps: the warm-up and the decay span them
+  assert s2r.optimizers(cfg) == {"sft": {"lr": 5e-5, "warmup_steps": 15, "schedule": "cosine_with_min_lr",
+                                         "min_lr_ratio": 0.1, "decay_steps": 150}}
   first, then = s2r.phases(cfg)
   assert (first.optimizer, then.optimizer) == ("sft", "")
   assert s2r.phase_at(cfg, 149) is not None and s2r.phase_at(cfg, 149).name == "sft"

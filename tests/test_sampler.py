@@ -80,6 +80,31 @@ def test_greedy_equals_stepwise_argmax_with_forced_prefixes(params):
   assert not np.asarray(out.eos).any()
 
 
+def test_continuation_cap_bounds_what_each_row_generates(params):
+  """continuation=c (a prefix in the prompt's budget, Prefix-RFT's): every row generates c tokens behind its prefix,
+  whatever the prefix's length, within rows as wide as max_len; the tokens are the greedy ones, and the row did not
+  end with EOS (truncated). One pass over shared contexts caps alike."""
+  sampler = Sampler(CFG)
+  out = sampler.sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=10, rng=jax.random.key(0),
+                       temperature=0.0, continuation=3)
+  lengths = PREFIX_LENS + 3
+  np.testing.assert_array_equal(out.lengths, lengths)
+  np.testing.assert_array_equal(out.response_mask, np.arange(10)[None] < lengths[:, None])
+  assert not np.asarray(out.eos).any()
+  refs = [_greedy_reference(params, PROMPTS[i, :PROMPT_LENS[i]], PREFIXES[i, :PREFIX_LENS[i]], 10) for i in range(4)]
+  mask = np.asarray(out.response_mask)
+  numerics.assert_greedy_agrees(np.where(mask, out.tokens, 0), np.where(mask, np.stack([r[0] for r in refs]), 0),
+                                np.stack([r[1] for r in refs]), LOGIT_TOL, forced=np.asarray(out.prefix_mask) | ~mask)
+  shared = sampler.sample_shared(params, PROMPTS, PROMPT_LENS, SHARED_PREFIXES, SHARED_PREFIX_LENS,
+                                 branches=BRANCHES, row_ids=np.zeros((4, 5), np.int32),
+                                 sample_ids=np.zeros((4, 5), np.int32), max_len=10, rng=jax.random.key(0),
+                                 temperature=0.0, continuation=2)
+  contexts = np.concatenate([np.zeros((4, 1), np.int64), SHARED_PREFIX_LENS], 1)[:, list(BRANCHES)].reshape(-1)
+  np.testing.assert_array_equal(shared.lengths, contexts + 2)
+  assert Sampler.shared_shapes(PROMPT_LENS, SHARED_PREFIX_LENS, BRANCHES, 10, continuation=2)[3] == 2
+  assert Sampler.shared_shapes(PROMPT_LENS, SHARED_PREFIX_LENS, BRANCHES, 10)[3] == 10  # no cap: up to max_len
+
+
 def test_greedy_equals_transformers_generate(params, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -242,16 +242,23 @@ def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
     longest = min(d.max_response_len, math.ceil((max(guided) + getattr(plan, "window", 0.0)) * d.max_response_len))
   if mode in microgroup.SAMPLED_MODES:  # a drawn prefix may be all of a demonstration but its last token
     longest = d.max_response_len
-  budget = bucket(d.max_response_len, cap=d.max_response_len)
+  room = getattr(plan, "prompt_budget", 0)
+  # Context widths: the prompt and the longest prefix; a prefix in the prompt's budget fills at most the larger of
+  # the budget and the prompt, and every continuation has its whole budget (microgroup.response_width).
+  context = lambda prefix: (max(room, d.max_prompt_len) if room > 0 and prefix else d.max_prompt_len + prefix)
+  if room > 0:
+    longest = min(longest, room)
+  width, continuation = microgroup.response_width(plan, d.max_response_len)
+  budget = bucket(min(width, continuation or width), cap=continuation or width)
   if cfg.rollout.one_pass and isinstance(plan, microgroup.Plan) and microgroup.one_pass_applies(plan):
     prefixes, branches = microgroup.one_pass_contexts(plan)
     prompt_width = bucket(d.max_prompt_len)
     prefix_width = bucket(longest) if prefixes else 0
-    width = min(bucket(d.max_prompt_len + (longest if prefixes else 0)), prompt_width + prefix_width)
+    width = min(bucket(context(longest if prefixes else 0)), prompt_width + prefix_width)
     return [RolloutCall(len(branches), width, budget, branches, len(prefixes), prompt_width, prefix_width)]
   # A stage continues a prefix after the first, or where the plan draws one (UFT's hints from the first stage on).
   guided = lambda s: (microgroup.alternatives(plan)[s].level > 0 if mode in microgroup.SAMPLED_MODES else s > 0)
-  return [RolloutCall(size, bucket(d.max_prompt_len + (longest if guided(s) else 0)), budget)
+  return [RolloutCall(size, bucket(context(longest if guided(s) else 0)), budget)
           for s, size in enumerate(stages)]
 
 
@@ -259,8 +266,8 @@ def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh
   """The phase's jitted train step (step.jit_train_step, as the trainer builds it) for its packed batch at the
   longest sequences. tx: the phase's optimizer; state_tx: the state's whole optimizer when the method has several."""
   rows = cfg.train.batch_prompts * phase.rows_per_prompt
-  t = cfg.data.max_prompt_len + cfg.data.max_response_len
-  lb = cfg.data.max_response_len
+  t = trainer.longest_sequence(cfg, phase) or cfg.data.max_prompt_len + cfg.data.max_response_len
+  lb, _ = microgroup.response_width(phase.rows, cfg.data.max_response_len)  # a prefix in the prompt widens it
   shards = sharding.local_batch_shards(mesh)
   updates = trainer.updates_of(cfg, phase)  # the trainer's layout: its mini-batches and declared micro-batches
   mb = step_lib.layout_rows(rows, t, cfg.train.micro_batch_tokens, shards, updates.mini_batches,
@@ -270,9 +277,11 @@ def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh
                 resp_tokens=((m, mb, lb), jnp.int32), prefix_mask=((m, mb, lb), jnp.bool_),
                 off_loss_mask=((m, mb, lb), jnp.bool_), response_mask=((m, mb, lb), jnp.bool_),
                 advantages=((m, mb), jnp.float32), rewards=((m, mb), jnp.float32), kind=((m, mb), jnp.int32))
+  if phase.prefix_advantages:
+    shapes["prefix_advantages"] = ((m, mb), jnp.float32)
   packed = step_lib.packed_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=packed) for k, (s, dt) in shapes.items()}
-  weights = jax.ShapeDtypeStruct((len(phase.objective.terms),), jnp.float32, sharding=sharding.replicated(mesh))
+  weights = jax.ShapeDtypeStruct((phase.objective.num_weights,), jnp.float32, sharding=sharding.replicated(mesh))
   reference = trainer.uses_reference(phase)
   fn = step_lib.jit_train_step(tx, model_cfg, mesh, objective=phase.objective, chunk_size=cfg.train.logprob_chunk,
                                temperature=phase.temperature, updates=updates, state_tx=state_tx,
@@ -369,11 +378,12 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
         continue
       # The call with the most cache slots of the phase (rows x slots: its KV cache).
       call = max(rollout_calls(mcfg, phase), key=lambda c: (c.rows * (c.width + c.budget), c.rows))
-      key = ("rollout",) + tuple(call) + (phase.temperature,)
+      max_len, _ = microgroup.response_width(phase.rows, d.max_response_len)
+      key = ("rollout",) + tuple(call) + (max_len, phase.temperature)
       if key not in programs:
         sp = SamplingParams(phase.temperature, r.top_p, r.top_k, (0,), 0)
         for p in sampler_programs("rollout", sampler, state.params, prompts=cfg.train.batch_prompts, n=call.rows,
-                                  width=call.width, budget=call.budget, max_len=d.max_response_len,
+                                  width=call.width, budget=call.budget, max_len=max_len,
                                   prompt_len=d.max_prompt_len, sp=sp, mesh=mesh, resident=resident, call=call,
                                   fixes=tuple(_tensor_fix(cfg, model_cfg, mesh)) + ("a larger slice",)
                                   + (("--config.rollout.one_pass=False",) if call.branches else ())):

@@ -298,6 +298,33 @@ def rloo_advantages(rewards: jax.Array, group_ids: jax.Array, *, member: jax.Arr
 
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+PREFIX_ESTIMATORS = ("dr_grpo_prefix", "dr_grpo_prefix_v2")
+
+
+def prefix_advantages(estimator: str, rewards: jax.Array, prefix_groups: jax.Array, base_groups: jax.Array,
+                      guided: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Prefix-RFT's prefix-specific estimators (prefix_rft `core_algos.py:compute_dr_grpo_prefix_outcome_advantage`,
+  `compute_dr_grpo_prefix_v2_outcome_advantage`): [N] rewards -> (the advantage of a row's own tokens [N], that of
+  its given prefix tokens [N]).
+
+  prefix_groups [N] ints in [0, N): rows continuing one prefix share a group, and so do all rows of a prompt without
+  a prefix (the official prefix_uid "0000-0000-0000-0000"); base_groups [N]: the group of the prompt's rows without
+  a prefix; guided [N] bool: the row continues a prefix. With m_g a group's mean reward (dr_grpo_prefix: 0 for a
+  group of one row; _v2: the mean always), a row's own tokens get s = R - m_(its group), a guided row's prefix
+  tokens (s - m_(base group)) / n, n the rows continuing its prefix (the official num_rollouts_per_prefix, rollout.n
+  rows per prefix there). Never divided by a std (Dr.GRPO).
+  """
+  if estimator not in PREFIX_ESTIMATORS:
+    raise ValueError(f"prefix estimator {estimator!r} is unknown (known: {', '.join(PREFIX_ESTIMATORS)})")
+  rewards = rewards.astype(jnp.float32)
+  n = rewards.shape[0]
+  count = jax.ops.segment_sum(jnp.ones_like(rewards), prefix_groups, num_segments=n)
+  mean = jax.ops.segment_sum(rewards, prefix_groups, num_segments=n) / jnp.maximum(count, 1.0)
+  if estimator == "dr_grpo_prefix":
+    mean = jnp.where(count > 1, mean, 0.0)
+  own = rewards - mean[prefix_groups]
+  prefix = (own - mean[base_groups]) / count[prefix_groups]
+  return own, jnp.where(guided, prefix, 0.0)
 
 
 def advantages(estimator: str, rewards: jax.Array, group_ids: jax.Array, *, use_std: bool = False,
@@ -375,6 +402,9 @@ class TokenInputs:
   sampler_logp: jax.Array | None = None  # the log-probs the rows were sampled with (0 on given tokens); sampled rows
   ref_logp: jax.Array | None = None  # log pi_ref of the frozen reference policy, where a KL option asks for it
   batch_tokens: jax.Array | None = None  # [] the mini-batch's response tokens / its micro-batches (global_token_mean)
+  # [B] the advantage of a row's given prefix tokens where the method estimates it apart from the row's (Prefix-RFT's
+  # dr_grpo_prefix, Phase.prefix_advantages); None: the row's.
+  prefix_advantages: jax.Array | None = None
 
 
 SELECTORS = {
@@ -429,12 +459,16 @@ def _srft_reinforce(x: TokenInputs, correct: float, wrong: float) -> jax.Array:
   return -w * x.logp
 
 
-def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, dual_clip: float, entropy_drop: float) -> jax.Array:
+def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, dual_clip: float,
+                          entropy_drop: float | jax.Array) -> jax.Array:
   """The dual-clip PPO surrogate on imitated expert tokens, whose advantage survives only on those outside the
-  lowest-entropy `entropy_drop` share of the micro-batch's imitated tokens (docs/algorithm.md#prefix-rft)."""
+  lowest-entropy `entropy_drop` share of the micro-batch's imitated tokens (docs/algorithm.md#prefix-rft); the
+  advantage is the row's, or its prefix's where the batch has one apart (x.prefix_advantages). `entropy_drop`: a
+  constant, or the step's value of a schedule (Term.inputs)."""
   imitated = SELECTORS["imitated"](x)
   keep = top_share(jax.lax.stop_gradient(x.entropy), imitated, entropy_drop)
-  return policy_gradient_loss(x.logp, x.old_logp, jnp.where(keep, x.advantages[:, None], 0.0), clip_eps=clip_eps,
+  advantages = x.advantages if x.prefix_advantages is None else x.prefix_advantages
+  return policy_gradient_loss(x.logp, x.old_logp, jnp.where(keep, advantages[:, None], 0.0), clip_eps=clip_eps,
                               dual_clip=dual_clip)
 
 
@@ -462,6 +496,9 @@ class Term:
   array, so a changing weight never recompiles. aggregation: see `aggregate`; "seq_sum_over_max_len" is also
   multiplied by the run's `seq_scale`. over: which tokens count in a token mean's denominator: "response" (all
   response tokens of the micro-batch, as the official combined loss tensor) or "selected" (the term's own).
+  inputs: parameters of the per-token loss that follow the step, (name, schedule) pairs, each schedule a hashable
+  callable of the optimizer step: evaluated on the host like a scheduled weight and fed to the jitted step behind
+  the weights, so they never recompile either (Prefix-RFT's entropy-mask share).
   """
   name: str
   tokens: str
@@ -470,9 +507,13 @@ class Term:
   aggregation: str = "seq_sum_over_max_len"
   over: str = "response"
   params: tuple[tuple[str, Any], ...] = ()
+  inputs: tuple[tuple[str, Callable[[int], float]], ...] = ()
 
   def weight_at(self, step: int) -> float:
     return float(self.weight(step) if callable(self.weight) else self.weight)
+
+  def inputs_at(self, step: int) -> dict[str, float]:
+    return {name: float(schedule(step)) for name, schedule in self.inputs}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,9 +529,17 @@ class Objective:
     alphas = [dict(t.params)["alpha"] for t in self.terms if t.loss == "trsft"]
     return alphas[0] if alphas else None
 
+  @property
+  def num_weights(self) -> int:
+    """The length of `weights_at`: a weight per term, then each term's scheduled inputs."""
+    return len(self.terms) + sum(len(t.inputs) for t in self.terms)
+
   def weights_at(self, step: int) -> jax.Array:
-    """[num_terms] float32: each term's weight at optimizer step `step` (an input of the jitted step)."""
-    return jnp.asarray([t.weight_at(step) for t in self.terms], jnp.float32)
+    """[num_weights] float32: each term's weight at optimizer step `step`, then the values of the terms' scheduled
+    inputs in term order (an input of the jitted step)."""
+    values = [t.weight_at(step) for t in self.terms]
+    values += [v for t in self.terms for v in t.inputs_at(step).values()]
+    return jnp.asarray(values, jnp.float32)
 
 
 def check_term(term: Term) -> None:
@@ -505,12 +554,17 @@ def check_term(term: Term) -> None:
     raise ValueError(f"term {term.name!r}: over {term.over!r} must be 'response' or 'selected'")
   if term.aggregation == "global_token_mean" and term.over != "response":
     raise ValueError(f"term {term.name!r}: global_token_mean counts the batch's response tokens: needs over='response'")
+  both = sorted({n for n, _ in term.inputs} & {n for n, _ in term.params})
+  if both:
+    raise ValueError(f"term {term.name!r}: {', '.join(both)} is both a constant and a scheduled input")
 
 
-def term_value(x: TokenInputs, term: Term, max_len: int, seq_scale: float) -> jax.Array:
-  """aggregate(loss on the selected tokens), unweighted (scalar)."""
+def term_value(x: TokenInputs, term: Term, max_len: int, seq_scale: float,
+               inputs: dict[str, jax.Array] | None = None) -> jax.Array:
+  """aggregate(loss on the selected tokens), unweighted (scalar). inputs: the values of the term's scheduled
+  inputs this step (Term.inputs)."""
   selected = SELECTORS[term.tokens](x)
-  per_token = TOKEN_LOSSES[term.loss](x, **dict(term.params))
+  per_token = TOKEN_LOSSES[term.loss](x, **dict(term.params), **(inputs or {}))
   scale = seq_scale if term.aggregation == "seq_sum_over_max_len" else 1.0
   # Reduced over the response mask (unless `over` says otherwise), as the official combined pg_losses tensor:
   # every aggregation is linear in the per-token values for a fixed mask, so terms add up to the aggregate of
@@ -526,7 +580,8 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def objective_loss(x: TokenInputs, objective: Objective,
                    weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """sum_i weights[i] * term_i over response-aligned [B, T] inputs -> (loss, metrics).
+  """sum_i weights[i] * term_i over response-aligned [B, T] inputs -> (loss, metrics). weights [num_weights]
+  (Objective.weights_at): a weight per term, then the terms' scheduled inputs.
 
   Metrics: each term's unweighted value (`loss/<name>`), the token-mean entropy, and the probabilities the policy
   gives imitated expert tokens and its own tokens (token counts alongside, so means over micro-batches weight
@@ -536,8 +591,11 @@ def objective_loss(x: TokenInputs, objective: Objective,
                           off_loss_mask=x.off_loss_mask.astype(bool), response_mask=x.response_mask.astype(bool))
   loss = None
   metrics = {}
+  at = len(objective.terms)  # the scheduled inputs follow the weights, in term order
   for i, term in enumerate(objective.terms):
-    value = term_value(x, term, objective.max_len, objective.seq_scale)
+    inputs = {name: weights[at + j] for j, (name, _) in enumerate(term.inputs)}
+    at += len(term.inputs)
+    value = term_value(x, term, objective.max_len, objective.seq_scale, inputs)
     metrics[f"loss/{term.name}"] = value
     loss = weights[i] * value if loss is None else loss + weights[i] * value
   imitated, own = SELECTORS["imitated"](x), SELECTORS["own"](x)

@@ -1,12 +1,17 @@
 """Prefix-RFT on Qwen2.5-Math-7B with OpenR1-Math demonstrations (docs/algorithm.md#prefix-rft). The official
-repository ships its trainer defaults (`recipe/prefix_rft/config/prefix_rft_trainer.yaml`) but no run script:
-everything else is a guess, as are the layout and schedule defaults of the `prefix_rft` group.
+repository ships its trainer defaults (`recipe/prefix_rft/config/prefix_rft_trainer.yaml`) but no run configuration:
+everything else is a guess, as are the layout, schedule and entropy-mask defaults of the `prefix_rft` group
+(docs/algorithm.md#prefix-rft); its `max_prompt_length` for prompt + prefix is data.max_prompt_len here
+(`prefix_rft.prompt_budget`).
 
   python -m trapo_jax.main --config=experiments/configs/prefix_rft_qwen25_math_7b.py --workdir=gs://bucket/prefix \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
 
-Slice: a v5p-64 (its one-pass rollout of 128 prompts x 8 rows over 9216 + 8192 slots holds 60 GiB of KV cache per
-chip on 16 chips), where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"):
+Slice: a v5p-64, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"), as
+compiled with the prefix in the response's budget (`prefix_rft.placement="response"`: a one-pass rollout of 128
+prompts x 8 rows over 9216 + 8192 slots, 60 GiB of KV cache per chip on 16 chips). The default since is the official
+placement, the prefix in the prompt's 1024-token budget: 1024 + 8192 slots, about half the cache, and responses of up
+to 9216 tokens in the train step; not compiled here yet.
 
   python -m trapo_jax.main --mode=compile --topology=v5p-64 --config=experiments/configs/prefix_rft_qwen25_math_7b.py
 """

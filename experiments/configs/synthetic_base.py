@@ -40,8 +40,11 @@ def get_config():
   c.train.steps = 1250
   c.train.batch_prompts = 16
   c.train.ckpt_every = 250
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
+  # SFT updates with its own AdamW (sft.*, the run's betas, weight decay and clip): the shipped policy's 1e-3 with a
+  # 100-step warm-up (0.08 x 1250) and a constant rate after it, not the official SFT's 5e-5 and cosine decay.
+  c.sft.lr = 1e-3
+  c.sft.warmup = 0.08
+  c.sft.schedule = "constant"
   c.optim.weight_decay = 0.01
   c.eval.at_start = False
   c.eval.samples.synthetic = 4

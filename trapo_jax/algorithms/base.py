@@ -40,6 +40,9 @@ class Phase:
   # Which training prompts the phase draws (`prompt_part`): "" all; "train" those not held out, "held_out" the
   # Method.held_out(cfg) share kept for a later phase (SFT->RL's RL phase on prompts its SFT never saw).
   prompts_from: str = ""
+  # Whether the batch carries a per-row advantage of the given prefix tokens apart from the row's own
+  # (Method.advantages; Prefix-RFT's prefix-specific estimators).
+  prefix_advantages: bool = False
 
   @property
   def rows_per_prompt(self) -> int:
@@ -87,6 +90,19 @@ class Method:
   def advantage_std(self, cfg) -> bool:
     """Whether group advantages are divided by the group's std. Default: loss.use_std."""
     return bool(cfg.loss.use_std)
+
+  def advantages(self, cfg, rb, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The method's own advantages of a RolloutBatch `rb` with (shaped) rewards [N]: (each row's [N], each row's
+    given prefix's [N] or None), the latter for a phase with prefix_advantages. Default: None, the run's estimator
+    (loss.advantage) over each prompt's group."""
+    del cfg, rb, rewards
+    return None
+
+  def length_from_data(self, cfg, examples) -> dict[str, Any]:
+    """Config changes (dotted keys) that set the run's length from its training examples (the loader's, after
+    filtering), for a method whose length is counted in epochs over them (SFT's `epochs`). Default: none."""
+    del cfg, examples
+    return {}
 
   def held_out(self, cfg) -> float:
     """The share of training prompts held out for phases with prompts_from="held_out". Default: none."""

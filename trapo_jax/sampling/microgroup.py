@@ -62,6 +62,10 @@ class Plan:
   What happens after grading: `demos` appends whole demonstrations to each prompt's rows, ungraded and outside its
   GRPO group (CHORD); `gate` >= 0 replaces the rollouts of a prompt with at most `gate` correct ones by its
   demonstration `gate_demo` (HPT: its first row becomes the demonstration, the others are emptied).
+
+  Where a prefix sits: `prompt_budget` 0, in the response's budget (prefix + continuation <= the response width);
+  > 0, in the prompt's, as Prefix-RFT's dataset appends it to the prompt (prompt + prefix <= prompt_budget tokens,
+  the prefix cut to fit) and the continuation gets a whole response budget of its own (`response_width`).
   """
   stages: tuple[int, ...] = (4, 2, 1, 1)
   mode: str = "adaptive"
@@ -80,6 +84,7 @@ class Plan:
   demos: tuple[int, ...] = ()
   gate: int = -1
   gate_demo: int = 0
+  prompt_budget: int = 0  # "random": > 0, prompt + prefix tokens at most this, the continuation its own budget
 
   @property
   def n(self) -> int:
@@ -92,6 +97,17 @@ class Plan:
     if not one_pass_applies(self):
       return max(self.stages)
     return len(one_pass_contexts(self)[1])
+
+
+def response_width(plan, max_response_len: int) -> tuple[int, int]:
+  """(width, continuation) of a plan's rows: the response buffer's width and the most tokens a row generates behind
+  its prefix (0: up to the width, prefix + continuation <= the width). A plan whose prefix sits in the prompt's
+  budget (Plan.prompt_budget) gets rows of prompt_budget + max_response_len tokens, each continuation at most
+  max_response_len: a row's prompt and response together stay within prompt_budget + max_response_len."""
+  budget = getattr(plan, "prompt_budget", 0)
+  if budget > 0:
+    return budget + max_response_len, max_response_len
+  return max_response_len, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +145,16 @@ class StageInputs:
 
 
 def stage_inputs(plan: Plan, stage: int, levels: np.ndarray, demo_ids: np.ndarray, demo_lens: np.ndarray,
-                 split_ids: np.ndarray, rng: np.random.Generator | None = None) -> StageInputs:
-  """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included) -> the stage's prefixes (`rng` for SAMPLED_MODES)."""
+                 split_ids: np.ndarray, rng: np.random.Generator | None = None,
+                 prompt_lens: np.ndarray | None = None) -> StageInputs:
+  """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included) -> the stage's prefixes (`rng` for SAMPLED_MODES;
+  prompt_lens [G] for a plan whose prefix sits in the prompt's budget)."""
   if plan.mode in SAMPLED_MODES:
     if rng is None:
       raise ValueError(f"a plan in mode {plan.mode!r} draws its prefixes at random: pass an rng")
-    draw = random_prefixes if plan.mode == "random" else hint_prefixes
-    return draw(plan, stage, demo_ids, demo_lens, split_ids, rng)
+    if plan.mode == "random":
+      return random_prefixes(plan, stage, demo_ids, demo_lens, split_ids, rng, prompt_lens)
+    return hint_prefixes(plan, stage, demo_ids, demo_lens, split_ids, rng)
   ratios = stage_ratios(plan, stage, levels)
   g, _, width = demo_ids.shape
   prefix = np.zeros((g, width), np.int32)
@@ -177,17 +196,21 @@ def _given(prefixes: list[np.ndarray], ratios: np.ndarray, width: int) -> StageI
 
 
 def random_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.ndarray, split_ids: np.ndarray,
-                    rng: np.random.Generator) -> StageInputs:
+                    rng: np.random.Generator, prompt_lens: np.ndarray | None = None) -> StageInputs:
   """Prefix-RFT's prefixes (docs/algorithm.md#prefix-rft, official `PrefixRFTDataset.__getitem__`/`_get_prefix`).
 
   Per prompt: one of its demonstrations at random, r = low + (high - low) * Beta(a, b), and its first
   max(floor(r * m), min_prefix) tokens, at most m - 1, m the demonstration's length without EOS (at least one
-  of its tokens is left to generate). The ratio recorded is the prefix length over m.
+  of its tokens is left to generate). With plan.prompt_budget > 0 the prefix is then cut to the prompt's room,
+  prompt_budget - prompt length (the official right truncation of prompt + prefix at max_prompt_length; none left:
+  no prefix). The ratio recorded is the prefix length over m.
   """
   del split_ids
   g, _, width = demo_ids.shape
   if stage < plan.unguided_stages:
     return _given([np.zeros(0, np.int32)] * g, np.zeros(g), width)
+  if plan.prompt_budget > 0 and prompt_lens is None:
+    raise ValueError("a plan whose prefix sits in the prompt's budget needs the prompt lengths")
   low, high = min(plan.ratio_bounds), max(plan.ratio_bounds)
   prefixes, ratios = [], []
   for i in range(g):
@@ -196,6 +219,8 @@ def random_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.
     r = low + (high - low) * rng.beta(*plan.ratio_beta)
     m = int(demo_lens[i, which]) - 1  # without EOS
     k = min(max(int(r * m), plan.min_prefix), m - 1) if m > 1 else 0
+    if plan.prompt_budget > 0:
+      k = max(0, min(k, plan.prompt_budget - int(prompt_lens[i])))
     prefixes.append(demo_ids[i, which, :k])
     ratios.append(k / m if m > 0 else 0.0)
   return _given(prefixes, ratios, width)

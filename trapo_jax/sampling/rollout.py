@@ -92,7 +92,8 @@ def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn
   level_log = []
   sampled = passes = 0
   for s, size in enumerate(plan.stages):
-    inp = microgroup.stage_inputs(plan, s, levels, batch.demo_ids, batch.demo_lens, split_ids, rng)
+    inp = microgroup.stage_inputs(plan, s, levels, batch.demo_ids, batch.demo_lens, split_ids, rng,
+                                  prompt_lens=batch.prompt_lens)
     ids = row_ids(first_prompt, g, s, inp.ratios > 0, len(plan.stages))
     tokens, prefix_mask, response_mask, *extra = sample_fn(batch.prompt_ids, batch.prompt_lens, inp.prefix_ids,
                                                            inp.prefix_lens, ~inp.expert_full, size, ids)
@@ -150,7 +151,7 @@ def collect_one_pass(plan: microgroup.Plan, batch, sample_fn: SharedSampleFn, gr
   g = batch.prompt_ids.shape[0]
   alts = microgroup.alternatives(plan)
   inputs = [microgroup.stage_inputs(plan, a.stage, np.full((g,), a.level, np.int32), batch.demo_ids, batch.demo_lens,
-                                    split_ids, rng) for a in alts]
+                                    split_ids, rng, prompt_lens=batch.prompt_lens) for a in alts]
   # Each prefix a prompt's rows continue is prefilled once per prompt, after the bare prompt.
   sources, branches = microgroup.one_pass_contexts(plan)
   prefixes = (np.stack([inputs[k].prefix_ids for k in sources], 1) if sources else np.zeros((g, 0, 1), np.int32))

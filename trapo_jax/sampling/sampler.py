@@ -15,8 +15,10 @@ prefilled once, each of its prefixes extends that cache once (by the prefix toke
 a copy of its context's cache, packed so that all contexts still end at one slot.
 
 The response buffer [B, L] starts with the prefix and the continuation is written behind it; a row stops at an EOS
-id or when prefix + continuation reaches L (the official assembly truncates prefix + continuation to L). Tokens
-after a row's end are `pad_id` and masked out by `response_mask`.
+id or when prefix + continuation reaches L (the official assembly truncates prefix + continuation to L), or, with a
+`continuation` cap, when it has generated that many tokens (a prefix in the prompt's budget, Prefix-RFT's: every row
+decodes in lockstep from step 0, so the cap is the decode budget). Tokens after a row's end are `pad_id` and masked
+out by `response_mask`.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ def _left_align(prompts, prompt_lens, prefixes, prefix_lens, width: int):
   from_prefix = jnp.take_along_axis(prefixes, jnp.clip(j - prompt_lens[:, None], 0, prefixes.shape[1] - 1), axis=1)
   ctx = jnp.where(in_prompt, from_prompt, jnp.where(in_prefix, from_prefix, 0))
   return ctx.astype(jnp.int32), in_prompt | in_prefix
+
+
+def decode_budget(max_len: int, shortest_prefix: int, continuation: int = 0) -> int:
+  """Decode steps of a call whose shortest prefix (of the rows it generates) is `shortest_prefix`: the bucket of
+  what the widest row can still write, at most max_len, or at most `continuation` where that caps every row's
+  generated tokens (rows decode in lockstep from step 0, so no row generates more than the budget)."""
+  cap = min(max_len, continuation) if continuation > 0 else max_len
+  return bucket(min(max_len - shortest_prefix, cap), cap=cap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,26 +315,27 @@ class Sampler:
 
   @staticmethod
   def shared_shapes(prompt_lens: np.ndarray, prefix_lens: np.ndarray, branches: Sequence[int],
-                    max_len: int) -> tuple[int, int, int, int]:
+                    max_len: int, continuation: int = 0) -> tuple[int, int, int, int]:
     """(prompt_width, prefix_width, width, budget) of a `sample_shared` call: prompt lengths [G], prefix lengths
-    [G, X] (at most max_len), each row's context `branches` [R]."""
+    [G, X] (at most max_len), each row's context `branches` [R]; continuation: the cap on generated tokens (0:
+    none)."""
     prompt_lens, prefix_lens = np.asarray(prompt_lens), np.asarray(prefix_lens)
     row_lens = np.concatenate([np.zeros((len(prompt_lens), 1), np.int64), prefix_lens], 1)[:, list(branches)]
     prompt_width = bucket(int(prompt_lens.max()))
     prefix_width = bucket(int(prefix_lens.max(initial=0))) if prefix_lens.shape[1] else 0
     # The packed contexts need the longest one's slots; a bucket above the two widths would only add slots.
     width = min(bucket(int((prompt_lens[:, None] + row_lens).max())), prompt_width + prefix_width)
-    budget = bucket(max_len - int(row_lens.min()), cap=max_len)
-    return prompt_width, prefix_width, width, budget
+    return prompt_width, prefix_width, width, decode_budget(max_len, int(row_lens.min()), continuation)
 
   def sample(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray | None = None,
              prefix_lens: np.ndarray | None = None, *, max_len: int, rng: jax.Array, n: int = 1,
              active: np.ndarray | None = None, row_ids: np.ndarray | None = None,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, eos_ids: Sequence[int] = (),
-             pad_id: int = 0) -> Rollouts:
+             pad_id: int = 0, continuation: int = 0) -> Rollouts:
     """prompts [B, P] right-padded + lengths [B]; prefixes [B, K] right-padded + lengths [B] (None: no prefix).
 
     Returns Rollouts with B*n rows of width `max_len` (= L: prefix + continuation). Greedy when temperature == 0.
+    continuation > 0: no row generates more than this many tokens (its prefix does not count).
     Rows with active [B] False are not generated: their response is the prefix alone (the full expert sample).
     row_ids [B] (default 0..B-1) key each row's randomness: sample j of row r draws from fold_in(rng, r, j), so
     the same prompt samples the same tokens however the batch is split over devices or processes.
@@ -345,7 +356,7 @@ class Sampler:
     pre[:, :k] = np.asarray(prefixes, np.int32)[:, :k]
     ctx_lens = prompt_lens + np.where(active, prefix_lens, 0)
     width = bucket(int(ctx_lens.max()))
-    budget = bucket(max_len - int(prefix_lens[active].min()), cap=max_len) if active.any() else 1
+    budget = decode_budget(max_len, int(prefix_lens[active].min()), continuation) if active.any() else 1
     width, budget = sharding.agree_max(width, budget)
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
     inputs = (prompts, prompt_lens, pre, prefix_lens, active, row_ids)
@@ -366,7 +377,7 @@ class Sampler:
   def sample_shared(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray,
                     prefix_lens: np.ndarray, *, branches: Sequence[int], row_ids: np.ndarray, sample_ids: np.ndarray,
                     max_len: int, rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
-                    eos_ids: Sequence[int] = (), pad_id: int = 0) -> Rollouts:
+                    eos_ids: Sequence[int] = (), pad_id: int = 0, continuation: int = 0) -> Rollouts:
     """Rows of several contexts per prompt in one decode pass, each prompt prefilled once (docs/algorithm.md#one-pass).
 
     prompts [G, P] right-padded + lengths [G]; prefixes [G, X, K] right-padded + lengths [G, X]: a prompt's X
@@ -374,7 +385,7 @@ class Sampler:
     rows (0: the bare prompt, b: prefix b - 1), the same for every prompt. row_ids, sample_ids [G, R] key the rows:
     row r of prompt g draws from fold_in(fold_in(rng, row_ids[g, r]), sample_ids[g, r]), the key `sample` gives
     its sample j of a row with that id, so a row's tokens do not depend on which call or batch produced it.
-    Returns G*R rows of width max_len, prompt-major.
+    Returns G*R rows of width max_len, prompt-major; continuation as `sample`'s.
     """
     prompts = np.asarray(prompts, np.int32)
     prompt_lens = np.asarray(prompt_lens, np.int32)
@@ -386,7 +397,7 @@ class Sampler:
     pre = np.full((g, x, max_len), pad_id, np.int32)
     k = min(np.shape(prefixes)[2], max_len)
     pre[:, :, :k] = np.asarray(prefixes, np.int32)[:, :, :k]
-    shapes = sharding.agree_max(*self.shared_shapes(prompt_lens, prefix_lens, branches, max_len))
+    shapes = sharding.agree_max(*self.shared_shapes(prompt_lens, prefix_lens, branches, max_len, continuation))
     prompt_width, prefix_width, width, budget = shapes
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(e) for e in eos_ids), int(pad_id))
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from absl import logging
@@ -48,9 +49,14 @@ class TrainState:
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; constant LR after an optional linear warm-up (official: none)."""
+  """AdamW with global-norm clipping; the learning rate of `learning_rate` at each update: constant after an
+  optional linear warm-up (official RL: none), or OpenRLHF's cosine to min_lr_ratio x lr over decay_steps (the
+  `schedule`, `min_lr_ratio` and `decay_steps` keys a method's own optimizer adds: schedules.LR_SCHEDULES)."""
   lr = optim_cfg.lr
-  if optim_cfg.warmup_steps > 0:
+  if optim_cfg.get("schedule", "constant") != "constant":
+    lr = functools.partial(_scheduled_lr, optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.decay_steps,
+                           optim_cfg.min_lr_ratio)
+  elif optim_cfg.warmup_steps > 0:
     lr = optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
   return optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
@@ -71,7 +77,21 @@ def slot(txs: tuple[optax.GradientTransformation, ...], index: int) -> optax.Gra
   return optax.GradientTransformation(init, update)
 
 
+def _scheduled_lr(lr: float, warmup: int, total: int, min_ratio: float, count: jax.Array) -> jax.Array:
+  """`schedules.cosine_with_min_lr` x lr at update `count` (in graph): linear warm-up from 0, then the cosine from
+  lr to min_ratio x lr over the updates up to `total`."""
+  count = jnp.asarray(count, jnp.float32)
+  progress = (count - warmup) / max(1, total - warmup)
+  decay = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return lr * jnp.where(count < warmup, count / max(1, warmup), jnp.maximum(0.0, decay))
+
+
 def learning_rate(optim_cfg, step: int) -> float:
+  """The learning rate of update `step` (0-based): what `make_optimizer`'s AdamW applies, for the metrics."""
+  if optim_cfg.get("schedule", "constant") == "cosine_with_min_lr":
+    from trapo_jax.algorithms import schedules
+    return optim_cfg.lr * schedules.cosine_with_min_lr(step, optim_cfg.warmup_steps, optim_cfg.decay_steps,
+                                                       optim_cfg.min_lr_ratio)
   if optim_cfg.warmup_steps > 0:
     return optim_cfg.lr * min(1.0, step / optim_cfg.warmup_steps)
   return optim_cfg.lr

@@ -43,6 +43,7 @@ class PackedBatch:
   rewards: np.ndarray  # [M, mb]
   kind: np.ndarray  # [M, mb] int32: losses.ROW_OWN | ROW_GUIDED | ROW_DEMO
   sampler_logp: np.ndarray | None = None  # [M, mb, Lb]: the sampler's log-probs (sampled rows only)
+  prefix_advantages: np.ndarray | None = None  # [M, mb]: the given prefix's advantage (Phase.prefix_advantages)
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -75,16 +76,19 @@ def layout_rows(num_rows: int, seq_len: int, token_budget: int, shards: int, min
 
 
 def pack(rb, advantages: np.ndarray, *, token_budget: int, shards: int, pad_id: int,
-         mini_batches: int = 1, micro_batches: int = 0) -> PackedBatch:
+         mini_batches: int = 1, micro_batches: int = 0, max_seq: int | None = None) -> PackedBatch:
   """A RolloutBatch -> packed, bucketed, micro-batched host arrays.
 
   mini_batches K: the micro-batches split into K mini-batches of consecutive rows (Updates), each a whole number of
-  micro-batches; micro_batches: that number where the phase declares it (`layout_rows`).
+  micro-batches; micro_batches: that number where the phase declares it (`layout_rows`). max_seq: the longest
+  prompt + response the rows can have where it is less than the two widths' sum (a prefix in the prompt's budget:
+  the response is wider than a response, the sequence no longer), so the sequence bucket stops there.
   """
   n = rb.tokens.shape[0]
   resp_lens = rb.response_mask.sum(-1).astype(np.int32)
   lb = bucket(int(resp_lens.max()), cap=rb.tokens.shape[1])
-  t = bucket(int((rb.prompt_lens + resp_lens).max()), cap=rb.prompt_ids.shape[1] + rb.tokens.shape[1])
+  cap = rb.prompt_ids.shape[1] + rb.tokens.shape[1]
+  t = bucket(int((rb.prompt_lens + resp_lens).max()), cap=cap if max_seq is None else min(cap, max_seq))
   lb, t = sharding.agree_max(lb, t)
   seq = np.full((n, t), pad_id, np.int32)
   mask = np.zeros((n, t), bool)
@@ -150,7 +154,8 @@ def _own_tokens(mb: dict) -> jax.Array:
 
 def loss_fn(params, mb: dict, weights: jax.Array, ref_params=None, *, model_cfg: tfm.ModelConfig,
             objective: losses.Objective, chunk_size: int, temperature: float = 1.0, old_logp: str = "current"):
-  """The objective of one micro-batch -> (loss, metrics). weights [num_terms]: each term's weight this step.
+  """The objective of one micro-batch -> (loss, metrics). weights [num_weights]: each term's weight this step, then
+  its scheduled inputs (Objective.weights_at).
 
   old_logp: "current" (the log-probs just computed, without gradient), "sampler" (mb["sampler_logp"]) or "batch"
   (mb["old_logp"]; the current ones where mb["first"], the step's first update, made with the old parameters).
@@ -173,7 +178,7 @@ def loss_fn(params, mb: dict, weights: jax.Array, ref_params=None, *, model_cfg:
       logp=logp, old_logp=old, entropy=entropy, advantages=mb["advantages"],
       rewards=mb["rewards"], kind=mb["kind"], prefix_mask=mb["prefix_mask"], off_loss_mask=mb["off_loss_mask"],
       response_mask=mb["response_mask"], sampler_logp=mb.get("sampler_logp"), ref_logp=ref,
-      batch_tokens=mb.get("batch_tokens"))
+      batch_tokens=mb.get("batch_tokens"), prefix_advantages=mb.get("prefix_advantages"))
   loss, metrics = losses.objective_loss(inputs, objective, weights)
   own = _own_tokens(mb)
   if old_logp == "batch":  # several updates: the mismatch is measured once per step (ppo_updates)
@@ -258,7 +263,8 @@ def train_step(state: TrainState, batch: dict, weights: jax.Array, ref_params=No
   """One rollout batch's update over [M, mb, ...] micro-batches: one optimizer step (the default), or
   updates.count of them (ppo_updates). A non-finite loss or gradient skips an update.
 
-  weights [num_terms] float32: the objective's term weights at this step (an input, so schedules never recompile).
+  weights [num_weights] float32: the objective's term weights and scheduled inputs at this step (an input, so
+  schedules never recompile).
   ref_params: the frozen reference policy, placed like state.params, when a term reads its log-probs; else None.
   """
   if updates.count > 1:

@@ -8,6 +8,7 @@ a checkpoint resumes from it exactly; SIGTERM and Ctrl-C save and exit.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -118,17 +119,36 @@ def build_context(cfg, workdir: str) -> Context:
                  split_ids=microgroup.split_token_ids(tokenizer), txs=txs, algo_state=method.initial_state(cfg))
 
 
-def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
-  """sample_fn / grade_fn closures for rollout.collect, timing each part."""
+def with_data_length(ctx: Context) -> Context:
+  """The context over the run's length set from its training examples where the method counts it in epochs
+  (Method.length_from_data: SFT's `epochs`, with ctx.loader built): the config changed, the method and its optimizers
+  (whose schedules span the length) rebuilt. The changed config is the run's: it is stored in the workdir, and a
+  resumed run over the same data sets the same length."""
+  changes = ctx.method.length_from_data(ctx.cfg, ctx.loader.examples)
+  if not changes:
+    return ctx
+  cfg = copy.deepcopy(ctx.cfg)
+  cfg.update_from_flattened_dict(changes)
+  logging.info("%s: %s, from %d training examples", cfg.algo, ", ".join(f"{k}={v}" for k, v in changes.items()),
+               len(ctx.loader.examples))
+  method = algorithms.from_config(cfg)
+  txs = make_optimizers(cfg, method)
+  return dataclasses.replace(ctx, cfg=cfg, method=method, txs=txs, tx=state_optimizer(cfg, txs))
+
+
+def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float], plan=None):
+  """sample_fn / grade_fn closures for rollout.collect, timing each part; rows as wide as the plan's
+  (microgroup.response_width: a prefix in the prompt's budget widens them)."""
   r = ctx.cfg.rollout
+  width, continuation = microgroup.response_width(plan, ctx.cfg.data.max_response_len)
 
   def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
     t = time.perf_counter()
     # Rows are keyed by (prompt's position in the global batch, stage, alternative) through row_ids, and every call
     # of the step shares `rng`: the same samples however the batch is split, and whichever path asks for them.
     out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active, row_ids=row_ids,
-                             max_len=ctx.cfg.data.max_response_len, rng=rng, n=n, temperature=r.temperature,
-                             top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
+                             max_len=width, rng=rng, n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                             eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, continuation=continuation)
     out = _host_rows(out)  # waits for the decode
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
     return out
@@ -156,16 +176,18 @@ def _host_rows(out) -> tuple[np.ndarray, ...]:
           np.asarray(out.logprobs), np.asarray(out.eos))
 
 
-def make_shared_sample_fn(ctx: Context, params, rng: jax.Array, timings: dict[str, float]):
-  """The sampler closure of rollout.collect_one_pass (Sampler.sample_shared), keyed and timed as make_rollout_fns'."""
+def make_shared_sample_fn(ctx: Context, params, rng: jax.Array, timings: dict[str, float], plan=None):
+  """The sampler closure of rollout.collect_one_pass (Sampler.sample_shared), keyed, timed and as wide as
+  make_rollout_fns'."""
   r = ctx.cfg.rollout
+  width, continuation = microgroup.response_width(plan, ctx.cfg.data.max_response_len)
 
   def sample_fn(prompt_ids, prompt_lens, prefixes, prefix_lens, branches, row_ids, sample_ids):
     t = time.perf_counter()
     out = ctx.sampler.sample_shared(params, prompt_ids, prompt_lens, prefixes, prefix_lens, branches=branches,
-                                    row_ids=row_ids, sample_ids=sample_ids, max_len=ctx.cfg.data.max_response_len,
-                                    rng=rng, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                    eos_ids=ctx.eos_ids, pad_id=ctx.pad_id)
+                                    row_ids=row_ids, sample_ids=sample_ids, max_len=width, rng=rng,
+                                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids,
+                                    pad_id=ctx.pad_id, continuation=continuation)
     out = _host_rows(out)
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
     return out
@@ -177,11 +199,11 @@ def collect_rollouts(ctx: Context, plan: microgroup.Plan, local, params, rng: ja
                      draws: np.random.Generator | None = None) -> rollout_lib.RolloutBatch:
   """This process's share of a prompt batch's rows: in one decode pass if rollout.one_pass and the plan's stages
   are chosen by rewards (microgroup.one_pass_applies), else stage by stage. draws: the plan's host draws."""
-  sample_fn, grade_fn = make_rollout_fns(ctx, params, rng, timings)
+  sample_fn, grade_fn = make_rollout_fns(ctx, params, rng, timings, plan)
   first = jax.process_index() * local.prompt_ids.shape[0]
   if ctx.cfg.rollout.one_pass and microgroup.one_pass_applies(plan):
-    return rollout_lib.collect_one_pass(plan, local, make_shared_sample_fn(ctx, params, rng, timings), grade_fn,
-                                        ctx.split_ids, first, pad_id=ctx.pad_id, rng=draws)
+    return rollout_lib.collect_one_pass(plan, local, make_shared_sample_fn(ctx, params, rng, timings, plan),
+                                        grade_fn, ctx.split_ids, first, pad_id=ctx.pad_id, rng=draws)
   return rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids, rng=draws, first_prompt=first)
 
 
@@ -305,6 +327,16 @@ def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
                           **accumulate)
 
 
+def longest_sequence(cfg, phase: algorithms.Phase) -> int | None:
+  """The longest prompt + response of a phase whose prefixes sit in the prompt's budget (Plan.prompt_budget): a
+  prompt (at most data.max_prompt_len) and its prefix fill at most the larger of the two, the continuation at most
+  data.max_response_len. None for the others (the prompt and response widths bound it)."""
+  budget = getattr(phase.rows, "prompt_budget", 0)
+  if budget <= 0:
+    return None
+  return max(budget, cfg.data.max_prompt_len) + cfg.data.max_response_len
+
+
 def uses_reference(phase: algorithms.Phase) -> bool:
   return any(t.loss == "reference_kl" for t in phase.objective.terms)
 
@@ -419,6 +451,18 @@ def refill(ctx: Context, rb: rollout_lib.RolloutBatch, collect, more_prompts) ->
                  for k, v in zip(("informative_groups", "filtered_groups", "kept_uninformative"), counts)}}
 
 
+def row_advantages(ctx: Context, rb: rollout_lib.RolloutBatch, rewards: np.ndarray):
+  """(advantages [N], the given prefixes' [N] or None): the method's own estimator (Method.advantages) where it has
+  one, else loss.advantage over each prompt's group (its members: rb.in_group)."""
+  cfg = ctx.cfg
+  own = ctx.method.advantages(cfg, rb, rewards)
+  if own is not None:
+    return np.asarray(own[0]), None if own[1] is None else np.asarray(own[1])
+  member = None if rb.in_group is None else jnp.asarray(rb.in_group)
+  return np.asarray(losses.advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
+                                      use_std=ctx.method.advantage_std(cfg), member=member)), None
+
+
 def shaped_rewards(cfg, rb: rollout_lib.RolloutBatch) -> tuple[np.ndarray, dict]:
   """The graded rewards plus DAPO's soft overlong punishment of generated rows (rollout.overlong_buffer > 0)."""
   if cfg.rollout.overlong_buffer <= 0:
@@ -464,7 +508,7 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   updates = updates_of(cfg, phase)
   packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
                          shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates.mini_batches,
-                         micro_batches=updates.micro_batches)
+                         micro_batches=updates.micro_batches, max_seq=longest_sequence(cfg, phase))
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
@@ -472,10 +516,12 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
       penalty = kl_reward_penalty(ctx, state.params, step_lib.put_packed(ctx.mesh, packed), packed, phase, step_fns)
       rewards = rewards - penalty.astype(np.float32)
       option_metrics["kl/reward_penalty"] = float(penalty.mean())
-    member = None if rb.in_group is None else jnp.asarray(rb.in_group)
-    advantages = np.asarray(losses.advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
-                                              use_std=ctx.method.advantage_std(cfg), member=member))
+    advantages, prefix_advantages = row_advantages(ctx, rb, rewards)
     packed.advantages = advantages.astype(np.float32).reshape(packed.advantages.shape)
+    if phase.prefix_advantages:
+      if prefix_advantages is None:
+        raise TrainingError(f"phase {phase.name}: declares prefix advantages, the method's estimator gave none")
+      packed.prefix_advantages = prefix_advantages.astype(np.float32).reshape(packed.advantages.shape)
     t1 = time.perf_counter()
     placed = step_lib.put_packed(ctx.mesh, packed)
     if cfg.train.dump_token_probs:
@@ -557,6 +603,8 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
                dict(ctx.mesh.shape))
   loader = _loader(ctx)
   ctx.loader = loader
+  ctx = with_data_length(ctx)
+  cfg = ctx.cfg
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, every=cfg.train.ckpt_every)
   identity = workdir_lib.run_identity(cfg, ctx.model_cfg)
