@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import default
-from tests.test_microgroup import SPLIT, _batch, _fake_sampler
+from tests.helpers import SPLIT, fake_batch, fake_sampler, np_objective, random_token_inputs
 from trapo_jax import algorithms
 from trapo_jax import losses
 from trapo_jax.errors import ConfigError
@@ -86,11 +86,11 @@ def _rows(phase, g: int, seed: int) -> rollout.RolloutBatch:
   """The phase's rows for g prompts, sampled by a fake sampler and graded at random, each prompt solved with a
   probability of 0, 1/2 or 1 (every schedule branch shows up over a few seeds)."""
   if not phase.samples:
-    return rollout.demo_batch(_batch(g), which=phase.rows.which, max_len=40)
+    return rollout.demo_batch(fake_batch(g), which=phase.rows.which, max_len=40)
   rng = np.random.default_rng(seed)
   solve = dict(zip("abcd", rng.choice([0.0, 0.5, 1.0], 4)))
   grade = lambda tokens, mask, answers: (rng.random(len(answers)) < [solve[a] for a in answers]).astype(np.float32)
-  return rollout.collect(phase.rows, _batch(g), _fake_sampler([]), grade, np.asarray([SPLIT]), rng=rng)
+  return rollout.collect(phase.rows, fake_batch(g), fake_sampler([]), grade, np.asarray([SPLIT]), rng=rng)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,27 +113,13 @@ def test_rows_per_prompt_kinds_and_masks(name):
     assert seen == KINDS[(name, phase.name)]
 
 
-def _inputs(rb: rollout.RolloutBatch, seed: int) -> losses.TokenInputs:
-  rng = np.random.default_rng(seed)
-  shape = rb.tokens.shape
-  logp = rng.uniform(-5.0, -0.01, shape).astype(np.float32)
-  # The sampler's and the reference's log-probs: the current ones moved by up to 1 (some importance ratios > 2).
-  sampler = np.where(rb.response_mask & ~rb.prefix_mask, logp + rng.uniform(-1.0, 1.0, shape), 0.0)
-  return losses.TokenInputs(
-      logp=jnp.asarray(logp), old_logp=jnp.asarray(logp), entropy=jnp.asarray(rng.uniform(0, 3, shape), jnp.float32),
-      advantages=jnp.asarray(rng.normal(size=shape[0]), jnp.float32), rewards=jnp.asarray(rb.rewards),
-      kind=jnp.asarray(rb.kind), prefix_mask=jnp.asarray(rb.prefix_mask), off_loss_mask=jnp.asarray(rb.off_loss_mask),
-      response_mask=jnp.asarray(rb.response_mask), sampler_logp=jnp.asarray(sampler, jnp.float32),
-      ref_logp=jnp.asarray(logp + rng.uniform(-1.0, 1.0, shape), jnp.float32))
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_terms_see_the_declared_tokens(name):
   cfg = _config(name)
   for phase in algorithms.from_config(cfg).phases(cfg):
     declared = {t.name: (t.tokens, t.loss) for t in phase.objective.terms}
     assert declared == TERMS[name][phase.name]
-    x = _inputs(_rows(phase, 3, 0), 0)
+    x = random_token_inputs(_rows(phase, 3, 0), 0)
     resp, prefix = np.asarray(x.response_mask), np.asarray(x.prefix_mask) & np.asarray(x.response_mask)
     for term in phase.objective.terms:
       selected = np.asarray(losses.SELECTORS[term.tokens](x))
@@ -142,129 +128,6 @@ def test_terms_see_the_declared_tokens(name):
         assert (selected == (resp & ~prefix)).all()
       if term.tokens == "imitated":
         assert (selected == (prefix & np.asarray(x.off_loss_mask))).all()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# An independent float64 reference of every selector, per-token loss and aggregation: value and d/dlogp.
-
-def _np_selected(name: str, x: dict) -> np.ndarray:
-  resp, prefix, off = x["response_mask"], x["prefix_mask"] & x["response_mask"], x["off_loss_mask"]
-  return {"own": resp & ~prefix, "imitated": prefix & off, "response": resp,
-          "demo_rows": resp & (x["kind"] == losses.ROW_DEMO)[:, None]}[name]
-
-
-def _np_loss(name: str, x: dict, params: dict) -> tuple[np.ndarray, np.ndarray]:
-  """(per-token value, its derivative w.r.t. logp) [B, T]."""
-  logp = x["logp"]
-  p, a = np.exp(logp), x["advantages"][:, None]
-  if name == "policy_gradient":
-    return _np_policy_gradient(x, a, **params)
-  if name == "reference_kl":  # log r = log pi_ref - log pi; d/dlogp of k1, k2, k3: 1, -log r, 1 - r
-    log_r = x["ref_logp"] - logp
-    if params["estimator"] == "k3_clamped":  # verl's low_var_kl: k3 clamped to [-10, 10], no gradient outside
-      k3 = np.exp(log_r) - 1 - log_r
-      return np.clip(k3, -10, 10), np.where(np.abs(k3) < 10, 1 - np.exp(log_r), 0.0)
-    return {"k1": (-log_r, np.ones_like(logp)), "k2": (0.5 * log_r ** 2, -log_r),
-            "k3": (np.exp(log_r) - 1 - log_r, 1 - np.exp(log_r))}[params["estimator"]]
-  if name == "trsft":  # -p / sg(max(p, alpha))
-    scale = np.maximum(p, params["alpha"])
-    return -p / scale, -p / scale
-  if name == "nll":
-    return -logp, -np.ones_like(logp)
-  if name == "luffy_shaped":
-    g = params["gamma"]
-    return -a * p / (p + g), -a * g * p / (p + g) ** 2
-  if name == "entropy":  # an input of the loss, not a function of logp here
-    return x["entropy"], np.zeros_like(logp)
-  if name == "prefix_rft_surrogate":  # the advantage (the prefix's, if apart) survives on the imitated tokens of
-    keep = _np_top_share(x["entropy"], _np_selected("imitated", x), params["entropy_drop"])  # highest entropy
-    prefix_a = x.get("prefix_advantages")
-    if prefix_a is not None and np.ndim(prefix_a) == 1:  # fields left None arrive as 0-d object arrays
-      a = prefix_a[:, None]
-    return _np_policy_gradient(x, a * keep, clip_eps=params["clip_eps"], dual_clip=params["dual_clip"])
-  if name == "phi_nll":  # -log p sg(p (1 - p))
-    return -logp * p * (1 - p), -p * (1 - p)
-  h = _np_row_entropy(x)
-  if name == "entropy_weighted_nll":  # -sg(exp(-H)) log p
-    return -np.exp(-h) * logp, -np.exp(-h) * np.ones_like(logp)
-  if name == "srft_reinforce":  # -w log p, w = correct sg(exp(H)) on a correct row, `wrong` otherwise
-    w = np.where((x["rewards"] == 1)[:, None], params["correct"] * np.exp(h), params["wrong"])
-    return -w * logp, -w * np.ones_like(logp)
-  raise KeyError(f"no reference for per-token loss {name!r}: add one with the loss")
-
-
-def _np_policy_gradient(x: dict, a: np.ndarray, clip_eps=None, clip_eps_high=None, dual_clip=None, ratio="token",
-                        tis_cap=None, tis_level="token", tis_mode="truncate") -> tuple[np.ndarray, np.ndarray]:
-  """-A r with PPO's clip (clip-higher), dual-clip, GSPO's sequence ratio and the sampler importance weight."""
-  own = x["response_mask"] & ~(x["prefix_mask"] & x["response_mask"])
-  log_r = x["logp"] - x["old_logp"]  # old_logp carries no gradient
-  if ratio == "sequence":  # GSPO: one ratio per row, exp of the mean log-ratio over its own tokens
-    mean = np.where(own, log_r, 0.0).sum(-1, keepdims=True) / np.maximum(own.sum(-1, keepdims=True), 1)
-    log_r = np.broadcast_to(mean, log_r.shape)
-  r = np.exp(log_r)
-  value, live = -a * r, np.ones(r.shape, bool)
-  if clip_eps is not None:
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    clipped = -a * np.clip(r, 1 - clip_eps, 1 + high)
-    live = (value >= clipped) | ((r > 1 - clip_eps) & (r < 1 + high))
-    value = np.maximum(value, clipped)
-  if dual_clip is not None:
-    capped = (a < 0) & (value > -a * dual_clip)
-    value, live = np.where(capped, -a * dual_clip, value), live & ~capped
-  # d/dlogp_t: per token, of its own ratio; for GSPO-token, of the sequence ratio's value times exp(logp_t - sg).
-  grad = np.where(live, -a * r, 0.0)
-  if tis_cap is not None:
-    log_rho = np.where(own, x["old_logp"] - x["sampler_logp"], 0.0)
-    if tis_level == "sequence":
-      log_rho = log_rho.sum(-1, keepdims=True)
-    rho = np.exp(log_rho)
-    w = np.minimum(rho, tis_cap) if tis_mode == "truncate" else np.where(rho <= tis_cap, rho, 0.0)
-    value, grad = value * w, grad * w
-  return value, grad
-
-
-def _np_row_entropy(x: dict) -> np.ndarray:
-  """[B, 1]: each row's mean entropy over its response tokens."""
-  m = x["response_mask"].astype(np.float64)
-  return ((x["entropy"] * m).sum(-1) / np.maximum(m.sum(-1), 1.0))[:, None]
-
-
-def _np_top_share(values: np.ndarray, selected: np.ndarray, drop_share: float) -> np.ndarray:
-  """The selected entries left after dropping the int(K * drop_share) of lowest value (K selected)."""
-  idx = np.flatnonzero(selected)
-  dropped = idx[np.argsort(values.reshape(-1)[idx], kind="stable")[:int(len(idx) * drop_share)]]
-  keep = selected.reshape(-1).copy()
-  keep[dropped] = False
-  return keep.reshape(selected.shape)
-
-
-def _np_aggregate_weights(mask: np.ndarray, mode: str, max_len: int) -> np.ndarray:
-  """The aggregation is linear: aggregate(v) = sum(weights * v); these are the weights [B, T]."""
-  m = mask.astype(np.float64)
-  if mode == "seq_sum_over_max_len":
-    return m / (max_len * m.shape[0])
-  if mode in ("token_mean", "global_token_mean"):  # one micro-batch: the batch's token count is its own
-    return m / max(m.sum(), 1.0)
-  if mode == "seq_mean_token_mean":
-    tokens = m.sum(-1, keepdims=True)
-    return m / np.maximum(tokens, 1.0) / max((tokens > 0).sum(), 1)
-  if mode == "row_share_token_mean":  # token mean x the share of rows that have tokens
-    return m / max(m.sum(), 1.0) * (m.sum(-1) > 0).sum() / m.shape[0]
-  raise KeyError(mode)
-
-
-def _np_objective(objective: losses.Objective, x: dict, step: int) -> tuple[float, np.ndarray]:
-  value, grad = 0.0, np.zeros_like(x["logp"])
-  for term in objective.terms:
-    selected = _np_selected(term.tokens, x)
-    v, dv = _np_loss(term.loss, x, {**dict(term.params), **term.inputs_at(step)})  # scheduled inputs at `step`
-    over = x["response_mask"] if term.over == "response" else selected
-    w = _np_aggregate_weights(over, term.aggregation, objective.max_len)
-    scale = objective.seq_scale if term.aggregation == "seq_sum_over_max_len" else 1.0
-    coef = term.weight_at(step) * scale
-    value += coef * float(np.sum(w * np.where(selected, v, 0.0)))
-    grad += coef * w * np.where(selected, dv, 0.0)
-  return value, grad
 
 
 # RL options (docs/algorithm.md#rl-options) that change the objective, in two sets that together set every one.
@@ -287,7 +150,7 @@ def test_loss_equals_the_per_term_reference(name, options):
     if options != "none" and any(t.loss == "policy_gradient" for t in phase.objective.terms):
       assert "kl" in {t.name for t in phase.objective.terms}
     for seed in range(3):
-      x = _inputs(_rows(phase, 3, seed), seed)
+      x = random_token_inputs(_rows(phase, 3, seed), seed)
       # A ratio away from 1 exercises the clip branches where a method has them (and the dual clip at 3).
       spread = 0.3 if options == "none" else 1.2
       shift = np.random.default_rng(seed).uniform(-spread, spread, x.logp.shape)
@@ -296,7 +159,7 @@ def test_loss_equals_the_per_term_reference(name, options):
       f = lambda logp: losses.objective_loss(dataclasses.replace(x, logp=logp), phase.objective, weights)[0]
       value, grad = jax.value_and_grad(f)(x.logp)
       arrays = {f.name: np.asarray(getattr(x, f.name)) for f in dataclasses.fields(x)}
-      ref_value, ref_grad = _np_objective(
+      ref_value, ref_grad = np_objective(
           phase.objective, {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}, 7)
       # float32 sums of at most B * T terms: relative error within B * T * eps of the magnitudes.
       n = x.logp.size
@@ -324,7 +187,7 @@ def test_luffy_demo_is_the_whole_response_and_grades_correct(tmp_path):
                                    template="train", seed=None, demo_form=method.demo_form(cfg))
     batch = next(loader)
     plan = microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0)  # LUFFY's rows; TRAPO's level-3 row alike
-    rb = rollout.collect(plan, batch, _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
+    rb = rollout.collect(plan, batch, fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
                          np.asarray([SPLIT]))
     demo_row = int(np.flatnonzero(rb.kind == losses.ROW_DEMO)[0])
     texts[name] = tokenizer.decode(rb.tokens[demo_row][rb.response_mask[demo_row]], skip_special_tokens=True)
@@ -352,11 +215,11 @@ def test_the_readme_example_method_is_a_working_method():
     cfg.algo = "grpo_nll"
     config_lib.validate(cfg, num_devices=8)
     (phase,) = algorithms.from_config(cfg).phases(cfg)
-    x = _inputs(_rows(phase, 3, 0), 0)
+    x = random_token_inputs(_rows(phase, 3, 0), 0)
     assert (np.asarray(x.kind).reshape(3, -1)[:, -1] == losses.ROW_DEMO).all()
     value = losses.objective_loss(x, phase.objective, phase.objective.weights_at(0))[0]
     arrays = {f.name: np.asarray(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    ref, _ = _np_objective(phase.objective, {k: v.astype(np.float64) if v.dtype.kind == "f" else v
+    ref, _ = np_objective(phase.objective, {k: v.astype(np.float64) if v.dtype.kind == "f" else v
                                              for k, v in arrays.items()}, 0)
     assert abs(float(value) - ref) <= 2 * x.logp.size * np.finfo(np.float32).eps * (1 + abs(ref))
   finally:

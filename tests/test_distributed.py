@@ -23,8 +23,8 @@ import pytest
 from experiments.configs import default
 from tests import gcs
 from tests import helpers
+from tests.helpers import ROOT, restored_state
 from tests import numerics
-from tests.test_trainer import ROOT, _params
 from trapo_jax import distributed
 from trapo_jax import paths
 from trapo_jax.models import hf
@@ -163,8 +163,8 @@ def test_two_processes_on_a_bucket_run_as_one_survive_a_lost_process_and_export(
 
   _finish(_start(one, logs_one, processes=1))
   cfg = default.get_config()
-  a, meta_a = _params(one, cfg)  # the 2-process checkpoint restores in this single process
-  b, meta_b = _params(two, cfg)
+  a, meta_a = restored_state(one, cfg)  # the 2-process checkpoint restores in this single process
+  b, meta_b = restored_state(two, cfg)
   assert int(a.step) == int(b.step) == STEPS and meta_a["data"] == meta_b["data"]
   # Each device computes the same partial gradient in both runs; only the sum over the 8 devices is taken in another
   # order (4 + 4 across processes), which rounds within 2 * 7 eps of the partials' magnitudes: at most 8 (partials)

@@ -27,8 +27,7 @@ from trapo_jax.train import state as state_lib
 from trapo_jax.train import trainer
 from trapo_jax.train import workdir as workdir_lib
 from tests import helpers
-from tests.test_reliability import ENV, ROOT, TINY_FLAGS
-from tests.test_trainer import tiny
+from tests.helpers import ENV, ROOT, TINY_FLAGS, tiny
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tests.test_algorithms import _np_policy_gradient
+from tests.helpers import np_policy_gradient
 from trapo_jax import losses
 
 jax.config.update("jax_enable_x64", False)
@@ -141,7 +141,7 @@ def test_policy_gradient_clip_higher_and_dual_clip(clip_eps, clip_eps_high, dual
     assert ((a < 0) & (r > dual_clip)).any()
   x = dict(logp=np.float64(logp), old_logp=np.float64(old), response_mask=np.ones(logp.shape, bool),
            prefix_mask=np.zeros(logp.shape, bool))
-  value, grad = _np_policy_gradient(x, a, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+  value, grad = np_policy_gradient(x, a, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
   f = lambda x: losses.policy_gradient_loss(x, jnp.asarray(old), jnp.asarray(adv), clip_eps=clip_eps,
                                             clip_eps_high=clip_eps_high, dual_clip=dual_clip)
   np.testing.assert_allclose(f(jnp.asarray(logp)), value, rtol=1e-5, atol=1e-6)

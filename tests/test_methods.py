@@ -18,8 +18,9 @@ import optax
 import pytest
 
 from experiments.configs import default
-from tests.test_algorithms import _np_loss
-from tests.test_microgroup import DEMO0, DEMO1, SPLIT, _batch, _fake_sampler, _scripted_grader
+from tests import helpers
+from tests.helpers import (DEMO0, DEMO1, SPLIT, fake_batch, fake_sampler, np_loss, np_objective, random_token_inputs,
+                           scripted_grader)
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 from trapo_jax import losses
@@ -196,10 +197,10 @@ def test_uft_hint_probability():
 def test_random_prefixes_cut_between_bounds():
   """Prefix-RFT: int(r x m) tokens of a random demonstration (m without EOS), at least min_prefix, at most m - 1."""
   rng = np.random.default_rng(0)
-  batch = _batch(3)
+  batch = fake_batch(3)
   for bounds, expected in (((0.5, 0.5), {0: 7, 1: 2}), ((0.0, 0.0), {0: 1, 1: 1}), ((1.0, 1.0), {0: 14, 1: 4})):
     plan = microgroup.Plan(stages=(2, 3), mode="random", ratio_bounds=bounds, imitate="all")
-    rb = rollout.collect(plan, batch, _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32), [SPLIT],
+    rb = rollout.collect(plan, batch, fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32), [SPLIT],
                          rng=rng)
     for i in range(3):
       rows = rb.prefix_mask[i * 5:(i + 1) * 5].sum(1)
@@ -212,7 +213,7 @@ def test_random_prefixes_cut_between_bounds():
     # Every guided row's prefix is imitated.
     np.testing.assert_array_equal(rb.off_loss_mask, rb.prefix_mask)
   with pytest.raises(ValueError, match="pass an rng"):
-    rollout.collect(plan, batch, _fake_sampler([]), lambda t, m, a: np.zeros(len(a)), [SPLIT])
+    rollout.collect(plan, batch, fake_sampler([]), lambda t, m, a: np.zeros(len(a)), [SPLIT])
 
 
 def test_prefix_in_the_prompt_budget():
@@ -220,12 +221,12 @@ def test_prefix_in_the_prompt_budget():
   here), none left is no prefix (the row is the model's own); the rows are prompt_budget + the response budget wide
   and each continuation gets a whole response budget."""
   rng = np.random.default_rng(0)
-  batch = _batch(3)
+  batch = fake_batch(3)
   grade = lambda t, m, a: np.zeros(len(a), np.float32)
   for budget, expected in ((10, {0: 6, 1: 4}), (4, {0: 0, 1: 0}), (0, {0: 14, 1: 4})):
     plan = microgroup.Plan(stages=(2, 3), mode="random", ratio_bounds=(1.0, 1.0), imitate="all",
                            prompt_budget=budget)
-    rb = rollout.collect(plan, batch, _fake_sampler([]), grade, [SPLIT], rng=rng)
+    rb = rollout.collect(plan, batch, fake_sampler([]), grade, [SPLIT], rng=rng)
     for i in range(3):
       row = i * 5 + 2
       k = int(rb.prefix_mask[row].sum())
@@ -281,7 +282,7 @@ def test_prefix_estimators_against_the_official_loops(estimator, stages, unguide
   assert phase.prefix_advantages
   rng = np.random.default_rng(sum(stages))
   for seed in range(3):
-    rb = rollout.collect(phase.rows, _batch(4), _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
+    rb = rollout.collect(phase.rows, fake_batch(4), fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
                          [SPLIT], rng=rng)
     rewards = rng.choice([0.0, 1.0, 0.5, -0.25], size=rb.rewards.shape).astype(np.float32)
     own, prefix = trainer.row_advantages(SimpleNamespace(cfg=cfg, method=method), rb, rewards)
@@ -301,15 +302,14 @@ def test_prefix_estimators_against_the_official_loops(estimator, stages, unguide
 def test_prefix_rft_loss_with_prefix_advantages_and_a_scheduled_mask():
   """The prefix term reads the prefix's advantage where the batch has one and the mask share the step's schedule
   gives, against the per-term float64 reference at several steps."""
-  from tests.test_algorithms import _inputs, _np_objective
   cfg, _ = _method("prefix_rft", steps=40)
   cfg.prefix_rft.update(advantage="dr_grpo_prefix", mask_ctrl="cosine_decay", mask_init=0.9, mask_target=0.2,
                         mask_steps=30, mask_warmup=0.1)
   (phase,) = algorithms.from_config(cfg).phases(cfg)
   rng = np.random.default_rng(5)
-  rb = rollout.collect(phase.rows, _batch(3), _fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
+  rb = rollout.collect(phase.rows, fake_batch(3), fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
                        [SPLIT], rng=rng)
-  x = _inputs(rb, 0)
+  x = random_token_inputs(rb, 0)
   x = dataclasses.replace(x, prefix_advantages=jnp.asarray(rng.normal(size=x.advantages.shape), jnp.float32),
                           old_logp=x.logp + jnp.asarray(rng.uniform(-0.5, 0.5, x.logp.shape), jnp.float32))
   traces = []
@@ -325,7 +325,7 @@ def test_prefix_rft_loss_with_prefix_advantages_and_a_scheduled_mask():
   values = []
   for step in (0, 7, 20, 39):
     value, grad = f(x.logp, phase.objective.weights_at(step))
-    ref_value, ref_grad = _np_objective(phase.objective, arrays, step)
+    ref_value, ref_grad = np_objective(phase.objective, arrays, step)
     assert abs(float(value) - ref_value) <= 2 * x.logp.size * np.finfo(np.float32).eps * (1 + abs(ref_value))
     np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, rtol=1e-5, atol=1e-7)
     values.append(float(value))
@@ -351,13 +351,13 @@ def test_hints_and_grading_without_them():
 
   for p, k in ((0.0, 0), (1.0, 15)):
     plan = microgroup.Plan(stages=(4,), mode="hint", hint_prob=p, imitate="all", grade_given=False)
-    rb = rollout.collect(plan, _batch(2), _fake_sampler([]), grade, [SPLIT], rng=np.random.default_rng(1))
+    rb = rollout.collect(plan, fake_batch(2), fake_sampler([]), grade, [SPLIT], rng=np.random.default_rng(1))
     assert (rb.prefix_mask.sum(1) == k).all()
     np.testing.assert_array_equal(graded[-1], rb.response_mask & ~rb.prefix_mask)
     assert (rb.kind == (losses.ROW_GUIDED if k else losses.ROW_OWN)).all()
   # A probability in between: every prompt's rows share one hint, k segments long for some k.
   plan = microgroup.Plan(stages=(4,), mode="hint", hint_prob=0.5)
-  rb = rollout.collect(plan, _batch(3), _fake_sampler([]), grade, [SPLIT], rng=np.random.default_rng(3))
+  rb = rollout.collect(plan, fake_batch(3), fake_sampler([]), grade, [SPLIT], rng=np.random.default_rng(3))
   lens = rb.prefix_mask.sum(1).reshape(3, 4)
   assert (lens == lens[:, :1]).all() and set(lens[:, 0]) <= {0, 4, 8, 12, 15}
 
@@ -367,7 +367,7 @@ def test_gate_replaces_failed_rollouts_by_the_demonstration():
   the others are untouched."""
   script = [[[0, 0, 0, 0]], [[0, 1, 0, 0]]]
   plan = microgroup.Plan(stages=(4,), mode="none", gate=0, gate_demo=0)
-  rb = rollout.collect(plan, _batch(2), _fake_sampler([]), _scripted_grader(script), [SPLIT])
+  rb = rollout.collect(plan, fake_batch(2), fake_sampler([]), scripted_grader(script), [SPLIT])
   assert rb.kind.tolist() == [losses.ROW_DEMO] + [losses.ROW_OWN] * 7
   np.testing.assert_array_equal(rb.tokens[0, :16], DEMO0)
   assert rb.response_mask[0].sum() == 16 and (rb.off_loss_mask[0] == rb.response_mask[0]).all()
@@ -379,7 +379,7 @@ def test_gate_replaces_failed_rollouts_by_the_demonstration():
                                            member=jnp.asarray(rb.in_group)))
   np.testing.assert_allclose(adv, [0, 0, 0, 0, -0.25, 0.75, -0.25, -0.25])
   gate_one = microgroup.Plan(stages=(4,), mode="none", gate=1)
-  rb = rollout.collect(gate_one, _batch(2), _fake_sampler([]), _scripted_grader(script), [SPLIT])
+  rb = rollout.collect(gate_one, fake_batch(2), fake_sampler([]), scripted_grader(script), [SPLIT])
   assert rb.kind.tolist() == ([losses.ROW_DEMO] + [losses.ROW_OWN] * 3) * 2
 
 
@@ -387,7 +387,7 @@ def test_appended_demonstrations_are_outside_the_group():
   """CHORD: whole demonstrations after each prompt's rollouts, ungraded; advantages are over the rollouts alone."""
   calls = []
   plan = microgroup.Plan(stages=(3,), mode="none", demos=(0, 1))
-  rb = rollout.collect(plan, _batch(2), _fake_sampler(calls), _scripted_grader([[[1, 0, 0]], [[1, 1, 0]]]), [SPLIT])
+  rb = rollout.collect(plan, fake_batch(2), fake_sampler(calls), scripted_grader([[[1, 0, 0]], [[1, 1, 0]]]), [SPLIT])
   assert [c["n"] for c in calls] == [3] and rb.tokens.shape[0] == 10
   assert rb.kind.tolist() == ([losses.ROW_OWN] * 3 + [losses.ROW_DEMO] * 2) * 2
   np.testing.assert_array_equal(rb.tokens[3, :16], DEMO0)
@@ -426,7 +426,7 @@ def test_dual_clip_far_from_ratio_one():
   ref = {"logp": np.asarray(x.logp, np.float64), "old_logp": np.asarray(x.old_logp, np.float64),
          "advantages": np.asarray(x.advantages, np.float64), "response_mask": np.ones(shape, bool),
          "prefix_mask": np.zeros(shape, bool)}
-  ref_value, ref_grad = _np_loss("policy_gradient", ref, params)
+  ref_value, ref_grad = np_loss("policy_gradient", ref, params)
   floor = (adv[:, None] < 0) & (np.exp(ref["logp"] - ref["old_logp"]) > 3.0)
   assert floor.any() and (~floor).any()  # both branches of the dual clip are exercised
   np.testing.assert_allclose(np.asarray(value), ref_value, rtol=1e-5, atol=1e-6)
@@ -474,14 +474,13 @@ def _adam_counts(opt_state) -> list[int]:
 def test_relift_buffer_and_fine_tuning_optimizer_survive_a_resume(tmp_path, monkeypatch):
   """Every prompt fails (the grader is stubbed), 6 prompts a step, a buffer of 8: the fine-tuning update runs at
   step 2 (4 left over) and again at step 3 only if the resumed run restored those 4; its AdamW count goes on from 1."""
-  from tests import test_trainer
   from trapo_jax import rewards
   from trapo_jax.train import trainer
   monkeypatch.setattr(rewards, "grade_batch", lambda texts, answers, **kw: [0.0] * len(texts))
   workdir = str(tmp_path / "run")
 
   def config(steps):
-    cfg = test_trainer.tiny(test_trainer._config("relift"), workdir, steps=steps)
+    cfg = helpers.tiny(helpers.config_of("relift"), workdir, steps=steps)
     with cfg.unlocked():
       cfg.train.batch_prompts = 6  # 48 rollouts; a buffer of 8 prompts (rows split over the 4 batch shards)
       cfg.relift.buffer_batches = 8 / 6
@@ -491,7 +490,7 @@ def test_relift_buffer_and_fine_tuning_optimizer_survive_a_resume(tmp_path, monk
 
   trainer.run(config(2), workdir)  # fine-tunes once, at step 2, and leaves 4 prompts in the buffer
   trainer.run(config(3), workdir)
-  final, meta = test_trainer._params(workdir, config(3))
+  final, meta = helpers.restored_state(workdir, config(3))
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert ["fine_tune/loss" in r for r in rows] == [False, True, True]
@@ -527,9 +526,8 @@ def test_sft_trains_with_its_own_optimizer_and_warm_up():
 def test_sft_then_rl_trains_rl_on_prompts_its_sft_never_draws(tmp_path):
   """SFT->RL's RL phase draws only the held-out share of the training prompts (a fixed split by uid), its SFT phase
   only the others, as the official RL run on prompts held out from its SFT data."""
-  from tests import test_trainer
   from trapo_jax.train import trainer
-  cfg = test_trainer.tiny(test_trainer._config("sft_then_rl"), str(tmp_path))
+  cfg = helpers.tiny(helpers.config_of("sft_then_rl"), str(tmp_path))
   cfg.sft_then_rl.rl_prompts = 0.5
   cfg.train.batch_prompts = 1  # the fixture's 6 problems: 3 in each part
   method = algorithms.from_config(cfg)

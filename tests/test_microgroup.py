@@ -10,8 +10,8 @@ import pytest
 from trapo_jax import losses
 from trapo_jax.sampling import microgroup
 from trapo_jax.sampling import rollout
+from tests.helpers import DEMO0, DEMO1, L, SPLIT, FakeBatch, fake_batch, fake_sampler, scripted_grader
 
-SPLIT = 99  # the "\n\n" token id of these tests
 
 
 @pytest.mark.parametrize("demo, ratio, expected", [
@@ -48,63 +48,6 @@ def test_next_level_thresholds():
 # ---------------------------------------------------------------------------------------------------------------
 # Scripted rollouts: prompt rewards per stage decide the layout.
 
-L = 40
-DEMO0 = [10, 11, 12, SPLIT, 13, 14, 15, SPLIT, 16, 17, 18, SPLIT, 19, 20, 21, 2]  # 16 tokens, EOS = 2
-DEMO1 = [30, 31, SPLIT, 32, 33, 2]
-
-
-@dataclasses.dataclass
-class FakeBatch:
-  prompt_ids: np.ndarray
-  prompt_lens: np.ndarray
-  demo_ids: np.ndarray
-  demo_lens: np.ndarray
-  answers: list
-
-
-def _batch(g: int) -> FakeBatch:
-  demo = np.zeros((g, 2, 16), np.int32)
-  demo[:, 0, :16] = DEMO0
-  demo[:, 1, :6] = DEMO1
-  return FakeBatch(prompt_ids=np.full((g, 4), 5, np.int32), prompt_lens=np.full((g,), 4, np.int32),
-                   demo_ids=demo, demo_lens=np.tile([[16, 6]], (g, 1)).astype(np.int32), answers=list("abcd")[:g])
-
-
-def _fake_sampler(calls):
-  """Continuation = prefix followed by three tokens 50, 51, 2 (EOS); inactive rows are their prefix."""
-  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
-    calls.append(dict(prefix_lens=prefix_lens.copy(), active=active.copy(), n=n, row_ids=row_ids.copy()))
-    g = prompt_ids.shape[0]
-    tokens = np.zeros((g * n, L), np.int32)
-    prefix = np.zeros((g * n, L), bool)
-    resp = np.zeros((g * n, L), bool)
-    for i in range(g):
-      k = int(prefix_lens[i])
-      for j in range(n):
-        r = i * n + j
-        tokens[r, :k] = prefix_ids[i, :k]
-        cont = [] if not active[i] else [50, 51, 2]
-        tokens[r, k:k + len(cont)] = cont
-        prefix[r, :k] = True
-        resp[r, :k + len(cont)] = True
-    return tokens, prefix, resp
-  return sample_fn
-
-
-def _scripted_grader(script):
-  """script[prompt][stage] = rewards of that stage's samples."""
-  stage = [0]
-
-  def grade_fn(tokens, response_mask, answers):
-    g = len(script)
-    n = len(answers) // g
-    out = np.concatenate([np.asarray(script[i][stage[0]], np.float32) for i in range(g)])
-    assert out.shape == (g * n,)
-    stage[0] += 1
-    return out
-  return grade_fn
-
-
 LAYOUTS = {
     # 4 pure (1 correct -> level 1), 2 x 25% (S=3 -> level 2), 1 x 50% (S=4 -> level 3), 1 expert.
     "full_guidance": ([[0, 0, 0, 1], [1, 1], [1], [1]], [0, 1, 2, 3], [0, 0, 0, 0, .25, .25, .5, 1.]),
@@ -121,7 +64,7 @@ LAYOUTS = {
 def test_layouts_from_scripted_rewards(name):
   script, levels, ratios = LAYOUTS[name]
   calls = []
-  rb = rollout.collect(microgroup.Plan(), _batch(1), _fake_sampler(calls), _scripted_grader([script]), [SPLIT])
+  rb = rollout.collect(microgroup.Plan(), fake_batch(1), fake_sampler(calls), scripted_grader([script]), [SPLIT])
   assert rb.levels.tolist() == [levels]
   np.testing.assert_allclose(rb.ratio, ratios)
   assert [c["n"] for c in calls] == [4, 2, 1, 1]
@@ -155,7 +98,7 @@ def test_layouts_from_scripted_rewards(name):
 
 def test_prompts_keep_their_own_layout_in_one_batch():
   scripts = [LAYOUTS["full_guidance"][0], LAYOUTS["pure"][0]]
-  rb = rollout.collect(microgroup.Plan(), _batch(2), _fake_sampler([]), _scripted_grader(scripts), [SPLIT])
+  rb = rollout.collect(microgroup.Plan(), fake_batch(2), fake_sampler([]), scripted_grader(scripts), [SPLIT])
   assert rb.levels.tolist() == [LAYOUTS["full_guidance"][1], LAYOUTS["pure"][1]]
   assert rb.group_ids.tolist() == [0] * 8 + [1] * 8
   np.testing.assert_allclose(rb.ratio, LAYOUTS["full_guidance"][2] + LAYOUTS["pure"][2])
@@ -163,28 +106,28 @@ def test_prompts_keep_their_own_layout_in_one_batch():
 
 def test_fixed_ratio_plan_guides_every_prompt_and_imitates_once():
   plan = microgroup.Plan(mode="fixed", fixed_ratio=0.5)
-  rb = rollout.collect(plan, _batch(1), _fake_sampler([]), _scripted_grader([LAYOUTS["pure"][0]]), [SPLIT])
+  rb = rollout.collect(plan, fake_batch(1), fake_sampler([]), scripted_grader([LAYOUTS["pure"][0]]), [SPLIT])
   np.testing.assert_allclose(rb.ratio, [0, 0, 0, 0, .5, .5, .5, .5])
   assert [bool(rb.off_loss_mask[r].any()) for r in range(8)] == [False] * 7 + [True]
 
 
 def test_luffy_and_grpo_plans():
   luffy = microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0)
-  rb = rollout.collect(luffy, _batch(1), _fake_sampler([]), _scripted_grader([[[1] * 7, [1]]]), [SPLIT])
+  rb = rollout.collect(luffy, fake_batch(1), fake_sampler([]), scripted_grader([[[1] * 7, [1]]]), [SPLIT])
   np.testing.assert_allclose(rb.ratio, [0] * 7 + [1])
   np.testing.assert_array_equal(rb.off_loss_mask[7], rb.response_mask[7])
   grpo = microgroup.Plan(stages=(8,), mode="none")
-  rb = rollout.collect(grpo, _batch(1), _fake_sampler([]), _scripted_grader([[[0] * 8]]), [SPLIT])
+  rb = rollout.collect(grpo, fake_batch(1), fake_sampler([]), scripted_grader([[[0] * 8]]), [SPLIT])
   assert not rb.prefix_mask.any() and rb.levels.tolist() == [[0]]
 
 
 def test_demo_batch_for_sft():
-  rb = rollout.demo_batch(_batch(2), which=(0, 1), max_len=10)
+  rb = rollout.demo_batch(fake_batch(2), which=(0, 1), max_len=10)
   assert rb.tokens.shape == (4, 10)
   np.testing.assert_array_equal(rb.tokens[0], DEMO0[:10])  # truncated to the response width
   np.testing.assert_array_equal(rb.tokens[1, :6], DEMO1)
   assert (rb.kind == losses.ROW_DEMO).all()
-  one = rollout.demo_batch(_batch(2), max_len=10)  # one demonstration per problem by default (SFT)
+  one = rollout.demo_batch(fake_batch(2), max_len=10)  # one demonstration per problem by default (SFT)
   assert one.tokens.shape == (2, 10) and one.group_ids.tolist() == [0, 1]
   np.testing.assert_array_equal(one.tokens[1], DEMO0[:10])
   np.testing.assert_array_equal(rb.prefix_mask, rb.response_mask)
@@ -266,7 +209,7 @@ def _every_reward_combination(plan):
     if plan.mode in microgroup.SAMPLED_MODES:  # one alternative per stage, guided or not as the draw falls
       rewards.update({(stage, 1 - guided): r for (stage, guided), r in [i for i in rewards.items() if i[0] != "demo"]})
     table.append(rewards)
-  batch = _batch(1)
+  batch = fake_batch(1)
   g = len(table)
   batch = FakeBatch(prompt_ids=np.repeat(batch.prompt_ids, g, 0), prompt_lens=np.repeat(batch.prompt_lens, g),
                     demo_ids=np.repeat(batch.demo_ids, g, 0), demo_lens=np.repeat(batch.demo_lens, g, 0),

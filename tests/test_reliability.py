@@ -20,7 +20,6 @@ each test works on its own copy.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import re
@@ -34,26 +33,12 @@ import time
 import pytest
 
 import trapo_jax
-from trapo_jax.data import demos, pipeline, synthetic, templates
+from trapo_jax.data import demos, pipeline, templates
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.train import trainer
 from trapo_jax.train import workdir as workdir_lib
-from tests.test_trainer import FIXTURE, tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-# The command line equivalent of `tiny(default config)`: same identity, same mesh (so compiled programs are shared).
-TINY_FLAGS = [
-    "--config.model.hf_dir=", f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}",
-    "--config.model.vocab_size=384", "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
-    "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
-    "--config.model.head_dim=16", "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.data.source=demos",
-    f"--config.data.path={FIXTURE}", "--config.data.max_prompt_len=128", "--config.data.max_response_len=24",
-    "--config.data.levels=()", "--config.train.batch_prompts=2", "--config.train.ckpt_every=1",
-    "--config.train.micro_batch_tokens=256", "--config.train.logprob_chunk=8", "--config.optim.lr=0.01",
-    "--config.eval.at_start=False", "--config.eval.at_end=False"]
-
+from tests.helpers import ENV, FIXTURE, ROOT, TINY_FLAGS, config_of, tiny
 
 def _main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "trapo_jax.main", *args], cwd=ROOT, env=ENV, capture_output=True,
@@ -79,10 +64,6 @@ def _steps(workdir) -> list[int]:
 
 def _metric_steps(workdir) -> list[int]:
   return [r["step"] for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _config(name: str = "default"):
-  return importlib.import_module(f"experiments.configs.{name}").get_config()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +131,7 @@ def _template(cfg, workdir):
 
 
 def test_1_missing_metadata_and_no_readable_checkpoint(copy_of_killed):
-  cfg = tiny(_config(), copy_of_killed)
+  cfg = tiny(config_of(), copy_of_killed)
   steps = _steps(copy_of_killed)
   template = _template(cfg, copy_of_killed)
   os.remove(os.path.join(copy_of_killed, "checkpoints", str(steps[-1]), "state", "_METADATA"))
@@ -168,7 +149,7 @@ def test_1_missing_metadata_and_no_readable_checkpoint(copy_of_killed):
 def test_1_training_resumes_from_the_newest_readable_checkpoint(copy_of_killed):
   steps = _steps(copy_of_killed)
   _truncate_arrays(copy_of_killed, steps[-1])
-  trainer.run(tiny(_config(), copy_of_killed, steps=steps[-1]), copy_of_killed)
+  trainer.run(tiny(config_of(), copy_of_killed, steps=steps[-1]), copy_of_killed)
   # The broken step was moved aside and saved again by the resumed run.
   assert os.listdir(os.path.join(copy_of_killed, ckpt_lib.UNREADABLE_DIR)) == [str(steps[-1])]
   assert _steps(copy_of_killed)[-1] == steps[-1]
@@ -187,7 +168,7 @@ def test_2_eval_of_a_workdir_without_checkpoint_is_an_error(tmp_path):
 
 def test_2_export_needs_a_checkpoint_unless_the_initial_policy_is_allowed(tmp_path):
   workdir, out = str(tmp_path / "typo"), str(tmp_path / "hf")
-  cfg = tiny(_config(), workdir)
+  cfg = tiny(config_of(), workdir)
   with pytest.raises(ckpt_lib.NoCheckpoint, match="no checkpoint"):
     trainer.export(cfg, workdir, out)
   assert not os.path.exists(workdir) and not os.path.exists(out)
@@ -218,7 +199,7 @@ def test_2_eval_and_export_join_their_own_job_not_the_stored_runs(tmp_path):
   """A workdir trained by 2 processes, exported by 1: the stored run's process count and coordinator are not used
   (they would wait for a process that never comes)."""
   workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
-  cfg = tiny(_config(), workdir)
+  cfg = tiny(config_of(), workdir)
   with cfg.unlocked():
     cfg.distributed.update(dict(enabled=True, coordinator_address="localhost:1", num_processes=2, process_id=1))
   os.makedirs(workdir)
@@ -287,10 +268,10 @@ def test_3_runs_sharing_a_fresh_data_dir_prepare_it_once(tmp_path):
 def test_4_resuming_with_another_algorithm_or_model_shape_names_the_key(copy_of_killed):
   steps = _steps(copy_of_killed)
   with pytest.raises(workdir_lib.IdentityMismatch) as error:
-    trainer.run(tiny(_config("grpo"), copy_of_killed, steps=steps[-1] + 1), copy_of_killed)
+    trainer.run(tiny(config_of("grpo"), copy_of_killed, steps=steps[-1] + 1), copy_of_killed)
   assert "\n" not in str(error.value) and "algo='trapo', this one 'grpo'" in str(error.value)
   assert "--allow_config_change" in str(error.value)
-  cfg = tiny(_config(), copy_of_killed, steps=steps[-1] + 1)
+  cfg = tiny(config_of(), copy_of_killed, steps=steps[-1] + 1)
   with cfg.unlocked():
     cfg.model.head_dim = 8
   with pytest.raises(workdir_lib.IdentityMismatch, match="model.head_dim=16, this one 8"):
@@ -298,7 +279,7 @@ def test_4_resuming_with_another_algorithm_or_model_shape_names_the_key(copy_of_
   assert _steps(copy_of_killed) == steps  # nothing written
   with pytest.raises(workdir_lib.IdentityMismatch, match="policy has model.head_dim=16, the config 8"):
     trainer.export(cfg, copy_of_killed, os.path.join(copy_of_killed, "hf"))
-  cfg = tiny(_config(), copy_of_killed, steps=steps[-1] + 1)
+  cfg = tiny(config_of(), copy_of_killed, steps=steps[-1] + 1)
   with cfg.unlocked():
     cfg.data.shuffle_seed = 1
     cfg.eval.grader_timeout_s = 7.0  # allowed to change without asking
@@ -317,7 +298,7 @@ def test_4_the_refusal_names_the_first_key_then_each_other_once():
 
 
 def test_4_identity_leaves_out_only_the_listed_keys():
-  cfg = _config()
+  cfg = config_of()
   model_cfg = trainer.state_lib.model_config(cfg)
   identity = workdir_lib.run_identity(cfg, model_cfg)
   assert {"algo", "seed", "trapo.alpha", "trapo.stages", "loss.entropy_coef", "optim.lr", "data.path",
@@ -404,7 +385,7 @@ def test_6_export_stops_at_eos_in_transformers_and_follows_the_umask(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
   old = os.umask(0o022)
   try:
-    trainer.export(tiny(_config(), workdir), workdir, out, allow_initial_policy=True)
+    trainer.export(tiny(config_of(), workdir), workdir, out, allow_initial_policy=True)
   finally:
     os.umask(old)
   assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
@@ -418,7 +399,7 @@ def test_6_export_stops_at_eos_in_transformers_and_follows_the_umask(tmp_path):
   problem = "What is {x} + \\boxed{} {{ 1 }}?"
   chat = tokenizer.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
                                        add_generation_prompt=True)
-  assert chat == templates.format_prompt(problem, _config().data.template)
+  assert chat == templates.format_prompt(problem, config_of().data.template)
   assert model.config.eos_token_id == tokenizer.eos_token_id == 2 and model.config.pad_token_id == 0
   assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
   # Make EOS the model's argmax after any token: every embedding row is dominated by dimension 0, which the final

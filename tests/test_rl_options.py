@@ -23,7 +23,7 @@ import pytest
 
 from experiments.configs import default
 from tests import frozen_trapo
-from tests.test_microgroup import SPLIT, _fake_sampler
+from tests.helpers import SPLIT, config_of, fake_batch, fake_sampler, restored_state, tiny
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 from trapo_jax import losses
@@ -236,7 +236,7 @@ PLAN = microgroup.Plan(stages=(4,), mode="none")
 
 def _step(loader, max_rounds: int):
   """One step's rollouts with dynamic sampling, drawing refills from the loader as the trainer does."""
-  collect = lambda batch: rollout.collect(PLAN, batch, _fake_sampler([]), _grader, [SPLIT])
+  collect = lambda batch: rollout.collect(PLAN, batch, fake_sampler([]), _grader, [SPLIT])
   return rollout.dynamic_sampling(collect(next(loader)), lambda: collect(next(loader)), groups=4,
                                   max_rounds=max_rounds)
 
@@ -281,7 +281,7 @@ def test_dynamic_sampling_resumes_at_the_data_position():
 
 
 def test_select_groups_pads_prompts_and_keeps_rows_whole():
-  batches = [rollout.collect(PLAN, b, _fake_sampler([]), _grader, [SPLIT])
+  batches = [rollout.collect(PLAN, b, fake_sampler([]), _grader, [SPLIT])
              for b in (_prompt_batch(2, 4), _prompt_batch(2, 6))]
   rb = rollout.select_groups(batches, [(1, 1), (0, 0)])
   assert rb.prompt_ids.shape == (8, 6) and rb.group_ids.tolist() == [0] * 4 + [1] * 4
@@ -292,8 +292,7 @@ def test_select_groups_pads_prompts_and_keeps_rows_whole():
 
 
 def _prompt_batch(g: int, width: int):
-  from tests.test_microgroup import _batch
-  b = _batch(g)
+  b = fake_batch(g)
   return dataclasses.replace(b, prompt_ids=np.full((g, width), 5, np.int32))
 
 
@@ -306,12 +305,11 @@ def test_overlong_penalty_and_filter():
   np.testing.assert_allclose(rollout.overlong_penalty(np.array([15]), 16, 4, 0.5), [-0.375])
 
   def sampler(*args):  # rows of the fake sampler; the second sample of every prompt hit L without EOS
-    tokens, prefix, resp = _fake_sampler([])(*args)
+    tokens, prefix, resp = fake_sampler([])(*args)
     eos = np.arange(tokens.shape[0]) % 2 == 0
     return tokens, prefix, resp, np.full(tokens.shape, -1.0, np.float32), eos
 
-  from tests.test_microgroup import _batch
-  rb = rollout.collect(PLAN, _batch(2), sampler, _grader, [SPLIT])
+  rb = rollout.collect(PLAN, fake_batch(2), sampler, _grader, [SPLIT])
   assert rb.truncated.tolist() == [False, True] * 4
   np.testing.assert_array_equal(rb.logprobs, -1.0)
   kept = rollout.without_rows(rb, rb.truncated)
@@ -369,8 +367,7 @@ def test_option_combinations_that_cannot_work():
 # ---------------------------------------------------------------------------------------------- end to end
 
 def test_reference_policy_is_the_initial_policy_placed_like_the_policy(tmp_path):
-  from tests.test_trainer import _config, tiny
-  cfg = tiny(_config("grpo"), str(tmp_path))
+  cfg = tiny(config_of("grpo"), str(tmp_path))
   ctx = trainer.build_context(cfg, str(tmp_path))
   params = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx).params
   ref = trainer.reference_policy(ctx)
@@ -384,9 +381,8 @@ def test_reference_policy_is_the_initial_policy_placed_like_the_policy(tmp_path)
 def test_a_run_with_the_options_on(options, tmp_path):
   """Two steps of GRPO with the options: every option's metric appears, and the checkpoint's data position counts
   the prompts drawn to refill."""
-  from tests.test_trainer import _config, _params as restored, tiny
   workdir = str(tmp_path)
-  cfg = tiny(_config("grpo"), workdir, steps=2)
+  cfg = tiny(config_of("grpo"), workdir, steps=2)
   with cfg.unlocked():
     cfg.train.update(dynamic_sampling=True, max_refill_rounds=1)
     cfg.rollout.overlong_buffer = 4
@@ -409,7 +405,7 @@ def test_a_run_with_the_options_on(options, tmp_path):
   for r in rows:
     assert expected <= set(r), expected - set(r)
     assert r["mismatch/abs_logp_max"] < 1e-3  # float32 sampler and trainer: the same log-probs to rounding
-  _, meta = restored(workdir, cfg)
+  _, meta = restored_state(workdir, cfg)
   # Each step drew its batch and one batch per refill round; the checkpoint holds the loader past all of them.
   loader = trainer._loader(trainer.build_context(cfg, workdir))
   for _ in range(sum(1 + int(r["dynamic_sampling/rounds"]) for r in rows)):

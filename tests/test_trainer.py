@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 import signal
@@ -17,8 +16,7 @@ import numpy as np
 import pytest
 
 from tests import numerics
-from trapo_jax import algorithms
-from trapo_jax import config as config_lib
+from tests.helpers import FIXTURE, ROOT, config_of, restored_state, tiny
 from trapo_jax import errors
 from trapo_jax.data import synthetic
 from trapo_jax.train import checkpoint as ckpt_lib
@@ -27,52 +25,14 @@ from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 from trapo_jax.train import trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "trapo_layout.jsonl")
 ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sft_prefix", "trapo_fixed_prefix",
                      "hpt")
-
-
-def tiny(cfg, workdir: str, steps: int = 3):
-  """A config shrunk to a random 1-layer model on the demonstration fixture, a few seconds a step."""
-  with cfg.unlocked():
-    cfg.mesh.update(data=1, fsdp=4, tensor=2)
-    cfg.model.hf_dir = ""
-    cfg.model.tokenizer_dir = synthetic.TOKENIZER_DIR
-    cfg.model.update(vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
-                     head_dim=16, dtype="float32", param_dtype="float32", remat="none")
-    cfg.data.update(source="demos", path=FIXTURE, max_prompt_len=128, max_response_len=24, levels=(),
-                    data_dir=os.path.join(workdir, "tfds"))
-    cfg.train.update(steps=steps, batch_prompts=2, ckpt_every=1, micro_batch_tokens=256, logprob_chunk=8)
-    if cfg.algo == "sft_then_rl":
-      cfg.sft_then_rl.sft_steps = 1
-      cfg.sft_then_rl.rl_prompts = 0.0  # the fixture's 6 problems do not split into two parts of a batch each
-    # Every phase's rows must split over the 4 batch shards: 2 prompts do unless a phase has 1 row per prompt.
-    if any(p.rows_per_prompt % 2 for p in algorithms.from_config(cfg).phases(cfg)):
-      cfg.train.batch_prompts = 4
-    cfg.optim.lr = 1e-2
-    cfg.eval.update(at_start=False, at_end=False, every=0, grader_timeout_s=5.0)
-  config_lib.validate(cfg, num_devices=jax.device_count())
-  return cfg
-
-
-def _config(name: str):
-  return importlib.import_module(f"experiments.configs.{name}").get_config()
-
-
-def _params(workdir: str, cfg):
-  ctx = trainer.build_context(cfg, workdir)
-  template = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
-  ck = ckpt_lib.Checkpointer(workdir, keep=10, every=1)
-  state, meta = ck.restore(template)
-  ck.close()
-  return jax.device_get(state), meta
 
 
 @pytest.mark.parametrize("name", ALGORITHM_CONFIGS)
 def test_every_algorithm_runs_three_steps(name, tmp_path):
   workdir = str(tmp_path)
-  cfg = tiny(_config(name), workdir)
+  cfg = tiny(config_of(name), workdir)
   if name == "default":
     with cfg.unlocked():
       cfg.train.dump_token_probs = True
@@ -82,7 +42,7 @@ def test_every_algorithm_runs_three_steps(name, tmp_path):
   assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
   assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tb")))
   assert os.path.exists(os.path.join(workdir, "curves.png"))
-  final, meta = _params(workdir, cfg)
+  final, meta = restored_state(workdir, cfg)
   assert int(final.step) == 3 and meta["algo"] == cfg.algo
   ctx = trainer.build_context(cfg, workdir)
   initial = jax.device_get(state_lib.init_params(cfg, ctx.model_cfg, ctx.mesh))
@@ -111,12 +71,12 @@ def test_every_algorithm_runs_three_steps(name, tmp_path):
 
 def test_exact_resume(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  cfg = tiny(_config("default"), straight, steps=4)
+  cfg = tiny(config_of("default"), straight, steps=4)
   trainer.run(cfg, straight)
-  trainer.run(tiny(_config("default"), resumed, steps=2), resumed)
-  trainer.run(tiny(_config("default"), resumed, steps=4), resumed)
-  a, meta_a = _params(straight, cfg)
-  b, meta_b = _params(resumed, cfg)
+  trainer.run(tiny(config_of("default"), resumed, steps=2), resumed)
+  trainer.run(tiny(config_of("default"), resumed, steps=4), resumed)
+  a, meta_a = restored_state(straight, cfg)
+  b, meta_b = restored_state(resumed, cfg)
   assert meta_a["data"] == meta_b["data"]
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, optimizer state, step, rng: bitwise
   rows = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
@@ -162,7 +122,7 @@ def test_sigterm_and_ctrl_c_save_and_resume(tmp_path, signum, to_group, code):
 
 
 def test_non_finite_update_is_skipped(tmp_path):
-  cfg = tiny(_config("default"), str(tmp_path))
+  cfg = tiny(config_of("default"), str(tmp_path))
   ctx = trainer.build_context(cfg, str(tmp_path))
   state = state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx)
   before = jax.device_get(state)
@@ -195,7 +155,7 @@ def test_micro_batches_accumulate_the_batch_gradient(tmp_path):
   last bits of a near-zero gradient into an update anywhere between 0 and lr, so updated parameters cannot tell a
   right accumulation from another machine's summation order.
   """
-  cfg = tiny(_config("default"), str(tmp_path))
+  cfg = tiny(config_of("default"), str(tmp_path))
   ctx = trainer.build_context(cfg, str(tmp_path))
   params = jax.device_get(state_lib.init_state(cfg, ctx.model_cfg, ctx.mesh, ctx.tx).params)
   rng = np.random.default_rng(0)
@@ -244,7 +204,7 @@ def test_micro_batches_accumulate_the_batch_gradient(tmp_path):
 
 
 def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
-  cfg = tiny(_config("default"), str(tmp_path), steps=5)
+  cfg = tiny(config_of("default"), str(tmp_path), steps=5)
   with cfg.unlocked():
     cfg.train.max_bad_steps = 2
   real = trainer.train_one_step
@@ -259,7 +219,7 @@ def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
 
 
 def test_runs_share_the_tfds_dir_beside_their_workdirs():
-  cfg = _config("default")
+  cfg = config_of("default")
   assert trainer.data_dir(cfg, "runs/a") == trainer.data_dir(cfg, "runs/b/") == "runs/tfds"
   assert trainer.data_dir(cfg, "gs://bucket/sweep/a") == "gs://bucket/sweep/tfds"  # where every host of a pod looks
   with cfg.unlocked():
