@@ -59,7 +59,7 @@ def tiny(cfg, workdir: str, steps: int = 3):
   return cfg
 
 
-def config_of(name: str):
+def config_of(name: str = "default"):
   """experiments/configs/<name>.py's config."""
   return importlib.import_module(f"experiments.configs.{name}").get_config()
 
