@@ -130,7 +130,7 @@ def trapo_step_sampling(steps: int = 5, batch_prompts: int = 8) -> dict:
                                  template=cfg.data.template, seed=None)
   trapo = ctx.method.phase_at(cfg, 0).rows
   paths = {"one_pass": (trapo, True), "stages": (trapo, False),
-           "grpo": (microgroup.Plan(stages=(trapo.n,), mode="none"), False)}
+           "grpo": (microgroup.Plan(stages=(trapo.n,), guidance=microgroup.Unguided()), False)}
   runs = {k: [] for k in paths}
   for step in range(steps):
     batch = next(loader)

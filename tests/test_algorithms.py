@@ -186,7 +186,8 @@ def test_luffy_demo_is_the_whole_response_and_grades_correct(tmp_path):
     loader = pipeline.PromptLoader(examples[:1], tokenizer, batch_size=1, max_prompt_len=128, max_response_len=64,
                                    template="train", seed=None, demo_form=method.demo_form(cfg))
     batch = next(loader)
-    plan = microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0)  # LUFFY's rows; TRAPO's level-3 row alike
+    # LUFFY's rows; TRAPO's level-3 row alike.
+    plan = microgroup.Plan(stages=(7, 1), guidance=microgroup.FixedRatio(ratio=1.0))
     rb = rollout.collect(plan, batch, fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32),
                          np.asarray([SPLIT]))
     demo_row = int(np.flatnonzero(rb.kind == losses.ROW_DEMO)[0])

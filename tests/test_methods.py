@@ -26,6 +26,7 @@ from trapo_jax import config as config_lib
 from trapo_jax import losses
 from trapo_jax.algorithms import prefix_rft as prefix_rft_lib
 from trapo_jax.algorithms import schedules
+from trapo_jax.algorithms import uft as uft_lib
 from trapo_jax.sampling import microgroup
 from trapo_jax.sampling import rollout
 
@@ -78,7 +79,8 @@ def test_prefix_rft_bounds():
   cfg, method = _method("prefix_rft", steps=200)
   assert method.bounds(cfg, 0) == pytest.approx((0.05, 0.95))
   assert method.bounds(cfg, 100) == pytest.approx((0.05, 0.5))
-  assert method.phase_at(cfg, 150).rows.ratio_bounds == pytest.approx((0.05, 0.05 + 0.9 * (1 + math.cos(0.75 * math.pi)) / 2))
+  high = 0.05 + 0.9 * (1 + math.cos(0.75 * math.pi)) / 2
+  assert method.phase_at(cfg, 150).rows.guidance.bounds == pytest.approx((0.05, high))
 
 
 def test_prefix_rft_mask_controllers_are_the_official_classes():
@@ -186,8 +188,8 @@ def test_uft_hint_probability():
   assert p(1) == pytest.approx(0.05 + 0.45 * (1 + math.cos(math.pi / 300)))
   cfg, uft = _method("uft")  # 500 steps: T_hint = 300; step s is the official timestep s + 1
   assert uft.t_hint(cfg) == 300
-  assert uft.phase_at(cfg, 299).rows.hint_prob == pytest.approx(0.05)
-  assert uft.phase_at(cfg, 300).rows.hint_prob == 0.0
+  assert uft.phase_at(cfg, 299).rows.guidance.prob == pytest.approx(0.05)
+  assert uft.phase_at(cfg, 300).rows.guidance.prob == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def test_random_prefixes_cut_between_bounds():
   rng = np.random.default_rng(0)
   batch = fake_batch(3)
   for bounds, expected in (((0.5, 0.5), {0: 7, 1: 2}), ((0.0, 0.0), {0: 1, 1: 1}), ((1.0, 1.0), {0: 14, 1: 4})):
-    plan = microgroup.Plan(stages=(2, 3), mode="random", ratio_bounds=bounds, imitate="all")
+    plan = microgroup.Plan(stages=(2, 3), guidance=prefix_rft_lib.DrawnRatio(bounds=bounds), imitate="all")
     rb = rollout.collect(plan, batch, fake_sampler([]), lambda t, m, a: np.zeros(len(a), np.float32), [SPLIT],
                          rng=rng)
     for i in range(3):
@@ -224,8 +226,8 @@ def test_prefix_in_the_prompt_budget():
   batch = fake_batch(3)
   grade = lambda t, m, a: np.zeros(len(a), np.float32)
   for budget, expected in ((10, {0: 6, 1: 4}), (4, {0: 0, 1: 0}), (0, {0: 14, 1: 4})):
-    plan = microgroup.Plan(stages=(2, 3), mode="random", ratio_bounds=(1.0, 1.0), imitate="all",
-                           prompt_budget=budget)
+    plan = microgroup.Plan(stages=(2, 3), guidance=prefix_rft_lib.DrawnRatio(bounds=(1.0, 1.0), prompt_budget=budget),
+                           imitate="all")
     rb = rollout.collect(plan, batch, fake_sampler([]), grade, [SPLIT], rng=rng)
     for i in range(3):
       row = i * 5 + 2
@@ -234,7 +236,8 @@ def test_prefix_in_the_prompt_budget():
       assert k == expected[which] or (k == 0 and budget == 4)
     assert (rb.kind[rb.prefix_mask.sum(1) == 0] == losses.ROW_OWN).all()
   assert microgroup.response_width(plan, 96) == (96, 0)
-  assert microgroup.response_width(dataclasses.replace(plan, prompt_budget=64), 96) == (160, 96)
+  wider = dataclasses.replace(plan, guidance=dataclasses.replace(plan.guidance, prompt_budget=64))
+  assert microgroup.response_width(wider, 96) == (160, 96)
   # The method: data.max_prompt_len by default, its own budget, or the prefix in the response (the one before).
   cfg, method = _method("prefix_rft")
   assert method.plan(cfg, 0).prompt_budget == cfg.data.max_prompt_len
@@ -334,10 +337,10 @@ def test_prefix_rft_loss_with_prefix_advantages_and_a_scheduled_mask():
 
 def test_segment_ends():
   demo = np.asarray(DEMO0[:-1])  # 15 tokens, "\n\n" at 3, 7, 11: four steps ending after 4, 8, 12, 15 tokens
-  assert microgroup.segment_ends(demo, [SPLIT], 5) == [0, 4, 8, 12, 15]  # min(5, 4 steps) segments
-  assert microgroup.segment_ends(demo, [SPLIT], 2) == [0, 8, 15]
-  assert microgroup.segment_ends(demo, [SPLIT], 3) == [0, 4, 12, 15]  # round(4/3) = 1, round(8/3) = 3 steps
-  assert microgroup.segment_ends(np.asarray([7, 8, 9]), [SPLIT], 5) == [0, 3]  # no step boundary: all or nothing
+  assert uft_lib.segment_ends(demo, [SPLIT], 5) == [0, 4, 8, 12, 15]  # min(5, 4 steps) segments
+  assert uft_lib.segment_ends(demo, [SPLIT], 2) == [0, 8, 15]
+  assert uft_lib.segment_ends(demo, [SPLIT], 3) == [0, 4, 12, 15]  # round(4/3) = 1, round(8/3) = 3 steps
+  assert uft_lib.segment_ends(np.asarray([7, 8, 9]), [SPLIT], 5) == [0, 3]  # no step boundary: all or nothing
 
 
 def test_hints_and_grading_without_them():
@@ -350,13 +353,13 @@ def test_hints_and_grading_without_them():
     return np.zeros(len(answers), np.float32)
 
   for p, k in ((0.0, 0), (1.0, 15)):
-    plan = microgroup.Plan(stages=(4,), mode="hint", hint_prob=p, imitate="all", grade_given=False)
+    plan = microgroup.Plan(stages=(4,), guidance=uft_lib.Hints(prob=p), imitate="all", grade_given=False)
     rb = rollout.collect(plan, fake_batch(2), fake_sampler([]), grade, [SPLIT], rng=np.random.default_rng(1))
     assert (rb.prefix_mask.sum(1) == k).all()
     np.testing.assert_array_equal(graded[-1], rb.response_mask & ~rb.prefix_mask)
     assert (rb.kind == (losses.ROW_GUIDED if k else losses.ROW_OWN)).all()
   # A probability in between: every prompt's rows share one hint, k segments long for some k.
-  plan = microgroup.Plan(stages=(4,), mode="hint", hint_prob=0.5)
+  plan = microgroup.Plan(stages=(4,), guidance=uft_lib.Hints(prob=0.5))
   rb = rollout.collect(plan, fake_batch(3), fake_sampler([]), grade, [SPLIT], rng=np.random.default_rng(3))
   lens = rb.prefix_mask.sum(1).reshape(3, 4)
   assert (lens == lens[:, :1]).all() and set(lens[:, 0]) <= {0, 4, 8, 12, 15}
@@ -366,7 +369,7 @@ def test_gate_replaces_failed_rollouts_by_the_demonstration():
   """HPT: a prompt with at most `gate` correct rollouts keeps only its demonstration (first row, outside the group);
   the others are untouched."""
   script = [[[0, 0, 0, 0]], [[0, 1, 0, 0]]]
-  plan = microgroup.Plan(stages=(4,), mode="none", gate=0, gate_demo=0)
+  plan = microgroup.Plan(stages=(4,), guidance=microgroup.Unguided(), gate=0, gate_demo=0)
   rb = rollout.collect(plan, fake_batch(2), fake_sampler([]), scripted_grader(script), [SPLIT])
   assert rb.kind.tolist() == [losses.ROW_DEMO] + [losses.ROW_OWN] * 7
   np.testing.assert_array_equal(rb.tokens[0, :16], DEMO0)
@@ -378,7 +381,7 @@ def test_gate_replaces_failed_rollouts_by_the_demonstration():
   adv = np.asarray(losses.group_advantages(jnp.asarray(rb.rewards), jnp.asarray(rb.group_ids),
                                            member=jnp.asarray(rb.in_group)))
   np.testing.assert_allclose(adv, [0, 0, 0, 0, -0.25, 0.75, -0.25, -0.25])
-  gate_one = microgroup.Plan(stages=(4,), mode="none", gate=1)
+  gate_one = microgroup.Plan(stages=(4,), guidance=microgroup.Unguided(), gate=1)
   rb = rollout.collect(gate_one, fake_batch(2), fake_sampler([]), scripted_grader(script), [SPLIT])
   assert rb.kind.tolist() == ([losses.ROW_DEMO] + [losses.ROW_OWN] * 3) * 2
 
@@ -386,7 +389,7 @@ def test_gate_replaces_failed_rollouts_by_the_demonstration():
 def test_appended_demonstrations_are_outside_the_group():
   """CHORD: whole demonstrations after each prompt's rollouts, ungraded; advantages are over the rollouts alone."""
   calls = []
-  plan = microgroup.Plan(stages=(3,), mode="none", demos=(0, 1))
+  plan = microgroup.Plan(stages=(3,), guidance=microgroup.Unguided(), demos=(0, 1))
   rb = rollout.collect(plan, fake_batch(2), fake_sampler(calls), scripted_grader([[[1, 0, 0]], [[1, 1, 0]]]), [SPLIT])
   assert [c["n"] for c in calls] == [3] and rb.tokens.shape[0] == 10
   assert rb.kind.tolist() == ([losses.ROW_OWN] * 3 + [losses.ROW_DEMO] * 2) * 2

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from trapo_jax import losses
+from trapo_jax.algorithms import prefix_rft
+from trapo_jax.algorithms import uft
 from trapo_jax.sampling import microgroup
 from trapo_jax.sampling import rollout
 from tests.helpers import DEMO0, DEMO1, L, SPLIT, FakeBatch, fake_batch, fake_sampler, scripted_grader
@@ -105,18 +107,18 @@ def test_prompts_keep_their_own_layout_in_one_batch():
 
 
 def test_fixed_ratio_plan_guides_every_prompt_and_imitates_once():
-  plan = microgroup.Plan(mode="fixed", fixed_ratio=0.5)
+  plan = microgroup.Plan(guidance=microgroup.FixedRatio(ratio=0.5))
   rb = rollout.collect(plan, fake_batch(1), fake_sampler([]), scripted_grader([LAYOUTS["pure"][0]]), [SPLIT])
   np.testing.assert_allclose(rb.ratio, [0, 0, 0, 0, .5, .5, .5, .5])
   assert [bool(rb.off_loss_mask[r].any()) for r in range(8)] == [False] * 7 + [True]
 
 
 def test_luffy_and_grpo_plans():
-  luffy = microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0)
+  luffy = microgroup.Plan(stages=(7, 1), guidance=microgroup.FixedRatio(ratio=1.0))
   rb = rollout.collect(luffy, fake_batch(1), fake_sampler([]), scripted_grader([[[1] * 7, [1]]]), [SPLIT])
   np.testing.assert_allclose(rb.ratio, [0] * 7 + [1])
   np.testing.assert_array_equal(rb.off_loss_mask[7], rb.response_mask[7])
-  grpo = microgroup.Plan(stages=(8,), mode="none")
+  grpo = microgroup.Plan(stages=(8,), guidance=microgroup.Unguided())
   rb = rollout.collect(grpo, fake_batch(1), fake_sampler([]), scripted_grader([[[0] * 8]]), [SPLIT])
   assert not rb.prefix_mask.any() and rb.levels.tolist() == [[0]]
 
@@ -206,7 +208,7 @@ def _every_reward_combination(plan):
     for k, (stage, guided, j) in enumerate(slots):
       rewards.setdefault((stage, guided), {})[j] = float((p >> k) & 1)
     rewards["demo"] = float((p >> len(slots)) & 1) if has_demo else None
-    if plan.mode in microgroup.SAMPLED_MODES:  # one alternative per stage, guided or not as the draw falls
+    if plan.guidance.draws:  # one alternative per stage, guided or not as the draw falls
       rewards.update({(stage, 1 - guided): r for (stage, guided), r in [i for i in rewards.items() if i[0] != "demo"]})
     table.append(rewards)
   batch = fake_batch(1)
@@ -219,18 +221,21 @@ def _every_reward_combination(plan):
 
 ONE_PASS_PLANS = {
     "trapo": microgroup.Plan(),
-    "fixed_ratio": microgroup.Plan(mode="fixed", fixed_ratio=0.5),
-    "luffy": microgroup.Plan(stages=(7, 1), mode="fixed", fixed_ratio=1.0),
+    "fixed_ratio": microgroup.Plan(guidance=microgroup.FixedRatio(ratio=0.5)),
+    "luffy": microgroup.Plan(stages=(7, 1), guidance=microgroup.FixedRatio(ratio=1.0)),
     # Here a guided stage's rewards can undo the guidance of the next one (TRAPO's thresholds never let them).
-    "other_thresholds": microgroup.Plan(stages=(2, 2, 2), thresholds=(2, 3), prefix_ratios=(0.5, 1.0)),
-    "no_guidance": microgroup.Plan(stages=(4, 4), mode="none"),
+    "other_thresholds": microgroup.Plan(stages=(2, 2, 2), guidance=microgroup.AdaptiveLevels(thresholds=(2, 3),
+                                                                                             prefix_ratios=(0.5, 1.0))),
+    "no_guidance": microgroup.Plan(stages=(4, 4), guidance=microgroup.Unguided()),
     # What a plan does after grading (appended demonstrations, the gate) and how it imitates and grades.
-    "after_grading": microgroup.Plan(stages=(2, 2), thresholds=(2,), prefix_ratios=(0.5,), demos=(0, 1), gate=1,
+    "after_grading": microgroup.Plan(stages=(2, 2), guidance=microgroup.AdaptiveLevels(thresholds=(2,),
+                                                                                       prefix_ratios=(0.5,)),
+                                     demos=(0, 1), gate=1,
                                      imitate="all", grade_given=False),
     # Prefixes drawn per prompt and stage (Prefix-RFT; UFT's hints in more than one stage): nothing to choose.
-    "prefix_rft": microgroup.Plan(stages=(2, 2, 2), mode="random", unguided_stages=1, ratio_bounds=(0.1, 0.9),
+    "prefix_rft": microgroup.Plan(stages=(2, 2, 2), guidance=prefix_rft.DrawnRatio(unguided=1, bounds=(0.1, 0.9)),
                                   imitate="all"),
-    "hints": microgroup.Plan(stages=(3, 3), mode="hint", hint_prob=0.5, hint_segments=3, imitate="all",
+    "hints": microgroup.Plan(stages=(3, 3), guidance=uft.Hints(prob=0.5, segments=3), imitate="all",
                              grade_given=False),
 }
 

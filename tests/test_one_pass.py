@@ -124,10 +124,11 @@ def test_greedy_one_pass_gives_the_rows_levels_and_loss_of_the_stages(world):
 def test_greedy_one_pass_gives_prefix_rfts_rows_of_the_stages(world):
   """Prefix-RFT's stages (own rows, then rows continuing a drawn prefix) in one pass: the same draws, the same rows."""
   from trapo_jax import algorithms
+  from trapo_jax.algorithms import prefix_rft
   base, params, batch = world
   ctx = _with(base, temperature=0.0)
   plan = algorithms.get("prefix_rft").from_config(ctx.cfg).phase_at(ctx.cfg, 0).rows
-  assert microgroup.one_pass_applies(plan) and plan.mode == "random"
+  assert microgroup.one_pass_applies(plan) and isinstance(plan.guidance, prefix_rft.DrawnRatio)
   prompts = batch(8)
   out = {one_pass: trainer.collect_rollouts(_with(ctx, one_pass=one_pass), plan, prompts, params, jax.random.key(0),
                                             {}, draws=np.random.default_rng(5)) for one_pass in (False, True)}

@@ -231,7 +231,7 @@ def _grader(tokens, mask, answers):
   return np.asarray([{"solved": 1.0, "failed": 0.0}.get(a, float(i % 2)) for i, a in enumerate(answers)], np.float32)
 
 
-PLAN = microgroup.Plan(stages=(4,), mode="none")
+PLAN = microgroup.Plan(stages=(4,), guidance=microgroup.Unguided())
 
 
 def _step(loader, max_rounds: int):

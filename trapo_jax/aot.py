@@ -233,15 +233,9 @@ def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
   prompt for TRAPO's 4, 2, 1, 1; docs/algorithm.md#one-pass)."""
   d = cfg.data
   plan = phase.rows
-  stages = getattr(plan, "stages", (plan.n,))
-  mode = getattr(plan, "mode", "none")
-  ratios = {"adaptive": getattr(plan, "prefix_ratios", ()), "fixed": (getattr(plan, "fixed_ratio", 0.0),)}
-  guided = [r for r in ratios.get(mode, ()) if 0 < r < 1]  # a ratio of 1 is a whole demonstration: not sampled
-  longest = 0
-  if guided:
-    longest = min(d.max_response_len, math.ceil((max(guided) + getattr(plan, "window", 0.0)) * d.max_response_len))
-  if mode in microgroup.SAMPLED_MODES:  # a drawn prefix may be all of a demonstration but its last token
-    longest = d.max_response_len
+  stages = plan.stages if phase.samples else (plan.n,)
+  # The longest prefix a generated row continues (Guidance.longest_prefix); demonstrations alone continue none.
+  longest = plan.guidance.longest_prefix(d.max_response_len) if phase.samples else 0
   room = getattr(plan, "prompt_budget", 0)
   # Context widths: the prompt and the longest prefix; a prefix in the prompt's budget fills at most the larger of
   # the budget and the prompt, and every continuation has its whole budget (microgroup.response_width).
@@ -250,14 +244,14 @@ def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
     longest = min(longest, room)
   width, continuation = microgroup.response_width(plan, d.max_response_len)
   budget = bucket(min(width, continuation or width), cap=continuation or width)
-  if cfg.rollout.one_pass and isinstance(plan, microgroup.Plan) and microgroup.one_pass_applies(plan):
+  if cfg.rollout.one_pass and phase.samples and microgroup.one_pass_applies(plan):
     prefixes, branches = microgroup.one_pass_contexts(plan)
     prompt_width = bucket(d.max_prompt_len)
     prefix_width = bucket(longest) if prefixes else 0
     width = min(bucket(context(longest if prefixes else 0)), prompt_width + prefix_width)
     return [RolloutCall(len(branches), width, budget, branches, len(prefixes), prompt_width, prefix_width)]
-  # A stage continues a prefix after the first, or where the plan draws one (UFT's hints from the first stage on).
-  guided = lambda s: (microgroup.alternatives(plan)[s].level > 0 if mode in microgroup.SAMPLED_MODES else s > 0)
+  # A stage may continue a prefix where the guidance guides it (after the first; UFT's hints from the first on).
+  guided = lambda s: phase.samples and plan.guidance.guides(s)
   return [RolloutCall(size, bucket(context(longest if guided(s) else 0)), budget)
           for s, size in enumerate(stages)]
 

@@ -229,7 +229,7 @@ def whole_response(cfg) -> str:
 
 def own_rollouts(cfg) -> microgroup.Plan:
   """n rollouts of the model's own per prompt, no guidance."""
-  return microgroup.Plan(stages=(cfg.rollout.n,), mode="none")
+  return microgroup.Plan(stages=(cfg.rollout.n,), guidance=microgroup.Unguided())
 
 
 def accumulation(name: str, *, micro_batches: int, mini_batches: int) -> dict[str, Any]:

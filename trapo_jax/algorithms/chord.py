@@ -77,7 +77,8 @@ class Chord(base.Method):
                        share=(k if sft else n) / (n + k))
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
-    plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="none", demos=tuple(range(self.demo_rows(cfg))))
+    plan = microgroup.Plan(stages=(cfg.rollout.n,), guidance=microgroup.Unguided(),
+                           demos=tuple(range(self.demo_rows(cfg))))
     pg = base.policy_gradient(cfg, weight=self.weight(cfg, sft=False), aggregation="row_share_token_mean",
                               over="selected", clip_eps=float(self.clip_eps), dual_clip=float(self.dual_clip))
     sft = losses.Term("sft", tokens="demo_rows", loss="phi_nll" if self.phi else "nll",

@@ -44,7 +44,8 @@ class Hpt(base.Method):
     return base.whole_response(cfg)
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
-    plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="none", gate=self.gate, gate_demo=self.demo)
+    plan = microgroup.Plan(stages=(cfg.rollout.n,), guidance=microgroup.Unguided(), gate=self.gate,
+                           gate_demo=self.demo)
     nll = losses.Term("sft", tokens="demo_rows", loss="nll", weight=float(self.sft_coef), aggregation="token_mean",
                       over="selected")
     return (base.Phase("rl", plan, base.objective(cfg, nll, base.policy_gradient(cfg), base.entropy_bonus(cfg)),

@@ -30,7 +30,7 @@ class Luffy(base.Method):
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
     # The last stage of one row is "guided" at ratio 1: the whole demonstration, nothing generated.
-    plan = microgroup.Plan(stages=(cfg.rollout.n - 1, 1), mode="fixed", fixed_ratio=1.0)
+    plan = microgroup.Plan(stages=(cfg.rollout.n - 1, 1), guidance=microgroup.FixedRatio(ratio=1.0))
     shaped = losses.Term("luffy", tokens="imitated", loss="luffy_shaped", aggregation=cfg.loss.aggregation,
                          params=(("gamma", float(self.gamma)),))
     return (base.Phase("rl", plan, base.objective(cfg, shaped, base.policy_gradient(cfg), base.entropy_bonus(cfg)),

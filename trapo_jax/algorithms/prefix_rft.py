@@ -44,6 +44,45 @@ PLACEMENTS = ("prompt", "response")
 
 
 @dataclasses.dataclass(frozen=True)
+class DrawnRatio(microgroup.Drawn):
+  """Prefix-RFT's prefixes (official `PrefixRFTDataset.__getitem__`/`_get_prefix`): the first `unguided` stages are
+  the model's own; in each later stage, per prompt, one of its demonstrations at random, r = low + (high - low) *
+  Beta(*beta) with (low, high) the `bounds`, and its first max(floor(r * m), min_prefix) tokens, at most m - 1, m the
+  demonstration's length without EOS (at least one of its tokens is left to generate). With prompt_budget > 0 the
+  prefix is then cut to the prompt's room, prompt_budget - prompt length (the official right truncation of prompt +
+  prefix at max_prompt_length; none left: no prefix). The ratio recorded is the prefix length over m."""
+  unguided: int = 1  # official num_empty_prefix
+  bounds: tuple[float, float] = (0.0, 1.0)
+  beta: tuple[float, float] = (1.0, 1.0)  # official BetaSampler
+  min_prefix: int = 1  # official min_prefix_len
+  prompt_budget: int = 0  # > 0: prompt + prefix tokens at most this, the continuation its own budget
+
+  def guides(self, stage: int) -> bool:
+    return stage >= self.unguided
+
+  def inputs(self, stage, levels, demo_ids, demo_lens, split_ids, rng=None, prompt_lens=None) -> microgroup.StageInputs:
+    del levels, split_ids
+    g, _, width = demo_ids.shape
+    if not self.guides(stage):
+      return microgroup.given_inputs([np.zeros(0, np.int32)] * g, np.zeros(g), width)
+    if self.prompt_budget > 0 and prompt_lens is None:
+      raise ValueError("a plan whose prefix sits in the prompt's budget needs the prompt lengths")
+    low, high = min(self.bounds), max(self.bounds)
+    prefixes, ratios = [], []
+    for i in range(g):
+      have = np.flatnonzero(demo_lens[i] > 1)
+      which = int(rng.choice(have)) if have.size else 0
+      r = low + (high - low) * rng.beta(*self.beta)
+      m = int(demo_lens[i, which]) - 1  # without EOS
+      k = min(max(int(r * m), self.min_prefix), m - 1) if m > 1 else 0
+      if self.prompt_budget > 0:
+        k = max(0, min(k, self.prompt_budget - int(prompt_lens[i])))
+      prefixes.append(demo_ids[i, which, :k])
+      ratios.append(k / m if m > 0 else 0.0)
+    return microgroup.given_inputs(prefixes, ratios, width)
+
+
+@dataclasses.dataclass(frozen=True)
 class MaskShare:
   """The share of a micro-batch's prefix tokens whose advantage is masked at optimizer step `step` (0-based): the
   official controller at global_step = step + 1 (the actor's step counts from 1)."""
@@ -100,9 +139,9 @@ class PrefixRft(base.Method):
     budget = 0
     if self.placement == "prompt":
       budget = self.prompt_budget if self.prompt_budget > 0 else int(cfg.data.max_prompt_len)
-    return microgroup.Plan(stages=self.stages, mode="random", unguided_stages=self.unguided,
-                           ratio_bounds=self.bounds(cfg, step), min_prefix=self.min_prefix, imitate="all",
-                           prompt_budget=budget)
+    drawn = DrawnRatio(unguided=self.unguided, bounds=self.bounds(cfg, step), min_prefix=self.min_prefix,
+                       prompt_budget=budget)
+    return microgroup.Plan(stages=self.stages, guidance=drawn, imitate="all")
 
   def phase_at(self, cfg, step: int) -> base.Phase:
     """Only the rows change with the step (the bounds): one objective, compiled once; a scheduled mask share is an

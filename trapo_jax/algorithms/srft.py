@@ -40,7 +40,7 @@ class Srft(base.Method):
     return base.whole_response(cfg)
 
   def phases(self, cfg) -> tuple[base.Phase, ...]:
-    plan = microgroup.Plan(stages=(cfg.rollout.n - 1, 1), mode="fixed", fixed_ratio=1.0)
+    plan = microgroup.Plan(stages=(cfg.rollout.n - 1, 1), guidance=microgroup.FixedRatio(ratio=1.0))
     sft = losses.Term("sft", tokens="demo_rows", loss="entropy_weighted_nll", weight=float(self.sft_coef),
                       aggregation="token_mean", over="selected")
     off = losses.Term("off", tokens="imitated", loss="luffy_shaped", aggregation=cfg.loss.aggregation,

@@ -32,9 +32,12 @@ class Trapo(base.Method):
   fixed_prefix_ratio: float = -1.0  # ablation: >= 0 guides every prompt after stage 1 at this ratio
 
   def plan(self) -> microgroup.Plan:
-    return microgroup.Plan(stages=self.stages, mode="fixed" if self.fixed_prefix_ratio >= 0 else "adaptive",
-                           thresholds=self.thresholds, prefix_ratios=self.prefix_ratios,
-                           fixed_ratio=max(self.fixed_prefix_ratio, 0.0), window=self.cut_window)
+    if self.fixed_prefix_ratio >= 0:
+      guidance = microgroup.FixedRatio(ratio=self.fixed_prefix_ratio, window=self.cut_window)
+    else:
+      guidance = microgroup.AdaptiveLevels(thresholds=self.thresholds, prefix_ratios=self.prefix_ratios,
+                                           window=self.cut_window)
+    return microgroup.Plan(stages=self.stages, guidance=guidance)
 
   def prefix_term(self, cfg) -> losses.Term:
     """The loss on imitated expert tokens: weight +1 whatever the sample's reward (the official advantages_of_hint

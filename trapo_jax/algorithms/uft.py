@@ -23,11 +23,53 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
+
 from trapo_jax import losses
 from trapo_jax.algorithms import base
 from trapo_jax.algorithms import schedules
 from trapo_jax.errors import require
 from trapo_jax.sampling import microgroup
+
+
+def segment_ends(demo: np.ndarray, split_ids: np.ndarray, segments: int) -> list[int]:
+  """Token counts of the first 0, 1, ..., num segments of a demonstration without EOS (docs/algorithm.md#uft).
+
+  The demonstration's steps end just after each "\n\n" token; num = min(segments, steps) segments of round(j /
+  num * steps) steps (Python's rounding, as the official `separation`), the last ending with the text.
+  """
+  m = len(demo)
+  ends = [j + 1 for j in np.flatnonzero(np.isin(demo, split_ids)) if j + 1 < m] + [m]
+  if m == 0:
+    return [0]
+  num = min(segments, len(ends))
+  steps = [round(j / num * len(ends)) for j in range(num)] + [len(ends)]
+  return [0 if s == 0 else ends[s - 1] for s in steps]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hints(microgroup.Drawn):
+  """UFT's hints (official `RLHFDataset.__getitem__`): per prompt and stage, the first k of the num segments of demo
+  #0 (segment_ends), k ~ Binomial(num, prob); every row of the stage continues the same hint (UFT has one stage, so
+  one hint per prompt), every stage is guided (a hint of no segments is no prefix). The ratio recorded is the
+  hint's share of the demonstration."""
+  prob: float = 0.0  # the probability of keeping each segment, p(t)
+  segments: int = 5
+
+  def guides(self, stage: int) -> bool:
+    return True
+
+  def inputs(self, stage, levels, demo_ids, demo_lens, split_ids, rng=None, prompt_lens=None) -> microgroup.StageInputs:
+    del stage, levels, prompt_lens
+    g, _, width = demo_ids.shape
+    prefixes, ratios = [], []
+    for i in range(g):
+      demo = demo_ids[i, 0, :max(int(demo_lens[i, 0]) - 1, 0)]
+      ends = segment_ends(demo, split_ids, self.segments)
+      k = int((rng.random(len(ends) - 1) < self.prob).sum())
+      prefixes.append(demo[:ends[k]])
+      ratios.append(ends[k] / int(demo_lens[i, 0]) if demo_lens[i, 0] else 0.0)
+    return microgroup.given_inputs(prefixes, ratios, width)
 
 
 @base.register
@@ -56,8 +98,8 @@ class Uft(base.Method):
 
   def phase_at(self, cfg, step: int) -> base.Phase:
     """Only the rows change with the step (p): one objective, compiled once."""
-    plan = microgroup.Plan(stages=(cfg.rollout.n,), mode="hint", hint_prob=self.hint_prob(cfg, step),
-                           hint_segments=self.segments, imitate="all", grade_given=False)
+    hints = Hints(prob=self.hint_prob(cfg, step), segments=self.segments)
+    plan = microgroup.Plan(stages=(cfg.rollout.n,), guidance=hints, imitate="all", grade_given=False)
     pg = base.policy_gradient(cfg, aggregation="token_mean", over="selected", clip_eps=float(self.clip_eps))
     hint = losses.Term("hint_nll", tokens="imitated", loss="nll", weight=float(self.sft_coef),
                        aggregation="token_mean", over="selected")

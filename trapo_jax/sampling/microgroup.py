@@ -6,12 +6,21 @@ level l continues from a prefix of prefix_ratios[l-1] of demo #0; a ratio of 1.0
 the response with no generation. Inside a guided stage only the last sample's prefix gets the prefix loss, so a
 prefix is imitated once (the official `off_seq_loss_mask`: [0, 1] for the two 25% samples, [1] for the single ones).
 
+A plan (`Plan`) holds what every method's rows have: the stages, whose prefixes are imitated and graded, and what
+follows the grading. How the stages continue expert prefixes is its `guidance`, one class per kind (`Guidance`):
+none (`Unguided`), TRAPO's adaptive levels (`AdaptiveLevels`), one fixed ratio (`FixedRatio`: TRAPO's ablation,
+LUFFY's and SRFT's demonstration row), and in the methods' own modules Prefix-RFT's drawn ratio
+(`algorithms.prefix_rft.DrawnRatio`) and UFT's hints (`algorithms.uft.Hints`), both drawn at random (`Drawn`). The
+stages (`rollout.collect`), one decode pass (`rollout.collect_one_pass`) and the compile mode (`aot.rollout_calls`)
+ask the guidance and never its kind: a new rollout shape is one class.
+
 All functions here are pure and host-side (numpy); the trainer calls them between sampler and grader calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -45,50 +54,251 @@ def next_level(stage: int, cumulative_correct: float, thresholds: Sequence[int] 
   return stage if cumulative_correct < thresholds[stage - 1] else 0
 
 
-SAMPLED_MODES = ("random", "hint")  # modes whose prefixes are drawn at random (collect needs an rng)
+@dataclasses.dataclass
+class StageInputs:
+  """What the sampler needs for one stage: per prompt, the forced prefix (from demo #0 or all of demo #1)."""
+  ratios: np.ndarray  # [G]
+  prefix_ids: np.ndarray  # [G, Lmax] right-padded
+  prefix_lens: np.ndarray  # [G]
+  expert_full: np.ndarray  # [G] bool: the whole demo #1 is the response; nothing is generated
+
+
+def given_inputs(prefixes: list[np.ndarray], ratios: Sequence[float], width: int) -> StageInputs:
+  """A stage's inputs from one given prefix per prompt ([k] tokens each, none a whole demonstration), right-padded
+  to `width`; `ratios` [G] as recorded."""
+  g = len(prefixes)
+  ids = np.zeros((g, width), np.int32)
+  lens = np.asarray([len(p) for p in prefixes], np.int32)
+  for i, p in enumerate(prefixes):
+    ids[i, :len(p)] = p
+  return StageInputs(ratios=np.asarray(ratios, np.float32), prefix_ids=ids, prefix_lens=lens,
+                     expert_full=np.zeros((g,), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+  """`size` rows of 0-based `stage` at guidance `level` (0: the model's own); `ratio` is their prefix ratio (NaN
+  where the guidance draws it per prompt)."""
+  stage: int
+  level: int
+  size: int
+  ratio: float
+
+  @property
+  def generated(self) -> bool:
+    """A ratio of 1 is the whole demonstration, taken as the response: nothing to sample."""
+    return not self.ratio >= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guidance: how a plan's stages continue expert prefixes, one class (a frozen dataclass) per kind.
+
+
+class Guidance:
+  """How a plan's stages continue expert prefixes. A stage's level is 0 (the model's own) or a guidance level; a
+  subclass says what each stage's prefixes are (`inputs`), how the levels follow the rewards (`next_levels`), which
+  blocks of rows one decode pass samples (`alternatives`) and which of them continue one prefix (`prefix_key`),
+  whose prefix a plan imitating "last" imitates (`imitates`), which stages may continue a prefix (`guides`) and the
+  longest prefix a row holds (`longest_prefix`, the compile mode's buffers)."""
+  draws = False  # prefixes drawn at random per prompt and stage: `collect` needs an rng, and no level is chosen
+  one_pass = True  # a stage's rows depend on its level's prefix alone: every stage can be sampled up front
+  prompt_budget = 0  # > 0: the prefix sits in the prompt's budget, not the response's (response_width)
+
+  def inputs(self, stage: int, levels: np.ndarray, demo_ids: np.ndarray, demo_lens: np.ndarray,
+             split_ids: np.ndarray, rng: np.random.Generator | None = None,
+             prompt_lens: np.ndarray | None = None) -> StageInputs:
+    """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included), levels [G] of 0-based `stage` -> its prefixes (`rng`:
+    where they are drawn; prompt_lens [G]: where they sit in the prompt's budget)."""
+    raise NotImplementedError
+
+  def next_levels(self, stage: int, cumulative: np.ndarray) -> np.ndarray:
+    """Levels [G] of stage+1 after 0-based `stage` with cumulative rewards [G]."""
+    return np.zeros(cumulative.shape, np.int32)
+
+  def alternatives(self, stages: tuple[int, ...]) -> tuple[Alternative, ...]:
+    """Every block of rows a prompt may use, in one-pass order (see the module function `alternatives`)."""
+    raise NotImplementedError
+
+  def prefix_key(self, a: Alternative) -> float | int:
+    """Which prefix an alternative's rows continue: alternatives at one ratio continue one prefix."""
+    return a.ratio
+
+  def imitates(self, stage: int, num_stages: int) -> bool:
+    """Whether the last row of guided 0-based `stage` gets the prefix loss (Plan.imitate = "last")."""
+    del stage, num_stages
+    return True
+
+  def guides(self, stage: int) -> bool:
+    """Whether 0-based `stage` may continue a prefix."""
+    return stage > 0
+
+  def longest_prefix(self, max_response_len: int) -> int:
+    """The most prefix tokens a row generated behind one holds, for demonstrations of up to max_response_len."""
+    del max_response_len
+    return 0
+
+
+def cut_room(ratios: Sequence[float], window: float, max_response_len: int) -> int:
+  """The longest prefix cut (prefix_cut) at one of `ratios` holds: up to (ratio + window) of a demonstration of
+  max_response_len tokens. A ratio of 1 is a whole demonstration, which is not generated behind."""
+  guided = [r for r in ratios if 0 < r < 1]
+  if not guided:
+    return 0
+  return min(max_response_len, math.ceil((max(guided) + window) * max_response_len))
+
+
+class ByLevel(Guidance):
+  """Guidance by levels: a stage at a level continues a prefix of its ratio (`ratios`) of demo #0 cut on a step
+  boundary within `window` (prefix_cut), or at a ratio of 1 the whole of demo #1, taken as the response."""
+  window = 0.3
+
+  def ratios(self, stage: int, levels: np.ndarray) -> np.ndarray:
+    """Prefix ratio per prompt [G] of 0-based `stage` at levels [G]; 0 means a pure rollout."""
+    raise NotImplementedError
+
+  def levels(self, stage: int) -> tuple[int, ...]:
+    """The levels 0-based `stage` may take."""
+    raise NotImplementedError
+
+  def inputs(self, stage, levels, demo_ids, demo_lens, split_ids, rng=None, prompt_lens=None) -> StageInputs:
+    del rng, prompt_lens
+    ratios = self.ratios(stage, levels)
+    g, _, width = demo_ids.shape
+    prefix = np.zeros((g, width), np.int32)
+    lens = np.zeros((g,), np.int32)
+    full = ratios >= 1.0
+    for i in range(g):
+      if ratios[i] <= 0:
+        continue
+      which = 1 if full[i] else 0
+      demo = demo_ids[i, which, :demo_lens[i, which]]
+      k = len(demo) if full[i] else prefix_cut(demo, float(ratios[i]), split_ids, self.window)
+      prefix[i, :k] = demo[:k]
+      lens[i] = k
+    return StageInputs(ratios=ratios, prefix_ids=prefix, prefix_lens=lens, expert_full=full)
+
+  def alternatives(self, stages):
+    """Per stage, a block of rows at each level it may take, at that level's ratio."""
+    return tuple(Alternative(stage=s, level=level, size=size, ratio=float(self.ratios(s, np.asarray([level]))[0]))
+                 for s, size in enumerate(stages) for level in self.levels(s))
+
+
+@dataclasses.dataclass(frozen=True)
+class Unguided(ByLevel):
+  """No prefixes: every row is the model's own (GRPO, and CHORD's and HPT's rollouts)."""
+
+  def ratios(self, stage, levels):
+    return np.zeros(levels.shape, np.float32)
+
+  def levels(self, stage):
+    return (0,)
+
+  def guides(self, stage):
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveLevels(ByLevel):
+  """TRAPO's micro-group levels (module docstring): after 0-based stage s a prompt whose cumulative reward is below
+  thresholds[s] is at level s+1 in the next stage, else at level 0; level l continues prefix_ratios[l-1]."""
+  thresholds: tuple[int, ...] = (2, 4, 7)
+  prefix_ratios: tuple[float, ...] = (0.25, 0.5, 1.0)
+  window: float = 0.3
+
+  def ratios(self, stage, levels):
+    if stage == 0:
+      return np.zeros(levels.shape, np.float32)
+    return np.asarray((0.0,) + tuple(self.prefix_ratios), np.float32)[levels]
+
+  def levels(self, stage):
+    """0 or the stage's own index: the thresholds either guide a stage at its level or not at all."""
+    return (0,) if stage == 0 else (0, stage)
+
+  def next_levels(self, stage, cumulative):
+    return np.asarray([next_level(stage + 1, s, self.thresholds) for s in cumulative], np.int32)
+
+  def longest_prefix(self, max_response_len):
+    return cut_room(self.prefix_ratios, self.window, max_response_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRatio(ByLevel):
+  """Every prompt guided after its first stage at one `ratio` (TRAPO's ablation without adaptive levels; 1.0 is
+  LUFFY's and SRFT's whole demonstration row). The guided stages continue one prefix, imitated once: by the last
+  row of the last stage."""
+  ratio: float = 0.5
+  window: float = 0.3
+
+  def ratios(self, stage, levels):
+    return np.full(levels.shape, self.ratio if stage else 0.0, np.float32)
+
+  def levels(self, stage):
+    return (0,) if stage == 0 else (1,)
+
+  def next_levels(self, stage, cumulative):
+    return np.ones(cumulative.shape, np.int32)
+
+  def imitates(self, stage, num_stages):
+    return stage == num_stages - 1
+
+  def longest_prefix(self, max_response_len):
+    return cut_room((self.ratio,), self.window, max_response_len)
+
+
+class Drawn(Guidance):
+  """Guidance whose prefixes are drawn at random per prompt and stage, in stage order, from the rng `collect` is
+  given: no level follows the rewards, so every stage's rows are kept, a stage's recorded level being 1 where it
+  continues a prefix. In one pass each stage is one alternative (level 1 where it `guides`, its ratio drawn per
+  prompt: NaN), its prefix its own context."""
+  draws = True
+
+  def alternatives(self, stages):
+    return tuple(Alternative(stage=s, level=int(self.guides(s)), size=size,
+                             ratio=float("nan") if self.guides(s) else 0.0) for s, size in enumerate(stages))
+
+  def prefix_key(self, a):
+    return a.stage
+
+  def longest_prefix(self, max_response_len):
+    """A drawn prefix may be all of a demonstration but its last token."""
+    return max_response_len
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan.
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """A rollout plan: stage sizes and how guidance is chosen. One type covers every algorithm.
+  """A rollout plan: stage sizes, how the stages continue expert prefixes (`guidance`: Guidance), and what every plan
+  may do with their rows. One type covers every algorithm.
 
-  mode "adaptive": TRAPO levels from thresholds; "fixed": every prompt is guided after stage 1 at `fixed_ratio`
-  (the ablation without adaptive levels; only the last guided sample gets the prefix loss); "none": no prefixes;
-  "random": after `unguided_stages` stages, each stage of each prompt continues a prefix of a randomly chosen
-  demonstration at a ratio drawn from `ratio_bounds` (Prefix-RFT, `random_prefixes`); "hint": every stage continues
-  the first k of up to `hint_segments` step-aligned segments of demo #0, k ~ Binomial(segments, `hint_prob`) per
-  prompt (UFT, `hint_prefixes`).
+  `imitate`: whose given prefix gets the prefix loss, the "last" row of a guided stage (where the guidance
+  `imitates` it) or "all" its rows; `grade_given`: the grader reads the given prefix too (False: only what the model
+  generated). What happens after grading: `demos` appends whole demonstrations to each prompt's rows, ungraded and
+  outside its GRPO group (CHORD); `gate` >= 0 replaces the rollouts of a prompt with at most `gate` correct ones by
+  its demonstration `gate_demo` (HPT: its first row becomes the demonstration, the others are emptied).
 
-  What happens after grading: `demos` appends whole demonstrations to each prompt's rows, ungraded and outside its
-  GRPO group (CHORD); `gate` >= 0 replaces the rollouts of a prompt with at most `gate` correct ones by its
-  demonstration `gate_demo` (HPT: its first row becomes the demonstration, the others are emptied).
-
-  Where a prefix sits: `prompt_budget` 0, in the response's budget (prefix + continuation <= the response width);
-  > 0, in the prompt's, as Prefix-RFT's dataset appends it to the prompt (prompt + prefix <= prompt_budget tokens,
-  the prefix cut to fit) and the continuation gets a whole response budget of its own (`response_width`).
+  Where a prefix sits (the guidance's `prompt_budget`): 0, in the response's budget (prefix + continuation <= the
+  response width); > 0, in the prompt's, as Prefix-RFT's dataset appends it to the prompt (prompt + prefix <=
+  prompt_budget tokens, the prefix cut to fit) and the continuation gets a whole response budget of its own
+  (`response_width`).
   """
   stages: tuple[int, ...] = (4, 2, 1, 1)
-  mode: str = "adaptive"
-  thresholds: tuple[int, ...] = (2, 4, 7)
-  prefix_ratios: tuple[float, ...] = (0.25, 0.5, 1.0)
-  fixed_ratio: float = 0.5
-  window: float = 0.3
-  unguided_stages: int = 1  # "random": the first stages are the model's own
-  ratio_bounds: tuple[float, float] = (0.0, 1.0)  # "random": ratio = low + (high - low) * Beta(ratio_beta)
-  ratio_beta: tuple[float, float] = (1.0, 1.0)
-  min_prefix: int = 1  # "random": fewest prefix tokens
-  hint_prob: float = 0.0  # "hint": the probability of keeping each segment
-  hint_segments: int = 5
+  guidance: Guidance = AdaptiveLevels()
   imitate: str = "last"  # whose given prefix is imitated: the "last" row of a guided stage, or "all" its rows
   grade_given: bool = True  # the grader reads the given prefix too (False: only what the model generated)
   demos: tuple[int, ...] = ()
   gate: int = -1
   gate_demo: int = 0
-  prompt_budget: int = 0  # "random": > 0, prompt + prefix tokens at most this, the continuation its own budget
 
   @property
   def n(self) -> int:
     return sum(self.stages) + len(self.demos)
+
+  @property
+  def prompt_budget(self) -> int:
+    return self.guidance.prompt_budget
 
   @property
   def one_pass_rows(self) -> int:
@@ -120,142 +330,28 @@ class DemoRows:
     return len(self.which)
 
 
-def stage_ratios(plan: Plan, stage: int, levels: np.ndarray) -> np.ndarray:
-  """Prefix ratio per prompt for 0-based `stage` given current levels [G]; 0 means a pure rollout."""
-  if stage == 0 or plan.mode == "none":
-    return np.zeros(levels.shape, np.float32)
-  if plan.mode == "fixed":
-    return np.full(levels.shape, plan.fixed_ratio, np.float32)
-  table = np.asarray((0.0,) + tuple(plan.prefix_ratios), np.float32)
-  return table[levels]
-
-
-def update_levels(plan: Plan, stage: int, cumulative: np.ndarray) -> np.ndarray:
-  """Levels [G] for stage+1 after 0-based `stage` from cumulative rewards [G]."""
-  return np.asarray([next_level(stage + 1, s, plan.thresholds) for s in cumulative], np.int32)
-
-
-@dataclasses.dataclass
-class StageInputs:
-  """What the sampler needs for one stage: per prompt, the forced prefix (from demo #0 or all of demo #1)."""
-  ratios: np.ndarray  # [G]
-  prefix_ids: np.ndarray  # [G, Lmax] right-padded
-  prefix_lens: np.ndarray  # [G]
-  expert_full: np.ndarray  # [G] bool: the whole demo #1 is the response; nothing is generated
-
-
 def stage_inputs(plan: Plan, stage: int, levels: np.ndarray, demo_ids: np.ndarray, demo_lens: np.ndarray,
                  split_ids: np.ndarray, rng: np.random.Generator | None = None,
                  prompt_lens: np.ndarray | None = None) -> StageInputs:
-  """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included) -> the stage's prefixes (`rng` for SAMPLED_MODES;
-  prompt_lens [G] for a plan whose prefix sits in the prompt's budget)."""
-  if plan.mode in SAMPLED_MODES:
-    if rng is None:
-      raise ValueError(f"a plan in mode {plan.mode!r} draws its prefixes at random: pass an rng")
-    if plan.mode == "random":
-      return random_prefixes(plan, stage, demo_ids, demo_lens, split_ids, rng, prompt_lens)
-    return hint_prefixes(plan, stage, demo_ids, demo_lens, split_ids, rng)
-  ratios = stage_ratios(plan, stage, levels)
-  g, _, width = demo_ids.shape
-  prefix = np.zeros((g, width), np.int32)
-  lens = np.zeros((g,), np.int32)
-  full = ratios >= 1.0
-  for i in range(g):
-    if ratios[i] <= 0:
-      continue
-    which = 1 if full[i] else 0
-    demo = demo_ids[i, which, :demo_lens[i, which]]
-    k = len(demo) if full[i] else prefix_cut(demo, float(ratios[i]), split_ids, plan.window)
-    prefix[i, :k] = demo[:k]
-    lens[i] = k
-  return StageInputs(ratios=ratios, prefix_ids=prefix, prefix_lens=lens, expert_full=full)
+  """demo_ids [G, 2, Ld], demo_lens [G, 2] (EOS included) -> the stage's prefixes (`rng` for guidance that draws
+  them; prompt_lens [G] for a plan whose prefix sits in the prompt's budget)."""
+  if plan.guidance.draws and rng is None:
+    raise ValueError(f"{type(plan.guidance).__name__} draws its prefixes at random: pass an rng")
+  return plan.guidance.inputs(stage, levels, demo_ids, demo_lens, split_ids, rng, prompt_lens)
 
 
 def prefix_loss_rows(plan: Plan, stage: int, guided: np.ndarray) -> np.ndarray:
   """[G, stage size] bool: which samples' prefix tokens get the prefix loss.
 
-  The last sample of a guided stage; in "fixed" mode only in the last stage, so each prompt imitates one prefix.
-  With `imitate="all"`, every sample of a guided stage.
+  The last sample of a guided stage where the guidance imitates it (a fixed ratio: only in the last stage, so each
+  prompt imitates one prefix). With `imitate="all"`, every sample of a guided stage.
   """
   rows = np.zeros((guided.shape[0], plan.stages[stage]), bool)
   if plan.imitate == "all":
     rows[:] = guided[:, None]
-  elif plan.mode != "fixed" or stage == len(plan.stages) - 1:
+  elif plan.guidance.imitates(stage, len(plan.stages)):
     rows[:, -1] = guided
   return rows
-
-
-def _given(prefixes: list[np.ndarray], ratios: np.ndarray, width: int) -> StageInputs:
-  g = len(prefixes)
-  ids = np.zeros((g, width), np.int32)
-  lens = np.asarray([len(p) for p in prefixes], np.int32)
-  for i, p in enumerate(prefixes):
-    ids[i, :len(p)] = p
-  return StageInputs(ratios=np.asarray(ratios, np.float32), prefix_ids=ids, prefix_lens=lens,
-                     expert_full=np.zeros((g,), bool))
-
-
-def random_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.ndarray, split_ids: np.ndarray,
-                    rng: np.random.Generator, prompt_lens: np.ndarray | None = None) -> StageInputs:
-  """Prefix-RFT's prefixes (docs/algorithm.md#prefix-rft, official `PrefixRFTDataset.__getitem__`/`_get_prefix`).
-
-  Per prompt: one of its demonstrations at random, r = low + (high - low) * Beta(a, b), and its first
-  max(floor(r * m), min_prefix) tokens, at most m - 1, m the demonstration's length without EOS (at least one
-  of its tokens is left to generate). With plan.prompt_budget > 0 the prefix is then cut to the prompt's room,
-  prompt_budget - prompt length (the official right truncation of prompt + prefix at max_prompt_length; none left:
-  no prefix). The ratio recorded is the prefix length over m.
-  """
-  del split_ids
-  g, _, width = demo_ids.shape
-  if stage < plan.unguided_stages:
-    return _given([np.zeros(0, np.int32)] * g, np.zeros(g), width)
-  if plan.prompt_budget > 0 and prompt_lens is None:
-    raise ValueError("a plan whose prefix sits in the prompt's budget needs the prompt lengths")
-  low, high = min(plan.ratio_bounds), max(plan.ratio_bounds)
-  prefixes, ratios = [], []
-  for i in range(g):
-    have = np.flatnonzero(demo_lens[i] > 1)
-    which = int(rng.choice(have)) if have.size else 0
-    r = low + (high - low) * rng.beta(*plan.ratio_beta)
-    m = int(demo_lens[i, which]) - 1  # without EOS
-    k = min(max(int(r * m), plan.min_prefix), m - 1) if m > 1 else 0
-    if plan.prompt_budget > 0:
-      k = max(0, min(k, plan.prompt_budget - int(prompt_lens[i])))
-    prefixes.append(demo_ids[i, which, :k])
-    ratios.append(k / m if m > 0 else 0.0)
-  return _given(prefixes, ratios, width)
-
-
-def segment_ends(demo: np.ndarray, split_ids: np.ndarray, segments: int) -> list[int]:
-  """Token counts of the first 0, 1, ..., num segments of a demonstration without EOS (docs/algorithm.md#uft).
-
-  The demonstration's steps end just after each "\n\n" token; num = min(segments, steps) segments of round(j /
-  num * steps) steps (Python's rounding, as the official `separation`), the last ending with the text.
-  """
-  m = len(demo)
-  ends = [j + 1 for j in np.flatnonzero(np.isin(demo, split_ids)) if j + 1 < m] + [m]
-  if m == 0:
-    return [0]
-  num = min(segments, len(ends))
-  steps = [round(j / num * len(ends)) for j in range(num)] + [len(ends)]
-  return [0 if s == 0 else ends[s - 1] for s in steps]
-
-
-def hint_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.ndarray, split_ids: np.ndarray,
-                  rng: np.random.Generator) -> StageInputs:
-  """UFT's hints (docs/algorithm.md#uft, official `RLHFDataset.__getitem__`): per prompt and stage, the first k of
-  the num segments of demo #0, k ~ Binomial(num, hint_prob); every row of the stage continues the same hint (UFT
-  has one stage, so one hint per prompt). The ratio recorded is the hint's share of the demonstration."""
-  del stage
-  g, _, width = demo_ids.shape
-  prefixes, ratios = [], []
-  for i in range(g):
-    demo = demo_ids[i, 0, :max(int(demo_lens[i, 0]) - 1, 0)]
-    ends = segment_ends(demo, split_ids, plan.hint_segments)
-    k = int((rng.random(len(ends) - 1) < plan.hint_prob).sum())
-    prefixes.append(demo[:ends[k]])
-    ratios.append(ends[k] / int(demo_lens[i, 0]) if demo_lens[i, 0] else 0.0)
-  return _given(prefixes, ratios, width)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,68 +360,37 @@ def hint_prefixes(plan: Plan, stage: int, demo_ids: np.ndarray, demo_lens: np.nd
 
 
 def stage_levels(plan: Plan, stage: int, cumulative: np.ndarray) -> np.ndarray:
-  """Levels [G] of stage+1 after 0-based `stage` with cumulative rewards [G]: the plan's rule, whatever its mode."""
-  if plan.mode == "adaptive":
-    return update_levels(plan, stage, cumulative)
-  return np.full(cumulative.shape, 1 if plan.mode == "fixed" else 0, np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Alternative:
-  """`size` rows of 0-based `stage` at guidance `level` (0: the model's own); `ratio` is their prefix ratio (NaN in
-  the SAMPLED_MODES, which draw it per prompt)."""
-  stage: int
-  level: int
-  size: int
-  ratio: float
-
-  @property
-  def generated(self) -> bool:
-    """A ratio of 1 is the whole demonstration, taken as the response: nothing to sample."""
-    return not self.ratio >= 1.0
-
-
-# Modes whose stages can all be sampled up front: a stage's rows depend on its level's prefix alone, and its level
-# on the rewards before it (adaptive) or on nothing (the others; the SAMPLED_MODES draw a prefix per prompt and stage
-# on the host, in stage order either way).
-ONE_PASS_MODES = ("adaptive", "fixed", "none") + SAMPLED_MODES
+  """Levels [G] of stage+1 after 0-based `stage` with cumulative rewards [G]: the plan's rule, whatever its guidance."""
+  return plan.guidance.next_levels(stage, cumulative)
 
 
 def one_pass_applies(plan: Plan) -> bool:
-  """Whether one decode pass replaces the plan's stages: it has more than one, of a mode whose levels are known."""
-  return len(plan.stages) > 1 and plan.mode in ONE_PASS_MODES
+  """Whether one decode pass replaces the plan's stages: it has more than one, and its guidance's levels are known
+  (Guidance.one_pass)."""
+  return len(plan.stages) > 1 and plan.guidance.one_pass
 
 
 def alternatives(plan: Plan) -> tuple[Alternative, ...]:
   """Every block of rows a prompt may use, in one-pass order: stage 1, then per later stage the levels it can take.
 
-  A later stage's level is 0 or its own index (adaptive), always 1 (fixed) or always 0 (none), and its rows depend
-  only on the prompt and that level's prefix, not on earlier rows: so every alternative can be sampled up front. In
-  the SAMPLED_MODES each stage is one alternative, guided (level 1) after `unguided_stages` ("random") or always
-  ("hint": a hint of no segments is no prefix).
+  A later stage's level is 0 or its own index (adaptive levels), always 1 (a fixed ratio) or always 0 (unguided),
+  and its rows depend only on the prompt and that level's prefix, not on earlier rows: so every alternative can be
+  sampled up front. Where the guidance draws its prefixes each stage is one alternative, guided (level 1) where the
+  guidance guides it (Prefix-RFT: after its unguided stages; UFT: always, a hint of no segments being no prefix).
   """
-  if plan.mode not in ONE_PASS_MODES:
-    raise ValueError(f"plan mode {plan.mode!r}: its stages cannot be sampled in one pass (modes {ONE_PASS_MODES})")
-  out = []
-  for s, size in enumerate(plan.stages):
-    if plan.mode in SAMPLED_MODES:
-      guided = plan.mode == "hint" or s >= plan.unguided_stages
-      out.append(Alternative(stage=s, level=int(guided), size=size, ratio=float("nan") if guided else 0.0))
-      continue
-    levels = (0,) if s == 0 or plan.mode == "none" else (1,) if plan.mode == "fixed" else (0, s)
-    for level in levels:
-      ratio = float(stage_ratios(plan, s, np.asarray([level]))[0])
-      out.append(Alternative(stage=s, level=level, size=size, ratio=ratio))
-  return tuple(out)
+  if not plan.guidance.one_pass:
+    raise ValueError(f"{type(plan.guidance).__name__}: its stages cannot be sampled in one pass")
+  return plan.guidance.alternatives(plan.stages)
 
 
 def one_pass_contexts(plan: Plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(sources, branches): the prefixes a prompt's one-pass rows continue, each prefilled once after the bare
   prompt's, named by the index in `alternatives(plan)` of the first alternative continuing it; and the context of
   each generated row (0: the bare prompt, b: the prefix of sources[b - 1]), in `alternatives` order. Alternatives
-  at one ratio continue one prefix (the fixed ratio's stages); a drawn prefix is its stage's own."""
+  with one key (Guidance.prefix_key) continue one prefix: one ratio's (the fixed ratio's stages); a drawn prefix is
+  its stage's own."""
   alts = alternatives(plan)
-  key = lambda a: a.stage if plan.mode in SAMPLED_MODES else a.ratio
+  key = plan.guidance.prefix_key
   sources, keys, branches = [], [], []
   for k, a in enumerate(alts):
     if not a.generated:

@@ -109,8 +109,8 @@ def collect(plan: microgroup.Plan, batch, sample_fn: SampleFn, grade_fn: GradeFn
                       off_loss_mask=prefix_mask & loss_rows[:, None], stage=np.full((g * size,), s, np.int32),
                       ratio=np.repeat(inp.ratios, size), logprobs=np.asarray(logprobs, np.float32),
                       truncated=~np.asarray(eos, bool)))
-    # Sampled modes have no levels: a stage's level is 1 where it continues a prefix.
-    level_log.append((inp.ratios > 0).astype(np.int32) if plan.mode in microgroup.SAMPLED_MODES else levels.copy())
+    # Drawn prefixes have no levels: a stage's level is 1 where it continues a prefix.
+    level_log.append((inp.ratios > 0).astype(np.int32) if plan.guidance.draws else levels.copy())
     if s + 1 < len(plan.stages):
       levels = microgroup.stage_levels(plan, s, cumulative)
   sizes = list(plan.stages)
@@ -185,7 +185,7 @@ def collect_one_pass(plan: microgroup.Plan, batch, sample_fn: SharedSampleFn, gr
   rewards = np.asarray(grade_fn(tokens.reshape(g * rows, width), graded.reshape(g * rows, width), answers),
                        np.float32).reshape(g, rows)
   starts = np.cumsum([0] + [a.size for a in alts])
-  if plan.mode in microgroup.SAMPLED_MODES:  # every stage's rows; a stage's level is 1 where it continues a prefix
+  if plan.guidance.draws:  # every stage's rows; a stage's level is 1 where it continues a prefix
     levels = np.stack([(inp.ratios > 0).astype(np.int32) for inp in inputs], 1)
     pick = np.tile(np.arange(rows), (g, 1))
   else:
