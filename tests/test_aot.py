@@ -213,19 +213,22 @@ def test_compile_mode_judges_the_fit_on_cpu_devices(monkeypatch):
 
 
 def test_a_second_optimizer_counts_in_the_state_of_every_phase():
-  """ReLIFT's fine-tuning AdamW lives in the run's state (state.slot): each of its phases holds both moments."""
+  """ReLIFT's fine-tuning AdamW lives in the run's state (state.slot): each of its phases holds both moments, and so
+  does the memory beside its evaluation."""
   def opt_state(algo):
     cfg = config_lib.base_config()
     cfg.model.update(hf_dir="", **TINY)
     cfg.data.update(max_prompt_len=8, max_response_len=8)
     cfg.train.update(batch_prompts=8, logprob_chunk=8)
     cfg.algo = algo
-    rep = aot.compile_run(cfg, "cpu:8", programs=("train",), estimate=False, log=lambda s: None)
+    cfg.eval.update(batch_size=8, max_new_tokens=8)
+    rep = aot.compile_run(cfg, "cpu:8", programs=("train", "eval"), estimate=False, log=lambda s: None)
     return {r.program.name: r.opt_state for r in rep.results}
 
   one = opt_state("grpo")
   two = opt_state("relift")
-  assert len(two) == 2 and set(two.values()) == {2 * one["train step (rl)"]}, (one, two)
+  assert len(two) == 4 and set(two.values()) == {2 * one["train step (rl)"]}, (one, two)
+  assert one["eval decode"] == one["train step (rl)"]
 
 
 _TWO_LAYER_V5P_8 = """

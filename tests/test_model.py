@@ -138,6 +138,30 @@ def test_blockwise_attention_equals_dense():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), loss(blocked), loss(cfg))
 
 
+def test_blockwise_prefill_into_a_cache_equals_dense():
+  """A prefill longer than attention_block attends one block of queries at a time over the cache; its hidden states
+  and cache are the dense prefill's, for a prefill from slot 0 and one that extends a filled cache (as the one-pass
+  sampler's prefixes extend their prompt's)."""
+  cfg, params = _random_model()
+  tokens, mask = _batch(cfg.vocab_size, t=11)
+  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+  positions = tfm.positions_from_mask(mask)
+
+  def prefill(c):
+    cache = tfm.KVCache.zeros(c, tokens.shape[0], 16)
+    first, cache = tfm.Decoder(c).apply(params, tokens[:, :5], positions[:, :5], mask[:, :5], cache, attend=5)
+    rest, cache = tfm.Decoder(c).apply(params, tokens[:, 5:], positions[:, 5:], mask[:, 5:], cache, attend=11)
+    return jnp.concatenate([first, rest], 1), cache
+
+  (blocked, blocked_cache), (dense, dense_cache) = prefill(cfg.replace(attention_block=2)), prefill(cfg)
+  m = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(blocked)[m], np.asarray(dense)[m], rtol=0, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), blocked_cache, dense_cache)
+  # Both against the forward pass without a cache.
+  full = np.asarray(tfm.forward(params, cfg, tokens, mask))
+  np.testing.assert_allclose(np.asarray(blocked)[m], full[m], rtol=0, atol=1e-4)
+
+
 def test_bf16_compute_close_to_fp32():
   cfg, params = _random_model(dtype="bfloat16")
   tokens, mask = _batch(cfg.vocab_size)

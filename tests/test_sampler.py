@@ -11,7 +11,7 @@ import pytest
 from tests import numerics
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
-from trapo_jax.sampling.sampler import Sampler, bucket, sample_logits
+from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, sample_logits
 
 CFG = tfm.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, rope_theta=1000.0)
@@ -318,3 +318,42 @@ def test_shared_prefill_sharded_equals_single_device(params):
   same = (np.asarray(sharded.tokens) == np.asarray(single.tokens)).all(1)
   assert same.mean() >= 0.9, same  # as above: a sampled token flips only on a near-tie of perturbed logits
   np.testing.assert_array_equal(sharded.prefix_mask, single.prefix_mask)
+
+
+def test_blockwise_prefill_samples_what_the_dense_prefill_samples(params):
+  """A prefill longer than attention_block attends one block of queries at a time (tfm.blockwise_cached_attention):
+  contexts of 16 slots in blocks of 4 against all 16 queries at once, through `sample` and through `sample_shared`
+  (whose prefix extension attends to the prompt's cache as well)."""
+  blocked, dense = Sampler(CFG.replace(attention_block=4)), Sampler(CFG)
+  for temperature in (0.0, 1.0):
+    one = [s.sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=10, rng=jax.random.key(4), n=2,
+                    temperature=temperature) for s in (blocked, dense)]
+    shared = [_shared(s, params, temperature)[0] for s in (blocked, dense)]
+    for (new, old), rows in ((one, 2), (shared, len(BRANCHES))):
+      tokens = np.asarray(old.tokens)
+      np.testing.assert_array_equal(new.prefix_mask, old.prefix_mask)
+      if temperature == 0.0:
+        logits = _teacher_forced_logits(params, np.repeat(PROMPTS, rows, 0), np.repeat(PROMPT_LENS, rows), tokens)
+        numerics.assert_greedy_agrees(new.tokens, tokens, logits, LOGIT_TOL, forced=np.asarray(old.prefix_mask))
+      else:  # the same keys draw the same tokens, but where rounding flips a near-tie (see above)
+        assert (np.asarray(new.tokens) == tokens).all(1).mean() >= 0.9
+      same = np.cumprod(np.asarray(new.tokens) == tokens, axis=1).astype(bool)
+      np.testing.assert_allclose(np.asarray(new.logprobs)[same], np.asarray(old.logprobs)[same], rtol=0,
+                                 atol=2 * LOGIT_TOL)
+
+
+def test_a_long_prefill_holds_one_block_of_scores_at_a_time():
+  """XLA's memory plan of the compiled prefill of 2 contexts of 2048 tokens (a 1024-token budget behind them): in
+  blocks of 128 queries its temporaries stay below a quarter of the [B, H, T, T] fp32 scores that attending all
+  queries at once holds, and the dense prefill's do not."""
+  sp = SamplingParams(0.0, 1.0, -1, (0,), 0)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(tfm.abstract_params(CFG)))
+
+  def temporaries(block):
+    prefill, _ = Sampler(CFG.replace(attention_block=block)).lower(
+        abstract, prompts=2, prompt_len=2048, max_len=1024, width=2048, budget=1024, n=1, sp=sp)
+    return prefill.compile().memory_analysis().temp_size_in_bytes
+
+  scores = 2 * CFG.num_heads * 2048 * 2048 * 4
+  assert temporaries(128) < scores / 4
+  assert temporaries(2048) >= scores

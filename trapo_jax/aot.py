@@ -349,6 +349,7 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
   sampler = Sampler(model_cfg, mesh=mesh)
   d, r, e = cfg.data, cfg.rollout, cfg.eval
   programs: dict[tuple, Program] = {}
+  eval_resident = opt_bytes  # the evaluation runs beside the largest optimizer state of the methods
   for name in methods:
     mcfg = copy.deepcopy(cfg)
     mcfg.algo = name
@@ -362,6 +363,7 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
     state_tx = trainer.state_optimizer(mcfg, txs)
     mstate = state if txs is None else state_lib.TrainState.abstract(model_cfg, mesh, state_tx)
     resident = _per_chip(mstate.opt_state)
+    eval_resident = max(eval_resident, resident)
     for phase in method.phases(mcfg):
       key = ("train", name, phase.name)
       programs[key] = train_program(mcfg, phase, model_cfg, mesh, trainer.phase_optimizer(txs, state_tx, phase),
@@ -388,7 +390,7 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
   for p in sampler_programs("eval", sampler, state.params, prompts=e.batch_size, n=n,
                             width=bucket(d.max_prompt_len), budget=bucket(e.max_new_tokens, cap=e.max_new_tokens),
                             max_len=e.max_new_tokens, prompt_len=d.max_prompt_len, sp=sp, mesh=mesh,
-                            resident=opt_bytes, fixes=fixes + tuple(_tensor_fix(cfg, model_cfg, mesh))):
+                            resident=eval_resident, fixes=fixes + tuple(_tensor_fix(cfg, model_cfg, mesh))):
     programs[("eval", p.name)] = p
   return list(programs.values())
 

@@ -157,7 +157,8 @@ class Sampler:
     # An inactive row's response is its prefix as given; it is not generated, so it stays out of the context.
     ctx, mask = _left_align(prompts, prompt_lens, prefixes, jnp.where(active, prefix_lens, 0), width)
     cache = tfm.KVCache.zeros(cfg, ctx.shape[0], cache_size)
-    hidden, cache = tfm.Decoder(cfg).apply(params, ctx, tfm.positions_from_mask(mask), mask, cache)
+    # The context fills slots [0, width): its queries read none of the decode's slots behind it.
+    hidden, cache = tfm.Decoder(cfg).apply(params, ctx, tfm.positions_from_mask(mask), mask, cache, attend=width)
     logits = jnp.einsum("bd,dv->bv", hidden[:, -1], tfm.unembed(params, cfg).astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
     # The n samples of a prompt share its prefill: repeat cache and logits, prompt-major.
@@ -194,7 +195,8 @@ class Sampler:
     no_prefix = jnp.zeros_like(prompt_lens)
     ctx, mask = _left_align(prompts, prompt_lens, prompts[:, :1], no_prefix, prompt_width)
     cache = tfm.KVCache.zeros(cfg, g, span)
-    hidden, cache = tfm.Decoder(cfg).apply(params, ctx, tfm.positions_from_mask(mask), mask, cache)
+    hidden, cache = tfm.Decoder(cfg).apply(params, ctx, tfm.positions_from_mask(mask), mask, cache,
+                                           attend=prompt_width)
     logits = head(hidden[:, -1])
     ks, vs, all_logits = [cache.k[:, :, None]], [cache.v[:, :, None]], [logits[:, None]]
     if x:
