@@ -222,8 +222,14 @@ def tpu_aot_figures(runs: list[str], stored: dict, save) -> dict:
                       "compile_s": r.seconds, "error": r.error, "fixes": list(r.program.fixes)}
                      for r in rep.results],
         "estimates": rep.estimates, "verdict": aot.verdict(rep.results, tgt)}
-    save(out)
-  return out
+    save(_in_suite_order(out))
+  return _in_suite_order(out)
+
+
+def _in_suite_order(runs: dict) -> dict:
+  """Runs as TPU_RUNS lists them (each config on its own slice, then the README's run on others), others after."""
+  order = {f"{c}@{s}": i for i, (c, s) in enumerate(TPU_RUNS)}
+  return dict(sorted(runs.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def main(argv):

@@ -76,6 +76,16 @@ def test_tpu_report_has_a_row_per_slice_and_program():
   assert "https://cloud.google.com/tpu/docs/v5p" in doc and "https://cloud.google.com/tpu/docs/v4" not in doc
 
 
+def test_stored_tpu_runs_are_kept_in_the_suite_order():
+  """Compiling some runs keeps the others' figures; the table lists every run in TPU_RUNS's order whatever order
+  they were compiled in, runs it does not name last."""
+  runs = {"trapo_qwen25_math_7b@v6e-16": {}, "other@v4-8": {}, "uft_qwen25_math_7b@v5p-128": {},
+          "trapo_qwen25_math_7b@v5p-32": {}}
+  out = run.tpu_aot_figures([], runs, save=None)
+  assert list(out) == ["trapo_qwen25_math_7b@v5p-32", "uft_qwen25_math_7b@v5p-128", "trapo_qwen25_math_7b@v6e-16",
+                       "other@v4-8"]
+
+
 def test_gpu_report_has_roofline_and_mfu():
   md = run.table(_result("gpu", 12.0))
   assert "| 4000 (params + live KV at 3000 GB/s) | 50% |" in md

@@ -4,8 +4,8 @@
   python -m trapo_jax.main --config=experiments/configs/hpt_qwen25_math_7b.py --workdir=gs://bucket/hpt \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
 
-Slice: a v5p-32, where every program of the run fitted at full depth (docs/performance.md, "TPU, compiled here")
-before its train step summed 8 micro-batches of 64 rows (hpt.micro_batches); not yet recompiled since:
+Slice: a v5p-32, where every program of the run fits at full depth, the train step summing its 8 micro-batches of 64
+rows in each of 2 mini-batches (docs/performance.md, "TPU, compiled here"):
 
   python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=experiments/configs/hpt_qwen25_math_7b.py
 """

@@ -4,8 +4,7 @@ repository's `exp_scripts/train_srft.sh` (SRFT publishes none) where this traine
   python -m trapo_jax.main --config=experiments/configs/srft_qwen25_math_7b.py --workdir=gs://bucket/srft \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
 
-Slice: a v5p-32, chosen from its KV cache and the temporaries the README's run plans; not yet compiled at full depth
-(docs/performance.md, "TPU, compiled here"): check before renting it:
+Slice: a v5p-32, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"):
 
   python -m trapo_jax.main --mode=compile --topology=v5p-32 --config=experiments/configs/srft_qwen25_math_7b.py
 """

@@ -4,10 +4,9 @@ where this trainer has them (its runs use Qwen2.5 0.5B-3B models with 1024-token
   python -m trapo_jax.main --config=experiments/configs/uft_qwen25_math_7b.py --workdir=gs://bucket/uft \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
 
-Slice: none found yet. On a v5p-128 (its rollout of 256 prompts x 4 rows over 16384 + 8192 slots holds 21 GiB of
-KV cache per chip) the train step, rollout decode and evaluation fit, but the rollout prefill needs 197 GiB per chip,
-likely its attention over whole 16k-token hinted contexts (with a cache it is not blockwise: models/transformer.py)
-(docs/performance.md, "TPU, compiled here"):
+Slice: a v5p-128, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"): its
+rollout of 256 prompts x 4 rows over 16384 + 8192 slots holds 21 GiB of KV cache per chip, and the prefill of those
+16k-token hinted contexts attends one block of queries at a time (models/transformer.py), 31 GiB per chip in all:
 
   python -m trapo_jax.main --mode=compile --topology=v5p-128 --config=experiments/configs/uft_qwen25_math_7b.py
 """
