@@ -7,11 +7,10 @@ everything else is a guess, as are the layout, schedule and entropy-mask default
   python -m trapo_jax.main --config=experiments/configs/prefix_rft_qwen25_math_7b.py --workdir=gs://bucket/prefix \
       --config.model.hf_dir=/path/to/Qwen2.5-Math-7B --config.data.path=/path/to/openr1_train.parquet
 
-Slice: a v5p-64, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"), as
-compiled with the prefix in the response's budget (`prefix_rft.placement="response"`: a one-pass rollout of 128
-prompts x 8 rows over 9216 + 8192 slots, 60 GiB of KV cache per chip on 16 chips). The default since is the official
-placement, the prefix in the prompt's 1024-token budget: 1024 + 8192 slots, about half the cache, and responses of up
-to 9216 tokens in the train step; not compiled here yet.
+Slice: a v5p-64, where every program of the run fits at full depth (docs/performance.md, "TPU, compiled here"), with
+the official placement, the prefix in the prompt's 1024-token budget: a one-pass rollout of 128 prompts x 8 rows over
+1024 + 8192 slots (27.3 GiB per chip for its prefill, 36.7 for its decode) and responses of up to 9216 tokens in the
+train step (18.9 GiB).
 
   python -m trapo_jax.main --mode=compile --topology=v5p-64 --config=experiments/configs/prefix_rft_qwen25_math_7b.py
 """
