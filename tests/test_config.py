@@ -246,3 +246,10 @@ def test_main_stops_at_a_short_checkpoint_with_one_line(tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("config error: model.max_position_embeddings: ") and "--config.model.rope_theta=40000" in last
+
+
+def test_a_method_named_on_the_command_line_gets_its_own_default_workdir():
+  from trapo_jax import main
+  assert main.workdir_for("experiments/configs/default.py", {}) == os.path.join("runs", "default")
+  assert main.workdir_for("experiments/configs/default.py", {"algo": "grpo", "seed": 1}) == os.path.join("runs", "grpo")
+  assert main.workdir_for("/x/trapo_qwen25_math_7b.py", {"seed": 1}) == os.path.join("runs", "trapo_qwen25_math_7b")
