@@ -60,8 +60,15 @@ def tiny(cfg, workdir: str, steps: int = 3):
 
 
 def config_of(name: str = "default"):
-  """experiments/configs/<name>.py's config."""
-  return importlib.import_module(f"experiments.configs.{name}").get_config()
+  """experiments/configs/<name>.py's config, or for a registered method without one the default experiment with
+  algo=<name> (as `--config.algo=<name>` sets it)."""
+  if os.path.exists(os.path.join(ROOT, "experiments", "configs", f"{name}.py")):
+    return importlib.import_module(f"experiments.configs.{name}").get_config()
+  if name not in algorithms.names():
+    raise ValueError(f"{name!r} is neither a config in experiments/configs/ nor a registered method")
+  cfg = importlib.import_module("experiments.configs.default").get_config()
+  cfg.algo = name
+  return cfg
 
 
 def restored_state(workdir: str, cfg):

@@ -9,17 +9,29 @@ import sys
 import ml_collections
 import pytest
 
+from experiments.configs import default
+from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
                  if f.endswith(".py") and not f.startswith("_"))
+# Every config file, and every registered method as it runs from the default one (--config.algo=NAME alone).
+RUNS = CONFIGS + [f"algo={m}" for m in algorithms.names() if m != default.get_config().algo]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_experiment_config_validates(name):
+def _config(name: str):
   import importlib
-  cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+  if name.startswith("algo="):
+    cfg = default.get_config()
+    cfg.algo = name[len("algo="):]
+    return cfg
+  return importlib.import_module(f"experiments.configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_every_experiment_config_validates(name):
+  cfg = _config(name)
   if cfg.data.source == "demos" and not cfg.data.path:  # the real-model runs leave both to the command line
     cfg.model.hf_dir, cfg.data.path = "/some/model", "/some/data.parquet"
   config_lib.validate(cfg, num_devices=8)
@@ -32,11 +44,10 @@ def _typed(node, prefix=""):
   return {prefix[:-1]: (type(node).__name__, node)}
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", RUNS)
 def test_the_stored_config_reads_back_as_written(name, tmp_path):
-  import importlib
   from trapo_jax.train import workdir as workdir_lib
-  cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+  cfg = _config(name)
   workdir_lib.save_config(str(tmp_path), cfg)
   assert _typed(workdir_lib.stored_config(str(tmp_path))) == _typed(cfg)
 
@@ -115,7 +126,8 @@ def test_sft_then_rl_splits_the_overridden_budget_in_half():
   code = ("import sys; from trapo_jax import main, algorithms; main.parse_flags(sys.argv); c = main._CONFIG.value;"
           "m = algorithms.from_config(c); print(c.train.steps, m.sft_steps_of(c),"
           "[m.phase_at(c, s).name for s in (0, m.sft_steps_of(c) - 1, m.sft_steps_of(c))])")
-  run = lambda *args: subprocess.run([sys.executable, "-c", code, "--config=experiments/configs/sft_then_rl.py", *args],
+  run = lambda *args: subprocess.run([sys.executable, "-c", code, "--config=experiments/configs/default.py",
+                                      "--config.algo=sft_then_rl", *args],
                                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   for args, expected in ((["--config.train.steps=40"], ["40", "20", "['sft',", "'sft',", "'rl']"]),
                          (["--config.train.steps=40", "--config.sft_then_rl.sft_steps=5"],
@@ -234,3 +246,10 @@ def test_main_stops_at_a_short_checkpoint_with_one_line(tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("config error: model.max_position_embeddings: ") and "--config.model.rope_theta=40000" in last
+
+
+def test_a_method_named_on_the_command_line_gets_its_own_default_workdir():
+  from trapo_jax import main
+  assert main.workdir_for("experiments/configs/default.py", {}) == os.path.join("runs", "default")
+  assert main.workdir_for("experiments/configs/default.py", {"algo": "grpo", "seed": 1}) == os.path.join("runs", "grpo")
+  assert main.workdir_for("/x/trapo_qwen25_math_7b.py", {"seed": 1}) == os.path.join("runs", "trapo_qwen25_math_7b")

@@ -38,10 +38,11 @@ def test_local_dry_run_multi_process():
 
 
 def test_local_dry_run_single_process():
-  out = _sh("local.sh", "--dry_run", "--devices=8", "--", "--config=experiments/configs/grpo.py")
+  out = _sh("local.sh", "--dry_run", "--devices=8", "--", "--config=experiments/configs/default.py",
+            "--config.algo=grpo")
   assert out.stdout.strip().splitlines() == [
       "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m trapo_jax.main "
-      "--config=experiments/configs/grpo.py"]
+      "--config=experiments/configs/default.py --config.algo=grpo"]
 
 
 def test_gpu_dry_runs():
@@ -107,7 +108,7 @@ def _write_sweep(tmp_path) -> str:
   path = tmp_path / "my_sweep.py"
   path.write_text("SEEDS = (0, 1)\nCOMMON = {'train.steps': 3}\n"
                   "def get_sweep():\n"
-                  "  return [{'name': 'a b', 'trapo.alpha': 0.3}, {'config': 'experiments/configs/grpo.py',"
+                  "  return [{'name': 'a b', 'trapo.alpha': 0.3}, {'config': 'experiments/configs/trapo_sft_prefix.py',"
                   " 'rollout.stages': (8,)}]\n")
   return str(path)
 

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.helpers import np_policy_gradient
 from trapo_jax import losses
+from trapo_jax import reduction
 
 jax.config.update("jax_enable_x64", False)
 RNG = np.random.default_rng(0)
@@ -377,7 +378,8 @@ def _trapo(prefix_term=None, aggregation="seq_sum_over_max_len", entropy_coef=0.
 
 
 def _loss(objective, *batch, step=0):
-  return losses.objective_loss(_inputs(*batch), objective, objective.weights_at(step))
+  loss, metrics = losses.objective_loss(_inputs(*batch), objective, objective.weights_at(step))
+  return loss, reduction.values(metrics)
 
 
 def test_trapo_objective_by_hand():

@@ -27,6 +27,7 @@ from tests.helpers import SPLIT, config_of, fake_batch, fake_sampler, restored_s
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 from trapo_jax import losses
+from trapo_jax import reduction
 from trapo_jax.data import pipeline
 from trapo_jax.data import synthetic
 from trapo_jax.errors import ConfigError
@@ -146,7 +147,8 @@ def test_official_step_is_bit_identical_with_every_option_off():
 def _ppo(params, batch, updates, tx, objective, ref_params=None):
   fn = functools.partial(step_lib.ppo_updates, tx=tx, model_cfg=MODEL, objective=objective, chunk_size=4,
                          updates=updates)
-  return jax.jit(fn)(params, tx.init(params), batch, objective.weights_at(0), ref_params)
+  new, opt_state, per_update, step_m = jax.jit(fn)(params, tx.init(params), batch, objective.weights_at(0), ref_params)
+  return new, opt_state, reduction.values(per_update), reduction.values(step_m)
 
 
 def test_ppo_first_ratio_is_one_and_later_updates_use_the_old_log_probs():
@@ -177,7 +179,8 @@ def test_ppo_first_ratio_is_one_and_later_updates_use_the_old_log_probs():
     g0, m0 = step_lib.accumulate_gradients(params, _slice(batch, 0, 2), weights, **kw)
     params1 = jax.tree.map(lambda p, g: p - lr * g, params, g0)
     mini1 = dict(_slice(batch, 2, 4), old_logp=start[2:4], first=jnp.zeros((2,), bool))
-    return start, m0, step_lib.accumulate_gradients(params1, mini1, weights, old_logp="batch", **kw)[1]
+    m1 = step_lib.accumulate_gradients(params1, mini1, weights, old_logp="batch", **kw)[1]
+    return start, reduction.values(m0), reduction.values(m1)
 
   start, m0, m1 = by_hand(params, batch)
   own = np.asarray(batch["response_mask"] & ~batch["prefix_mask"])

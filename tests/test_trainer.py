@@ -18,6 +18,7 @@ import pytest
 from tests import numerics
 from tests.helpers import FIXTURE, ROOT, config_of, restored_state, tiny
 from trapo_jax import errors
+from trapo_jax import reduction
 from trapo_jax.data import synthetic
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
@@ -186,7 +187,7 @@ def test_micro_batches_accumulate_the_batch_gradient(tmp_path):
                                                             f"differ by {diff:.3g}, beyond the float32 bound"
   # The loss and the token-weighted means are sums over the 64 response tokens (and the 2 micro-batches). The loss
   # adds -A per own token and at most 1 in magnitude per imitated token, each / (L_max * rows) * seq_scale.
-  m1, m2 = out[1][1], out[2][1]
+  m1, m2 = reduction.values(out[1][1]), reduction.values(out[2][1])
   own_terms = np.abs(rows["advantages"]) * (~prefix).sum(1)
   magnitude = (own_terms.sum() + prefix.sum()) / (cfg.data.max_response_len * n) * cfg.loss.seq_scale
   for k, terms in (("loss", [magnitude, cfg.loss.entropy_coef * m1["entropy"]]),
@@ -199,7 +200,7 @@ def test_micro_batches_accumulate_the_batch_gradient(tmp_path):
   # Without expert tokens the expert figures are undefined, not 0.
   no_expert = {k: jnp.asarray(v[None]) if k not in ("prefix_mask", "off_loss_mask") else jnp.zeros((1, n, lb), bool)
                for k, v in rows.items()}
-  _, metrics = grads_of(params, no_expert)
+  metrics = reduction.values(grads_of(params, no_expert)[1])
   assert np.isnan(float(metrics["expert_prob"])) and float(metrics["num_prefix_tokens"]) == 0
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from trapo_jax import reduction
+
 # ----------------------------------------------------------------------------------------------------------------
 # Token log-probabilities and entropy without ever holding fp32 [B, T, V].
 #
@@ -430,6 +432,33 @@ def _policy_gradient(x: TokenInputs, clip_eps: float | None = None, clip_eps_hig
   return loss
 
 
+def policy_gradient_metrics(x: TokenInputs, clip_eps: float | None = None, clip_eps_high: float | None = None,
+                            dual_clip: float | None = None, ratio: str = "token", tis_cap: float | None = None,
+                            tis_level: str = "token", tis_mode: str = "truncate") -> dict[str, reduction.Metric]:
+  """What each policy-gradient option did, as token means over the model's own tokens (none without options):
+  pg/clip_frac_high and pg/clip_frac_low (tokens whose gradient the clip removed: A > 0 above 1 + eps_high, A < 0
+  below 1 - eps), pg/dual_clip_frac (A < 0 capped at -c A), tis/weight_mean and tis/frac_capped (ratio above the
+  cap: truncated, or dropped)."""
+  out = {}
+  own = SELECTORS["own"](x)
+  logp, old = _pg_logps(x, ratio)
+  r = jnp.exp(jax.lax.stop_gradient(logp - old))
+  a = jnp.broadcast_to(x.advantages[:, None], r.shape)
+  frac = lambda cond: reduction.token_mean(cond.astype(jnp.float32), own)
+  if clip_eps is not None:
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    out["pg/clip_frac_high"] = frac((a > 0) & (r > 1.0 + high))
+    out["pg/clip_frac_low"] = frac((a < 0) & (r < 1.0 - clip_eps))
+  if dual_clip is not None:
+    out["pg/dual_clip_frac"] = frac((a < 0) & (r > dual_clip))
+  if tis_cap is not None:
+    out["tis/weight_mean"] = reduction.token_mean(
+        jnp.broadcast_to(_is_weight(x, tis_cap, tis_level, tis_mode), r.shape), own)
+    log_rho = rollout_is_log_ratio(x.old_logp, x.sampler_logp, own, tis_level)
+    out["tis/frac_capped"] = frac(jnp.broadcast_to(log_rho > math.log(tis_cap), r.shape))
+  return out
+
+
 def _pg_logps(x: TokenInputs, ratio: str) -> tuple[jax.Array, jax.Array]:
   """(log-probs, old log-probs) whose exp-difference is the importance ratio: per token, or GSPO's per sequence."""
   if ratio == "token":
@@ -472,18 +501,43 @@ def _prefix_rft_surrogate(x: TokenInputs, clip_eps: float, dual_clip: float,
                               dual_clip=dual_clip)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLoss:
+  """An entry of TOKEN_LOSSES: a per-token loss and what it reports.
+
+  loss(x, **params) -> [B, T], params the term's constants and scheduled inputs (Term.params, Term.inputs).
+  metrics(x, **params) -> {name: reduction.Metric}: what the term measures, reported with the objective's metrics.
+  threshold(**constants) -> a token probability the loss treats as a boundary, marked in the figure of token
+  probabilities (train/metrics.py plot_token_probs).
+  """
+  loss: Callable[..., jax.Array]
+  metrics: Callable[..., dict[str, reduction.Metric]] | None = None
+  threshold: Callable[..., float] | None = None
+
+  def __call__(self, x: TokenInputs, **params) -> jax.Array:
+    return self.loss(x, **params)
+
+
+def _trsft_metrics(x: TokenInputs, alpha: float) -> dict[str, reduction.Metric]:
+  """The share of imitated tokens outside TrSFT's trust region, p < alpha (the paper's training-dynamics figure)."""
+  p = jnp.exp(jax.lax.stop_gradient(x.logp))
+  return {"expert_frac_below_alpha": reduction.token_mean((p < alpha).astype(jnp.float32), SELECTORS["imitated"](x))}
+
+
 TOKEN_LOSSES = {
-    "policy_gradient": _policy_gradient,
-    "trsft": lambda x, alpha: trsft_loss(x.logp, alpha),
-    "nll": lambda x: sft_loss(x.logp),
-    "luffy_shaped": lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma),
-    "entropy": lambda x: x.entropy,
-    "reference_kl": _reference_kl,
-    "prefix_rft_surrogate": _prefix_rft_surrogate,
-    "phi_nll": lambda x: phi_weighted_nll(x.logp),
+    "policy_gradient": TokenLoss(_policy_gradient, metrics=policy_gradient_metrics),
+    "trsft": TokenLoss(lambda x, alpha: trsft_loss(x.logp, alpha), metrics=_trsft_metrics,
+                       threshold=lambda alpha: alpha),
+    "nll": TokenLoss(lambda x: sft_loss(x.logp)),
+    "luffy_shaped": TokenLoss(lambda x, gamma: luffy_offpolicy_loss(x.logp, x.advantages[:, None], gamma)),
+    "entropy": TokenLoss(lambda x: x.entropy),
+    "reference_kl": TokenLoss(_reference_kl),
+    "prefix_rft_surrogate": TokenLoss(_prefix_rft_surrogate),
+    "phi_nll": TokenLoss(lambda x: phi_weighted_nll(x.logp)),
     # SRFT's demonstration loss: -sg(exp(-H)) log p, H the row's mean token entropy.
-    "entropy_weighted_nll": lambda x: -jax.lax.stop_gradient(jnp.exp(-row_mean(x.entropy, x.response_mask))) * x.logp,
-    "srft_reinforce": _srft_reinforce,
+    "entropy_weighted_nll": TokenLoss(
+        lambda x: -jax.lax.stop_gradient(jnp.exp(-row_mean(x.entropy, x.response_mask))) * x.logp),
+    "srft_reinforce": TokenLoss(_srft_reinforce),
 }
 
 
@@ -524,10 +578,11 @@ class Objective:
   seq_scale: float = 8.0  # official: sum / (L_max * 8) over 64 sequences = 8 x the sequence mean of sum / L_max
 
   @property
-  def trust_region(self) -> float | None:
-    """alpha of the objective's TrSFT term, if it has one."""
-    alphas = [dict(t.params)["alpha"] for t in self.terms if t.loss == "trsft"]
-    return alphas[0] if alphas else None
+  def threshold(self) -> float | None:
+    """The token probability the first term whose loss declares one treats as a boundary (TokenLoss.threshold), if
+    any."""
+    marks = [TOKEN_LOSSES[t.loss].threshold(**dict(t.params)) for t in self.terms if TOKEN_LOSSES[t.loss].threshold]
+    return marks[0] if marks else None
 
   @property
   def num_weights(self) -> int:
@@ -579,71 +634,46 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def objective_loss(x: TokenInputs, objective: Objective,
-                   weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   weights: jax.Array) -> tuple[jax.Array, dict[str, reduction.Metric]]:
   """sum_i weights[i] * term_i over response-aligned [B, T] inputs -> (loss, metrics). weights [num_weights]
   (Objective.weights_at): a weight per term, then the terms' scheduled inputs.
 
-  Metrics: each term's unweighted value (`loss/<name>`), the token-mean entropy, and the probabilities the policy
-  gives imitated expert tokens and its own tokens (token counts alongside, so means over micro-batches weight
-  them by tokens).
+  Metrics, each carrying its reduction over micro-batches (trapo_jax/reduction.py): each term's unweighted value
+  (`loss/<name>`), the token-mean entropy, the probabilities the policy gives imitated expert tokens and its own
+  tokens (token means, their token counts alongside), and what each term's loss declares (TokenLoss.metrics).
   """
   x = dataclasses.replace(x, prefix_mask=x.prefix_mask.astype(bool) & x.response_mask.astype(bool),
                           off_loss_mask=x.off_loss_mask.astype(bool), response_mask=x.response_mask.astype(bool))
   loss = None
   metrics = {}
   at = len(objective.terms)  # the scheduled inputs follow the weights, in term order
+  declared = {}
   for i, term in enumerate(objective.terms):
     inputs = {name: weights[at + j] for j, (name, _) in enumerate(term.inputs)}
     at += len(term.inputs)
     value = term_value(x, term, objective.max_len, objective.seq_scale, inputs)
-    metrics[f"loss/{term.name}"] = value
+    metrics[f"loss/{term.name}"] = reduction.mean(value)
     loss = weights[i] * value if loss is None else loss + weights[i] * value
+    entry = TOKEN_LOSSES[term.loss]
+    if entry.metrics is not None:
+      declared.update(entry.metrics(x, **dict(term.params), **inputs))
   imitated, own = SELECTORS["imitated"](x), SELECTORS["own"](x)
   p = jnp.exp(jax.lax.stop_gradient(x.logp))
   metrics.update({
-      "loss": loss,
-      "entropy": jax.lax.stop_gradient(_masked_mean(x.entropy, x.response_mask)),
-      "expert_prob": _masked_mean(p, imitated),
-      "own_prob": _masked_mean(p, own),
-      "num_prefix_tokens": jnp.sum(imitated.astype(jnp.float32)),
-      "num_own_tokens": jnp.sum(own.astype(jnp.float32)),
+      "loss": reduction.mean(loss),
+      "entropy": reduction.mean(jax.lax.stop_gradient(_masked_mean(x.entropy, x.response_mask))),
+      "expert_prob": reduction.token_mean(p, imitated),
+      "own_prob": reduction.token_mean(p, own),
+      "num_prefix_tokens": reduction.total(jnp.sum(imitated.astype(jnp.float32))),
+      "num_own_tokens": reduction.total(jnp.sum(own.astype(jnp.float32))),
   })
-  # The share of imitated tokens outside TrSFT's trust region (the paper's training-dynamics figure).
-  if objective.trust_region is not None:
-    metrics["expert_frac_below_alpha"] = _masked_mean((p < objective.trust_region).astype(jnp.float32), imitated)
-  for term in objective.terms:
-    if term.loss == "policy_gradient":
-      metrics.update(policy_gradient_metrics(x, **dict(term.params)))
+  metrics.update(declared)
   return loss, metrics
 
 
-def policy_gradient_metrics(x: TokenInputs, clip_eps: float | None = None, clip_eps_high: float | None = None,
-                            dual_clip: float | None = None, ratio: str = "token", tis_cap: float | None = None,
-                            tis_level: str = "token", tis_mode: str = "truncate") -> dict[str, jax.Array]:
-  """What each policy-gradient option did, as means over the model's own tokens (none without options):
-  pg/clip_frac_high and pg/clip_frac_low (tokens whose gradient the clip removed: A > 0 above 1 + eps_high, A < 0
-  below 1 - eps), pg/dual_clip_frac (A < 0 capped at -c A), tis/weight_mean and tis/frac_capped (ratio above the
-  cap: truncated, or dropped)."""
-  out = {}
-  own = SELECTORS["own"](x)
-  logp, old = _pg_logps(x, ratio)
-  r = jnp.exp(jax.lax.stop_gradient(logp - old))
-  a = jnp.broadcast_to(x.advantages[:, None], r.shape)
-  frac = lambda cond: _masked_mean(cond.astype(jnp.float32), own)
-  if clip_eps is not None:
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    out["pg/clip_frac_high"] = frac((a > 0) & (r > 1.0 + high))
-    out["pg/clip_frac_low"] = frac((a < 0) & (r < 1.0 - clip_eps))
-  if dual_clip is not None:
-    out["pg/dual_clip_frac"] = frac((a < 0) & (r > dual_clip))
-  if tis_cap is not None:
-    out["tis/weight_mean"] = _masked_mean(jnp.broadcast_to(_is_weight(x, tis_cap, tis_level, tis_mode), r.shape), own)
-    log_rho = rollout_is_log_ratio(x.old_logp, x.sampler_logp, own, tis_level)
-    out["tis/frac_capped"] = frac(jnp.broadcast_to(log_rho > math.log(tis_cap), r.shape))
-  return out
-
-
-def mismatch_metrics(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-  """|log pi_train - log pi_sampler| over the masked (generated) tokens: its mean and its max."""
+def mismatch_metrics(trainer_logp: jax.Array, sampler_logp: jax.Array,
+                     mask: jax.Array) -> dict[str, reduction.Metric]:
+  """|log pi_train - log pi_sampler| over the masked (generated) tokens: its token mean and its max."""
   gap = jnp.where(mask.astype(bool), jnp.abs(jax.lax.stop_gradient(trainer_logp) - sampler_logp), 0.0)
-  return {"mismatch/abs_logp_mean": _masked_mean(gap, mask), "mismatch/abs_logp_max": jnp.max(gap)}
+  return {"mismatch/abs_logp_mean": reduction.token_mean(gap, mask),
+          "mismatch/abs_logp_max": reduction.maximum(jnp.max(gap))}

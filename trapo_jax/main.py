@@ -91,7 +91,7 @@ try:
   _CONFIG = config_flags.DEFINE_config_file("config", default=DEFAULT_CONFIG, help_string="Experiment config file.")
 except Exception as e:  # an override of the default config that cannot apply
   fail(_config_error(sys.argv, e))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs (default: runs/<config name>).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and outputs (default: runs/<config name>, or runs/<method> with --config.algo).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "compile"], "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export target (default: <workdir>/hf).")
 _ALLOW_INITIAL_POLICY = flags.DEFINE_bool(
@@ -233,8 +233,15 @@ def evaluate_policy(ctx, params, name: str) -> dict:
 
 
 def default_workdir() -> str:
-  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
-  return os.path.join("runs", name)
+  return workdir_for(config_flags.get_config_filename(flags.FLAGS["config"]),
+                     config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def workdir_for(config_file: str, overrides: dict) -> str:
+  """runs/<config name>, or runs/<method> where the command line names the method (`--config.algo=grpo` on
+  default.py): two methods run from one config file never share a workdir."""
+  name = os.path.splitext(os.path.basename(config_file))[0]
+  return os.path.join("runs", overrides.get("algo") or name)
 
 
 def main(argv: list[str]) -> None:

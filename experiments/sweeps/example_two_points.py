@@ -10,4 +10,4 @@ COMMON = {
 
 
 def get_sweep():
-  return [{"name": "trapo"}, {"name": "grpo", "config": "experiments/configs/grpo.py"}]
+  return [{"name": "trapo"}, {"name": "grpo", "algo": "grpo"}]

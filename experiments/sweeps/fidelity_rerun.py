@@ -13,9 +13,8 @@ from experiments.sweeps.paper_table import COMMON, SEEDS  # noqa: F401  (the bud
 
 
 def get_sweep():
-  c = "experiments/configs/"
   return [
-      {"name": "SFT", "config": c + "sft.py"},
-      {"name": "SFT_then_RL", "config": c + "sft_then_rl.py"},
-      {"name": "LUFFY", "config": c + "luffy.py"},
+      {"name": "SFT", "algo": "sft"},
+      {"name": "SFT_then_RL", "algo": "sft_then_rl"},
+      {"name": "LUFFY", "algo": "luffy"},
   ]

@@ -20,7 +20,7 @@ def get_sweep():
   c = "experiments/configs/"
   return [
       {"name": "TRAPO", "config": c + "default.py"},
-      {"name": "GRPO", "config": c + "grpo.py"},
-      {"name": "LUFFY", "config": c + "luffy.py"},
+      {"name": "GRPO", "config": c + "default.py", "algo": "grpo"},
+      {"name": "LUFFY", "config": c + "default.py", "algo": "luffy"},
       {"name": "TRAPO_alpha1.0", "config": c + "default.py", "trapo.alpha": 1.0},
   ]

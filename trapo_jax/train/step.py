@@ -23,8 +23,10 @@ import numpy as np
 import optax
 
 from trapo_jax import losses
+from trapo_jax import reduction
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
+from trapo_jax.reduction import Metric
 from trapo_jax.shapes import bucket
 from trapo_jax.train.state import TrainState
 
@@ -182,41 +184,19 @@ def loss_fn(params, mb: dict, weights: jax.Array, ref_params=None, *, model_cfg:
   loss, metrics = losses.objective_loss(inputs, objective, weights)
   own = _own_tokens(mb)
   if old_logp == "batch":  # several updates: the mismatch is measured once per step (ppo_updates)
-    metrics["ppo/abs_log_ratio_max"] = jnp.max(jnp.where(own, jnp.abs(sg(logp) - old), 0.0))
-    metrics["ppo/kl"] = jnp.sum(jnp.where(own, old - sg(logp), 0.0)) / jnp.maximum(jnp.sum(own), 1)
+    metrics["ppo/abs_log_ratio_max"] = reduction.maximum(jnp.max(jnp.where(own, jnp.abs(sg(logp) - old), 0.0)))
+    kl = jnp.sum(jnp.where(own, old - sg(logp), 0.0)) / jnp.maximum(jnp.sum(own), 1)
+    metrics["ppo/kl"] = reduction.weighted(kl, jnp.sum(own.astype(jnp.float32)))
   elif "sampler_logp" in mb:
     metrics.update(losses.mismatch_metrics(logp, mb["sampler_logp"], own))
   return loss, metrics
 
 
-# Masked means over tokens, with the count that weights them: a micro-batch's mean counts by its tokens, so the step
-# reports the batch's mean (NaN where the batch has no such tokens, e.g. expert tokens under GRPO).
-_TOKEN_WEIGHTED = {"expert_prob": "num_prefix_tokens", "expert_frac_below_alpha": "num_prefix_tokens",
-                   "own_prob": "num_own_tokens",
-                   **{k: "num_own_tokens" for k in ("pg/clip_frac_high", "pg/clip_frac_low", "pg/dual_clip_frac",
-                                                    "tis/weight_mean", "tis/frac_capped", "mismatch/abs_logp_mean",
-                                                    "ppo/kl")}}
-_TOTALS = ("num_prefix_tokens", "num_own_tokens")
-_MAXED = ("mismatch/abs_logp_max", "ppo/abs_log_ratio_max")  # maxima over micro-batches and updates
-
-
-def combine_metrics(summed: dict, num_micro: int) -> dict:
-  """Metrics summed over micro-batches (token-weighted ones pre-multiplied by their counts) -> the step's."""
-  out = {}
-  for k, v in summed.items():
-    if k in _TOKEN_WEIGHTED:
-      count = summed[_TOKEN_WEIGHTED[k]]
-      out[k] = jnp.where(count > 0, v / jnp.maximum(count, 1.0), jnp.nan)
-    else:
-      out[k] = v if k in _TOTALS or k in _MAXED else v / num_micro
-  return out
-
-
 def accumulate_gradients(params, batch: dict, weights: jax.Array, ref_params=None, *, model_cfg: tfm.ModelConfig,
                          objective: losses.Objective, chunk_size: int, temperature: float = 1.0,
-                         old_logp: str = "current", reduce: str = "mean") -> tuple[Any, dict]:
+                         old_logp: str = "current", reduce: str = "mean") -> tuple[Any, dict[str, Metric]]:
   """The step's gradient and metrics over [M, mb, ...] micro-batches: the mean (reduce="mean") or the sum ("sum") of
-  the micro-batch gradients. Metrics are means over the micro-batches either way."""
+  the micro-batch gradients. Metrics combine by their own reductions either way (trapo_jax/reduction.py)."""
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg, objective=objective,
                                                  chunk_size=chunk_size, temperature=temperature, old_logp=old_logp),
                                has_aux=True)
@@ -229,31 +209,29 @@ def accumulate_gradients(params, batch: dict, weights: jax.Array, ref_params=Non
   def accumulate(carry, mb):
     grads, metrics = carry
     (_, m), g = grad_fn(params, mb, weights, ref_params)
-    m = {k: v * m[_TOKEN_WEIGHTED[k]] if k in _TOKEN_WEIGHTED else v for k, v in m.items()}
-    metrics = {k: jnp.maximum(metrics[k], v) if k in _MAXED else jnp.add(metrics[k], v) for k, v in m.items()}
-    return (jax.tree.map(jnp.add, grads, g), metrics), None
+    return (jax.tree.map(jnp.add, grads, g), reduction.fold(metrics, m)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   first = jax.tree.map(lambda x: x[0], batch)
-  metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                              jax.eval_shape(grad_fn, params, first, weights, ref_params)[0][1])
-  (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), batch)
+  no_metrics = reduction.empty(jax.eval_shape(grad_fn, params, first, weights, ref_params)[0][1])
+  (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, no_metrics), batch)
   if reduce == "sum":
-    return grads, combine_metrics(metrics, num_micro)
+    return grads, reduction.finish(metrics, num_micro)
   if reduce != "mean":
     raise ValueError(f"micro-batch reduction {reduce!r} is unknown (known: mean, sum)")
-  return jax.tree.map(lambda g: g / num_micro, grads), combine_metrics(metrics, num_micro)
+  return jax.tree.map(lambda g: g / num_micro, grads), reduction.finish(metrics, num_micro)
 
 
-def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, metrics: dict):
+def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, metrics: dict[str, Metric]):
   """One AdamW update -> (params, opt_state, metrics + grad_norm, skipped); a non-finite loss or gradient keeps the
   old parameters and optimizer state."""
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(metrics["loss"].value) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+  # `skipped` the largest over updates: whether any was.
+  metrics.update(grad_norm=reduction.mean(grad_norm), skipped=reduction.maximum((~finite).astype(jnp.float32)))
   return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
 
@@ -271,14 +249,14 @@ def train_step(state: TrainState, batch: dict, weights: jax.Array, ref_params=No
     params, opt_state, per_update, metrics = ppo_updates(
         state.params, state.opt_state, batch, weights, ref_params, tx=tx, model_cfg=model_cfg, objective=objective,
         chunk_size=chunk_size, temperature=temperature, updates=updates)
-    metrics.update(reduce_updates(per_update, updates.mini_batches))
+    metrics = reduction.values({**metrics, **reduction.over_updates(per_update, updates.mini_batches)})
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
   grads, metrics = accumulate_gradients(state.params, batch, weights, ref_params, model_cfg=model_cfg,
                                         objective=objective, chunk_size=chunk_size, temperature=temperature,
                                         old_logp="sampler" if updates.old_logp == "sampler" else "current",
                                         reduce=updates.micro_reduce)
   params, opt_state, metrics = apply_gradients(tx, state.params, state.opt_state, grads, metrics)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), reduction.values(metrics)
 
 
 def ppo_updates(params, opt_state, batch: dict, weights: jax.Array, ref_params=None, *,
@@ -289,7 +267,7 @@ def ppo_updates(params, opt_state, batch: dict, weights: jax.Array, ref_params=N
 
   Old log-probs ("recompute") and the reference's are computed once, before the first update; the first update
   takes its own log-probs as old ones, so its ratio is exactly 1, as with one update.
-  -> (params, opt_state, per-update metrics [count] each, the step's mismatch metrics).
+  -> (params, opt_state, per-update metrics (reduction.Metric, leaves [count]), the step's mismatch metrics).
   """
   num_micro = batch["advantages"].shape[0]
   k_count = updates.mini_batches
@@ -320,22 +298,6 @@ def ppo_updates(params, opt_state, batch: dict, weights: jax.Array, ref_params=N
 
   (params, opt_state), per_update = jax.lax.scan(update, (params, opt_state), jnp.arange(updates.count))
   return params, opt_state, per_update, step_metrics
-
-
-def reduce_updates(per_update: dict, mini_batches: int) -> dict:
-  """Per-update metrics [count] -> the step's: token totals over one epoch, maxima (and `skipped`: any update
-  skipped) over all updates, the rest the mean over updates (ignoring undefined ones)."""
-  out = {}
-  for k, v in per_update.items():
-    if k in _TOTALS:
-      out[k] = jnp.sum(v[:mini_batches])
-    elif k in _MAXED or k == "skipped":
-      out[k] = jnp.max(v)
-    elif k in _TOKEN_WEIGHTED:
-      out[k] = jnp.nanmean(v)
-    else:
-      out[k] = jnp.mean(v)
-  return out
 
 
 def micro_batch_sharding(mesh, ndim: int):

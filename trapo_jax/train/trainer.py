@@ -656,16 +656,17 @@ def _run(cfg, workdir: str, allow_config_change: bool, evaluate: Evaluate | None
     checkpointer.close()
   if jax.process_index() == 0 and paths.exists(writer.path):
     metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), paths.join(workdir, "curves.png"))
-    metrics_lib.plot_token_probs(workdir, paths.join(workdir, "token_probs.png"), alpha=trust_region(ctx))
+    metrics_lib.plot_token_probs(workdir, paths.join(workdir, "token_probs.png"), alpha=threshold(ctx))
   if cfg.eval.at_end:
     results["after"] = evaluate(ctx, state.params, "after")
   return {k: v for k, v in results.items() if v is not None}
 
 
-def trust_region(ctx: Context) -> float:
-  """TrSFT's alpha when the method has such a term (the figure's threshold), else the official 0.1."""
-  alphas = [ph.objective.trust_region for ph in ctx.method.phases(ctx.cfg) if ph.objective.trust_region is not None]
-  return alphas[0] if alphas else 0.1
+def threshold(ctx: Context) -> float:
+  """The token probability the figure marks: the one a term of the method declares (losses.TokenLoss.threshold),
+  else 0.1."""
+  marks = [ph.objective.threshold for ph in ctx.method.phases(ctx.cfg) if ph.objective.threshold is not None]
+  return marks[0] if marks else 0.1
 
 
 def load_policy_for_inference(cfg, workdir: str, *, allow_initial_policy: bool = False):
