@@ -98,7 +98,7 @@ def test_benchmark_modules_import_together():
   import subprocess
   import sys
   names = ["benchmarks.run", "benchmarks.loss_memory", "benchmarks.sampler_speed", "benchmarks.compile_7b",
-           "benchmarks.grade_benchmarks"]
+           "benchmarks.grade_benchmarks", "benchmarks.peers"]
   code = "; ".join(f"import {n}" for n in names)
   root = importlib.import_module("benchmarks").__path__[0].rsplit("/", 1)[0]
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
