@@ -82,3 +82,51 @@ def test_weight_copy_gives_tunix_the_same_logits():
     causal = jnp.tril(jnp.ones((t, t), bool))[None].repeat(2, 0)
     theirs, _ = model(jnp.asarray(tokens), jnp.arange(t)[None].repeat(2, 0), None, causal)
     np.testing.assert_allclose(np.asarray(theirs), ours, atol=2e-5, rtol=1e-4)
+
+
+def _tiny():
+  import flax.linen as nn
+  import jax
+  from trapo_jax.models import transformer as tfm
+  cfg = tfm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=8)
+  return cfg, nn.unbox(tfm.init_params(cfg, jax.random.key(0)))
+
+
+def test_train_check_refuses_a_gradient_that_differs():
+  """check_train names the leaf whose gradient differs beyond the tolerance (Tunix's side faked from ours, so no
+  Tunix is needed); the same gradients pass."""
+  import jax
+  from flax import nnx, traverse_util
+  cfg, params = _tiny()
+  grads = jax.tree.map(lambda x: np.asarray(x) + 0.01, params)
+  theirs = traverse_util.unflatten_dict(peers.to_tunix(grads, cfg))
+  logps = (np.full((2, 3), -4.0, np.float32), np.full((2, 3), -4.0, np.float32))
+  ok = peers.check_train(cfg, (0.5, grads, {}), (0.5, nnx.State(theirs), {}), logps, rtol=1e-3)
+  assert ok["grad_max_rel"] == 0.0 and ok["logp_max_abs"] == 0.0
+  theirs["layers"][1]["mlp"]["up_proj"]["kernel"] = theirs["layers"][1]["mlp"]["up_proj"]["kernel"] * 1.01
+  with pytest.raises(peers.Mismatch, match="gradient of layers/1/mlp/up_proj/kernel"):
+    peers.check_train(cfg, (0.5, grads, {}), (0.5, nnx.State(theirs), {}), logps, rtol=1e-3)
+  with pytest.raises(peers.Mismatch, match="loss"):
+    peers.check_train(cfg, (0.5, grads, {}), (0.6, nnx.State(theirs), {}), logps, rtol=1e-3)
+  with pytest.raises(peers.Mismatch, match="log-probs"):
+    peers.check_train(cfg, (0.5, grads, {}), (0.5, nnx.State(theirs), {}), (logps[0], logps[1] + 0.1), rtol=1e-3)
+
+
+def test_greedy_check_accepts_only_an_argmax_tie():
+  """Rows may part only where the two tokens' logits after the common prefix are within logit_tol."""
+  import jax.numpy as jnp
+  from trapo_jax.models import transformer as tfm
+  cfg, params = _tiny()
+  prompts = np.array([[5, 9, 11], [7, 3, 2]], np.int32)
+  ours = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+  assert peers.check_greedy(cfg, params, prompts, ours, ours.copy(), 1e-4) == {"rows_equal": 2, "ties": []}
+  seq = np.concatenate([prompts[1], ours[1, :1]])[None]
+  logits = np.asarray(tfm.forward_logits(params, cfg, jnp.asarray(seq), jnp.ones(seq.shape, bool)))[0, -1]
+  theirs = ours.copy()
+  theirs[1, 1:] = [9, 9]
+  gap = abs(float(logits[ours[1, 1]] - logits[9]))
+  with pytest.raises(peers.Mismatch, match="row 1 differs at generated token 1"):
+    peers.check_greedy(cfg, params, prompts, ours, theirs, logit_tol=gap / 2)
+  tie = peers.check_greedy(cfg, params, prompts, ours, theirs, logit_tol=gap * 2)
+  assert tie["rows_equal"] == 1 and tie["ties"][0]["row"] == 1 and tie["ties"][0]["step"] == 1
