@@ -7,6 +7,9 @@
 Fields (null with a reason where a figure needs hardware this machine lacks):
   sampler: decode tokens/s of the in-graph sampler vs transformers generate (same weights, batch, lengths, greedy)
   sampler_logprob_gap: sampler log-probs against the trainer's recomputation of the same tokens, fp32 and bf16
+  peers: trapo_jax against Tunix 0.1.7 (benchmarks/peers.py) on the same weights: sampling and forward+backward, the
+    rows of its table (CPU: tiny10m, GPU: Qwen2-0.5B shapes, both float32); skipped with one line where Tunix is not
+    installed (an optional requirements file, benchmarks/requirements-peers.txt)
   sampler_roofline: GPU only, tokens/s over the HBM bound (params + live KV cache bytes per step / copy bandwidth)
   train_mfu: GPU only, Qwen2-0.5B shapes at 4096 tokens: 6 N T + attention FLOPs over the measured bf16 matmul peak
   loss_memory: temporaries of the chunked log-prob kernel vs log_softmax-and-gather (7B head, T = 8192)
@@ -89,6 +92,17 @@ def sampler_figures(gpu: bool) -> dict:
   else:
     r = sampler_speed.measure("tiny10m", batch=16, prompt_len=32, new_tokens=128, repeats=5)
   return r
+
+
+def peers_figures(gpu: bool) -> dict:
+  """benchmarks.peers' rows (each checked equal on both sides before it is timed), or a reason where Tunix is not
+  installed (one line printed)."""
+  from benchmarks import peers
+  if not peers.tunix_available():
+    print(peers.INSTALL_LINE, flush=True)
+    return {"value": None, "reason": "Tunix is not installed (an optional benchmark dependency: pip install -r "
+                                     "benchmarks/requirements-peers.txt in a venv of its own)"}
+  return peers.measure(list(peers.ROWS.values()), preset="qwen2_0p5b" if gpu else "tiny10m", dtype="float32")
 
 
 def roofline_figure(sampler: dict) -> dict:
@@ -275,6 +289,8 @@ def measure(result: dict, gpu: bool) -> None:
   print("sampler ...", flush=True)
   result["sampler"] = sampler_figures(gpu)
   result["sampler_roofline"] = roofline_figure(result["sampler"]) if gpu else {"value": None, "reason": no_gpu}
+  print("against Tunix ...", flush=True)
+  result["peers"] = peers_figures(gpu)
   print("train-step MFU ...", flush=True)
   result["train_mfu"] = mfu_figure() if gpu else {"value": None, "reason": no_gpu}
   print("sampling per TRAPO step ...", flush=True)
@@ -316,6 +332,7 @@ def table(result: dict) -> str:
                 f"(params + live KV at {r['copy_bandwidth_gbs']:.0f} GB/s) | {100 * r['fraction']:.0f}% |")
     rows.append(f"| train step, 0.5B shapes, 4x4096 tokens | {m['model_tflops']:.0f} TFLOP/s | "
                 f"{m['peak_tflops']:.0f} TFLOP/s (bf16 matmul peak) | MFU {100 * m['mfu']:.0f}% |")
+  rows += peer_rows(result.get("peers"))
   t = result.get("trapo_step_sampling")
   if t:  # runs before this figure existed lack it
     one, seq, grpo = t["one_pass"], t["stages"], t["grpo"]
@@ -337,6 +354,23 @@ def table(result: dict) -> str:
   rows.append(f"| 7B train step compile, 28 layers, 8 simulated CPU devices | "
               f"{_fmt(result['compile_28_layers_s'], '.1f', ' s')} | 120 s (target) | - |")
   return "\n".join(rows) + "\n"
+
+
+def peer_rows(peers: dict | None) -> list[str]:
+  """The rows against Tunix (benchmarks/peers.py): none where they were not measured (an older run, or no Tunix)."""
+  if not peers or peers.get("value", 0) is None:
+    return []
+  m, out = peers["model"], []
+  for r in peers["rows"]:
+    what = f"{r['label']} ({m['preset']}, {m['params_m']:.0f}M params, {m['dtype']})"
+    if "error" in r:
+      out.append(f"| {what} | not timed: {r['error']} | Tunix {peers['tunix']} | - |")
+      continue
+    unit = (lambda side: f"{r[side + '_per_s']:.0f} tok/s") if r["kind"] == "sample" else \
+        (lambda side: f"{r[side + '_s']:.2f} s")
+    out.append(f"| {what} | {unit('ours')} | {unit('theirs')} (Tunix {peers['tunix']}) | {r['ratio']:.2f}x "
+               f"(median of {r['pairs']} pairs; {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) |")
+  return out
 
 
 def _stored(suite: str) -> dict | None:
@@ -366,12 +400,17 @@ def document(latest: dict) -> str:
 
 
 def host_section(result: dict) -> str:
-  skipped = [k for k, v in result.items() if isinstance(v, dict) and v.get("value", 0) is None]
+  skipped: dict[str, list[str]] = {}  # reason -> the figures it kept from being measured
+  for k, v in result.items():
+    if isinstance(v, dict) and v.get("value", 0) is None:
+      skipped.setdefault(v.get("reason", ""), []).append(k)
+  notes = "".join(
+      f"\nNot measured here ({', '.join(keys)}): they need a GPU; run `python -m benchmarks.run --suite=gpu` on "
+      "one.\n" if "GPU" in reason else f"\nNot measured here ({', '.join(keys)}): {reason}.\n"
+      for reason, keys in skipped.items())
   return (f"Made by `{_command(result)}` on {result['date']}: {result['machine']}, {result['cpu_count']} CPU "
           f"cores, jax {result['jax']}, backend {result['backend']} ({len(result['devices'])} devices). "
-          f"Raw figures: `benchmarks/results_{result['suite']}.json`.\n\n" + table(result) +
-          (f"\nNot measured here ({', '.join(skipped)}): they need a GPU; run `python -m benchmarks.run "
-           f"--suite=gpu` on one.\n" if skipped else ""))
+          f"Raw figures: `benchmarks/results_{result['suite']}.json`.\n\n" + table(result) + notes)
 
 
 def tpu_table(result: dict) -> str:

@@ -35,6 +35,39 @@ def test_cpu_report_lists_each_figure_and_the_unmeasured_ones():
   assert "sampler_roofline, train_mfu" in doc
 
 
+def test_peer_rows_and_their_absence():
+  """benchmarks.peers' rows land in the table; without Tunix the section says why they are missing."""
+  from benchmarks import peers
+  r = _result("cpu", 9.0)
+  sample = dict(label="sampling, batch 16, 32-token prompts, 128 new tokens", kind="sample",
+                **peers.pair_figures([1.6, 1.5, 1.7], [2.0, 2.1, 1.8], 2048))
+  train = dict(label="forward+backward, 16 rows x (32+128), PG clip 0.2 token-mean", kind="train",
+               **peers.pair_figures([4.0, 4.4, 4.2], [3.6, 4.0, 4.2], 1.0))
+  failed = dict(label="forward+backward, 64 rows x (32+128), PG clip 0.2 token-mean", kind="train",
+                error="loss: trapo_jax 1, Tunix 2")
+  r["peers"] = {"tunix": "0.1.7", "model": {"preset": "tiny10m", "params_m": 12.1, "dtype": "float32"},
+                "rows": [sample, train, failed]}
+  md = run.table(r)
+  assert ("| sampling, batch 16, 32-token prompts, 128 new tokens (tiny10m, 12M params, float32) | 1280 tok/s | "
+          "1024 tok/s (Tunix 0.1.7) | 1.25x (median of 3 pairs; 1.06-1.40) |") in md
+  assert "| 4.20 s | 4.00 s (Tunix 0.1.7) | 0.91x (median of 3 pairs; 0.90-1.00) |" in md
+  assert "| not timed: loss: trapo_jax 1, Tunix 2 | Tunix 0.1.7 | - |" in md
+  r["peers"] = {"value": None, "reason": "Tunix is not installed"}
+  assert "Tunix" not in run.table(r)
+  doc = run.document(r)
+  assert "Not measured here (peers): Tunix is not installed." in doc
+  assert "Not measured here (sampler_roofline, train_mfu): they need a GPU" in doc
+
+
+def test_peers_group_skipped_with_one_line_without_tunix(monkeypatch, capsys):
+  from benchmarks import peers
+  monkeypatch.setattr(peers, "tunix_available", lambda: False)
+  for gpu in (False, True):
+    r = run.peers_figures(gpu)
+    assert r["value"] is None and "requirements-peers.txt" in r["reason"]
+    assert capsys.readouterr().out.splitlines() == [peers.INSTALL_LINE]
+
+
 def _tpu_result():
   program = lambda name, fits, total, error="": {
       "name": name, "layout": "64 sequences of 9216 tokens", "fits": fits, "params_gib": 1.9, "opt_state_gib": 3.8,
@@ -98,7 +131,7 @@ def test_benchmark_modules_import_together():
   import subprocess
   import sys
   names = ["benchmarks.run", "benchmarks.loss_memory", "benchmarks.sampler_speed", "benchmarks.compile_7b",
-           "benchmarks.grade_benchmarks"]
+           "benchmarks.grade_benchmarks", "benchmarks.peers"]
   code = "; ".join(f"import {n}" for n in names)
   root = importlib.import_module("benchmarks").__path__[0].rsplit("/", 1)[0]
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)

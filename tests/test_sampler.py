@@ -240,6 +240,42 @@ def test_logprobs_equal_trainer_recomputation(params):
   np.testing.assert_allclose(np.asarray(logp)[own], np.asarray(out.logprobs)[own], atol=1e-4)
 
 
+def test_pad_id_generated_mid_response_is_a_token_to_sampler_and_trainer(params):
+  """A row may draw the pad id before its end (a pad id that is not EOS). The sampler feeds it back like any token
+  it drew, attended (sampler.py's decode step writes every drawn token with a true mask), and keeps it in the
+  response mask; step.pack lays a row out by its length, never by token values, so the trainer's recomputation
+  attends to it too, and its log-probs are the sampler's: the mismatch metric stays at float32 noise. Were either
+  side to mask it (as Tunix's sampler does), the tokens behind it would be scored in another context."""
+  from trapo_jax import losses
+  from trapo_jax.sampling import rollout
+  from trapo_jax.train import step as step_lib
+  sampler = Sampler(CFG)
+  draw = lambda pad: sampler.sample(params, PROMPTS, PROMPT_LENS, max_len=10, rng=jax.random.key(5), temperature=1.0,
+                                    pad_id=pad)
+  free = draw(47)
+  pad = int(free.tokens[0, 3])  # what row 0 draws at its 4th step becomes the pad id: 6 tokens follow it
+  out = draw(pad)
+  tokens, resp = np.asarray(out.tokens), np.asarray(out.response_mask)
+  assert pad != 47 and tokens[0, 3] == pad and resp[0].all()
+  # The pad id changes nothing the rows drew, nor the log-probs of the tokens behind it.
+  np.testing.assert_array_equal(tokens, np.asarray(free.tokens))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(free.logprobs), atol=1e-6)
+  n = len(PROMPTS)
+  rb = rollout.RolloutBatch(
+      prompt_ids=PROMPTS, prompt_lens=PROMPT_LENS, tokens=tokens, prefix_mask=np.zeros_like(resp),
+      off_loss_mask=np.zeros_like(resp), response_mask=resp, rewards=np.zeros(n, np.float32),
+      group_ids=np.arange(n, dtype=np.int32), stage=np.zeros(n, np.int32), ratio=np.zeros(n, np.float32),
+      levels=np.zeros((n, 1), np.int32), kind=np.full(n, losses.ROW_OWN, np.int32),
+      logprobs=np.asarray(out.logprobs))
+  packed = step_lib.pack(rb, np.ones(n, np.float32), token_budget=1 << 16, shards=1, pad_id=pad)
+  assert packed.seq_mask[0, 0, PROMPT_LENS[0] + 3]  # the trainer attends to the drawn pad id
+  objective = losses.Objective(terms=(losses.Term("pg", "own", "policy_gradient", aggregation="token_mean"),))
+  mb = jax.tree.map(lambda x: jnp.asarray(x[0]), packed.arrays())
+  _, metrics = step_lib.loss_fn(params, mb, objective.weights_at(0), model_cfg=CFG, objective=objective,
+                                chunk_size=4)
+  assert float(metrics["mismatch/abs_logp_max"]) < 1e-4
+
+
 def test_sharded_greedy_equals_single_device(params):
   mesh = sharding.make_mesh(shape=(2, 2, 2))
   boxed = jax.eval_shape(lambda: tfm.init_params(CFG, jax.random.key(3)))
