@@ -122,9 +122,9 @@ class Rollouts:
     first = jax.process_index() * prompts.prompt_ids.shape[0]
     grade = self._grade_fn(clock)
     if in_one_pass(self.cfg, plan):
-      return rollout_lib.collect_one_pass(plan, prompts, self._shared_sample_fn(plan, params, rng, clock), grade,
+      return rollout_lib.collect_one_pass(plan, prompts, self._sample_fn(plan, params, rng, clock, True), grade,
                                           self.split_ids, first, pad_id=self.pad_id, rng=draws)
-    return rollout_lib.collect(plan, prompts, self._sample_fn(plan, params, rng, clock), grade, self.split_ids,
+    return rollout_lib.collect(plan, prompts, self._sample_fn(plan, params, rng, clock, False), grade, self.split_ids,
                                rng=draws, first_prompt=first)
 
   def _sampling(self, plan: microgroup.Plan, rng: jax.Array) -> dict[str, Any]:
@@ -137,24 +137,16 @@ class Rollouts:
     return dict(max_len=width, rng=rng, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                 eos_ids=self.eos_ids, pad_id=self.pad_id, continuation=continuation)
 
-  def _sample_fn(self, plan, params, rng, clock) -> rollout_lib.SampleFn:
-    """rollout.collect's sampler (Sampler.sample), timed."""
+  def _sample_fn(self, plan, params, rng, clock, one_pass: bool):
+    """rollout.collect's sampler (Sampler.sample), or with one_pass rollout.collect_one_pass's (Sampler.sample_shared),
+    timed. Both take the prompts and prefixes, then three arguments of their own, in the order rollout passes them."""
     kw = self._sampling(plan, rng)
+    sample, names = ((self.sampler.sample_shared, ("branches", "row_ids", "sample_ids")) if one_pass
+                     else (self.sampler.sample, ("active", "n", "row_ids")))
 
-    def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
+    def sample_fn(prompt_ids, prompt_lens, prefixes, prefix_lens, *own):
       with _timed(clock, "sampling"):
-        return _host_rows(self.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens,
-                                              active=active, row_ids=row_ids, n=n, **kw))
-    return sample_fn
-
-  def _shared_sample_fn(self, plan, params, rng, clock) -> rollout_lib.SharedSampleFn:
-    """rollout.collect_one_pass's sampler (Sampler.sample_shared), timed."""
-    kw = self._sampling(plan, rng)
-
-    def sample_fn(prompt_ids, prompt_lens, prefixes, prefix_lens, branches, row_ids, sample_ids):
-      with _timed(clock, "sampling"):
-        return _host_rows(self.sampler.sample_shared(params, prompt_ids, prompt_lens, prefixes, prefix_lens,
-                                                     branches=branches, row_ids=row_ids, sample_ids=sample_ids, **kw))
+        return _host_rows(sample(params, prompt_ids, prompt_lens, prefixes, prefix_lens, **dict(zip(names, own)), **kw))
     return sample_fn
 
   def _grade_fn(self, clock) -> rollout_lib.GradeFn:
