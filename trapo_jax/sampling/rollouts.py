@@ -2,7 +2,7 @@
 metrics.
 
 `Rollouts` is built once per run from the config, a sampler, a grader and the tokenizer's ids. Its one entry,
-`collect(rows, prompts, params, rng)`, gives this process's rows of a phase (a Plan's stages, or demonstrations
+`collect(plan, prompts, params, rng)`, gives this process's rows of a phase (a Plan's stages, or demonstrations
 alone), the rewards their advantages are computed from, and the step's rollout metrics over every process's rows.
 Inside it: the plan's stages one sampler call each (rollout.collect), or every stage's alternatives in one decode
 pass where `in_one_pass` (rollout.collect_one_pass); DAPO's dynamic sampling (train.dynamic_sampling) and soft
@@ -11,10 +11,10 @@ overlong punishment (rollout.overlong_buffer); the seconds spent sampling and gr
 It is the seam where another sampler backend would plug in, as Tunix's `BaseRollout` is for its vanilla, vLLM and
 SGLang-JAX engines (google/tunix d19ecbb, `tunix/rl/rollout/base_rollout.py`: `generate`, `update_params`, `pad_id`,
 `eos_id`). What the component asks of its `sampler` is the contract of trapo_jax/sampling/sampler.py's `sample`
-and `sample_shared` (params passed at each call, so nothing is synchronised; rows prompt-major, host arrays back;
-a row's randomness keyed by its row id and sample, so that both paths, and any split of the batch over processes,
-give a row the same tokens), and of its `grader` a `(tokens, response_mask, answers) -> (rewards, counts)`
-function (`MathVerify`). The trainer (trapo_jax/train/trainer.py) sees neither.
+and `sample_shared`: the policy's params passed with each call (Tunix's engines take them by `update_params`), rows
+prompt-major as host arrays, a row's randomness keyed by its row id and sample (so that both paths, and any split
+of the batch over processes, give a row the same tokens). Of its `grader` it asks a `(tokens, response_mask,
+answers) -> (rewards, counts)` function (`MathVerify`). The trainer (trapo_jax/train/trainer.py) sees neither.
 """
 
 from __future__ import annotations
@@ -92,29 +92,30 @@ class Rollouts:
                eos_ids=(int(tokenizer.eos_token_id),), pad_id=pipeline.pad_id(tokenizer),
                split_ids=microgroup.split_token_ids(tokenizer))
 
-  def collect(self, rows, prompts, params, rng: jax.Array, *, draws: np.random.Generator | None = None,
+  def collect(self, plan, prompts, params, rng: jax.Array, *, draws: np.random.Generator | None = None,
               more_prompts: Iterator | None = None) -> Collected:
     """A phase's rows for this process's share of the step's prompts (a PromptBatch of G prompts, the consecutive
     share of the global batch: its first prompt sits at process_index x G).
 
-    rows: a microgroup.Plan (sampled and graded) or microgroup.DemoRows (whole demonstrations, nothing sampled).
+    plan: the phase's rows, a microgroup.Plan (sampled and graded) or microgroup.DemoRows (whole demonstrations,
+    nothing sampled).
     params: the policy's. rng: the step's key; dynamic sampling's rounds fold in their number, as the first does
     0, so that another batch of prompts at the same positions draws other samples. draws: the plan's host draws
     (random prefixes, hints). more_prompts: further shares of prompt batches (the run's loader), which dynamic
     sampling draws from.
     """
-    if not isinstance(rows, microgroup.Plan):  # demonstrations alone: nothing sampled or graded
-      batch = rollout_lib.demo_batch(prompts, which=rows.which, max_len=self.cfg.data.max_response_len)
+    if not isinstance(plan, microgroup.Plan):  # demonstrations alone: nothing sampled or graded
+      batch = rollout_lib.demo_batch(prompts, which=plan.which, max_len=self.cfg.data.max_response_len)
       return Collected(batch, batch.rewards, _clock_metrics({}))
     clock: dict[str, float] = {}
     rounds = itertools.count()
-    once = lambda batch: self._rows(rows, batch, params, jax.random.fold_in(rng, next(rounds)), draws, clock)
+    once = lambda batch: self._rows(plan, batch, params, jax.random.fold_in(rng, next(rounds)), draws, clock)
     batch = once(prompts)
     refilled = {}
     if self.cfg.train.dynamic_sampling:
       batch, refilled = _refill(self.cfg, batch, once, more_prompts)
     shaped, shaping = shaped_rewards(self.cfg, batch)
-    metrics = {**_rollout_metrics(batch, len(rows.stages)), **refilled, **shaping, **_clock_metrics(clock)}
+    metrics = {**_rollout_metrics(batch, len(plan.stages)), **refilled, **shaping, **_clock_metrics(clock)}
     return Collected(batch, shaped, metrics)
 
   def _rows(self, plan: microgroup.Plan, prompts, params, rng: jax.Array, draws, clock: dict):
