@@ -23,6 +23,7 @@ from trapo_jax import config as config_lib
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, cache_shardings
+from trapo_jax.train import programs
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 
@@ -67,12 +68,12 @@ def test_main_reports_a_bad_topology_without_a_traceback():
 
 def test_rollout_calls_of_each_method():
   cfg = config_lib.base_config()  # 1024-token prompts, 8192-token responses
-  calls = lambda name: aot.rollout_calls(cfg, algorithms.get(name).from_config(cfg).phases(cfg)[0])
+  calls = lambda name: programs.rollout_calls(cfg, algorithms.get(name).from_config(cfg).phases(cfg)[0])
   # One pass (the default): every alternative of TRAPO's 4, 2, 1, 1 stages at once, 11 rows per prompt: 4 + 2 + 1 + 1
   # of its own, 2 + 1 continuing the 25 % and 50 % prefixes (up to (0.5 + 0.3) x 8192 tokens: context bucket 8192).
   (one,) = calls("trapo")
   assert one == (11, 8192, 8192, (0,) * 4 + (0, 0, 1, 1) + (0, 2) + (0,), 2, 1024, 8192)
-  stages = lambda *calls: [aot.RolloutCall(*c) for c in calls]  # calls of Sampler.sample, one per stage
+  stages = lambda *calls: [programs.RolloutCall(*c) for c in calls]  # calls of Sampler.sample, one per stage
   assert calls("grpo") == stages((8, 1024, 8192))
   assert calls("luffy") == [(7, 1024, 8192, (0,) * 7, 0, 1024, 0)]  # the demonstration row is not sampled
   # Prefix-RFT's drawn prefixes sit in the prompt's budget (officially): prompt + prefix fill at most 1024 slots, and
@@ -342,7 +343,7 @@ def test_the_cost_estimate_reads_a_one_pass_rollout_call():
   cfg.model.update(hf_dir="", **TINY)
   cfg.data.update(max_prompt_len=8, max_response_len=8)
   cfg.train.update(batch_prompts=8, logprob_chunk=8)
-  assert cfg.rollout.one_pass and len(aot.rollout_calls(cfg, algorithms.from_config(cfg).phases(cfg)[0])[0]) > 3
+  assert cfg.rollout.one_pass and len(programs.rollout_calls(cfg, algorithms.from_config(cfg).phases(cfg)[0])[0]) > 3
   assert aot.layer_estimates(cfg, tfm.ModelConfig.from_config(cfg.model), mesh, aot.CHIPS["v5p"]) == {}
 
 
