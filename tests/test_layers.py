@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lower numbers are lower layers; a module may import its own layer and below.
 LAYERS = [
-    ("trapo_jax.errors", "trapo_jax.shapes", "trapo_jax.paths"),
+    ("trapo_jax.errors", "trapo_jax.shapes", "trapo_jax.paths", "trapo_jax.reduction"),
     ("trapo_jax.models", "trapo_jax.sharding", "trapo_jax.losses", "trapo_jax.sampling", "trapo_jax.rewards",
      "trapo_jax.data", "trapo_jax.distributed"),
     ("trapo_jax.sampling.microgroup", "trapo_jax.sampling.rollout", "trapo_jax.sampling.rollouts",
