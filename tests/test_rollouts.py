@@ -140,3 +140,16 @@ def test_dynamic_sampling_draws_further_prompts_each_round_with_its_own_key():
   assert len(r.sampler.calls) == 3 and m["rollout/decode_passes"] == 3 and rows.levels.shape[0] == 2
   with pytest.raises(errors.TrainingError, match="train.dynamic_sampling: this step was given no further prompts"):
     r.collect(plan, fake_batch(2), None, key)
+
+
+def test_one_pass_by_default_only_off_the_cpu(monkeypatch):
+  """rollout.one_pass=None: the stages where the backend is the CPU (decode bound by compute), one pass on GPU/TPU
+  (bound by reading weights and cache); an explicit value wins on every backend."""
+  cfg, plan = _trapo(one_pass=True)
+  cfg.rollout.one_pass = None
+  for backend, expected in (("cpu", False), ("gpu", True), ("tpu", True)):
+    monkeypatch.setattr(rollouts.jax, "default_backend", lambda b=backend: b)
+    assert rollouts.in_one_pass(cfg, plan) is expected, backend
+    cfg.rollout.one_pass = not expected
+    assert rollouts.in_one_pass(cfg, plan) is (not expected), backend
+    cfg.rollout.one_pass = None

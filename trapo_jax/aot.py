@@ -45,6 +45,7 @@ from trapo_jax import sharding
 from trapo_jax.errors import ConfigError
 from trapo_jax.models import transformer as tfm
 from trapo_jax.sampling import microgroup
+from trapo_jax.sampling import rollouts as rollouts_lib
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, cache_shardings
 from trapo_jax.train import programs as programs_lib
 from trapo_jax.train import state as state_lib
@@ -558,7 +559,7 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   estimates; judges nothing. depth: the model's number of layers where the config asks for fewer (0: the
   config's): each program is then compiled at two depths and its memory extrapolated to `depth`."""
   tgt = target(topology)
-  cfg = validated(cfg, len(tgt.devices))
+  cfg = validated(rollouts_lib.resolve_one_pass(cfg, tgt.devices[0].platform), len(tgt.devices))
   model_cfg, source = model_config(cfg)
   depth = max(depth, model_cfg.num_layers)
   mesh = sharding.make_mesh(cfg, devices=list(tgt.devices))

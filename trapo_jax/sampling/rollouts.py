@@ -38,10 +38,32 @@ from trapo_jax.sampling import rollout as rollout_lib
 
 
 def in_one_pass(cfg, rows) -> bool:
-  """Whether a phase's rows are sampled in one decode pass: rollout.one_pass asks for it and they are a plan whose
-  stages are chosen by rewards (microgroup.one_pass_applies). The trainer's rollouts and --mode=compile both ask
-  this, so that compile mode lowers the sampler calls training makes."""
-  return bool(cfg.rollout.one_pass) and isinstance(rows, microgroup.Plan) and microgroup.one_pass_applies(rows)
+  """Whether a phase's rows are sampled in one decode pass: rollout.one_pass asks for it (None: `one_pass_default`
+  of the backend the run is on) and they are a plan whose stages are chosen by rewards
+  (microgroup.one_pass_applies). The trainer's rollouts and --mode=compile both ask this, so that compile mode lowers
+  the sampler calls training makes (it resolves None for its target first: `resolve_one_pass`)."""
+  asked = cfg.rollout.one_pass
+  if asked is None:
+    asked = one_pass_default(jax.default_backend())
+  return bool(asked) and isinstance(rows, microgroup.Plan) and microgroup.one_pass_applies(rows)
+
+
+def one_pass_default(platform: str) -> bool:
+  """rollout.one_pass=None's choice on `platform`: one pass on accelerators, where a decode step is bound by reading
+  the weights and the KV cache and more rows per pass come almost free; the stages on CPU, where decode is bound by
+  compute and one pass samples rows the stages never need (88 against 56 a prompt batch for TRAPO's 4, 2, 1, 1 on the
+  default experiment; docs/algorithm.md#one-pass). Both keep the same rows."""
+  return platform != "cpu"
+
+
+def resolve_one_pass(cfg, platform: str):
+  """cfg, with rollout.one_pass set where it is None: the choice for `platform` (a compile target's)."""
+  if cfg.rollout.one_pass is not None:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.rollout.one_pass = one_pass_default(platform)
+  return cfg
 
 
 class Collected(NamedTuple):
