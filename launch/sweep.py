@@ -115,10 +115,12 @@ def expand(points: Sequence[dict], seeds: Sequence[int] | None, root: str, commo
   return [run for seed_runs in zip(*per_point) for run in seed_runs]
 
 
-def _flag_value(v: Any) -> str:
+def _flag_value(v: Any, inside: bool = False) -> str:
+  """v as ml_collections parses a --config.<key> flag back: a bare string, but quoted inside a tuple (the tuple is
+  read as a Python literal, and an unquoted name in it would make the whole text one string)."""
   if isinstance(v, (tuple, list)):
-    return "(" + ",".join(_flag_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
-  return str(v)
+    return "(" + ",".join(_flag_value(x, True) for x in v) + ("," if len(v) == 1 else "") + ")"
+  return repr(v) if inside and isinstance(v, str) else str(v)
 
 
 def command(run: Run, python: str = sys.executable) -> list[str]:

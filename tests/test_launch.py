@@ -309,6 +309,40 @@ def test_every_shipped_sweep_names_real_config_keys(path):
   points, seeds, common = sweep.load_sweep(path)
   for run in sweep.expand(points, seeds, "runs/s", common):
     _validated(run.config, dict(run.overrides))
+    parsed = _parsed_flags(run)
+    for key, value in run.overrides:  # the command line gives the run the value the sweep file wrote
+      assert parsed[key] == (tuple(value) if isinstance(value, list) else value), (sweep.run_name(run), key)
+
+
+def test_a_tuple_of_names_on_the_command_line_parses_back_to_the_tuple():
+  """ml_collections reads a tuple flag as a Python literal: unquoted names made the whole text one string."""
+  run = sweep.Run(point="p", seed=0, workdir="runs/p", config="experiments/configs/default.py",
+                  overrides=(("eval.benchmarks", ("synthetic", "math500")), ("algo", "grpo")))
+  assert _parsed_flags(run)["eval.benchmarks"] == ("synthetic", "math500")
+  assert _parsed_flags(run)["algo"] == "grpo"
+
+
+def _parsed_flags(run) -> dict:
+  """The config the run's command line gives trapo_jax.main, as ml_collections parses its --config flags."""
+  from absl import flags
+  from ml_collections import config_flags
+  args = sweep.command(run)[2:]  # [program name, --config=<file relative to the root>, ...]
+  argv = [args[0], f"--config={os.path.join(ROOT, run.config)}", *args[2:]]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)  # it reads its overrides from argv
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  fv(argv)
+  return _flatten(fv.config.to_dict())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def test_sweep_check_catches_a_mistyped_key():
