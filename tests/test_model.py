@@ -67,10 +67,13 @@ def hf_case(request, tmp_path_factory):
   return model, path
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_logits_match_transformers(hf_case, scan_layers):
+@pytest.mark.parametrize("scan_layers, scan_unroll", [(True, 1), (True, 2), (True, 3), (False, 0)])
+def test_logits_match_transformers(hf_case, scan_layers, scan_unroll):
+  """The 3 layers scanned over stacked weights one per loop iteration, two per iteration (a loop of two, then one
+  after it) or all unrolled, and as separate modules: Hugging Face's logits each time."""
   model, path = hf_case
-  cfg, params = hf.load_hf(path, scan_layers=scan_layers)
+  cfg, params = hf.load_hf(path, scan_layers=scan_layers, scan_unroll=scan_unroll)
+  assert tfm.forward_unroll(cfg, "tpu") == (scan_unroll or 1)
   tokens, mask = _batch(cfg.vocab_size)
   ours = np.asarray(tfm.forward_logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
   ref = _hf_logits(model, tokens, mask)
@@ -101,7 +104,8 @@ def test_sharded_checkpoint_index(hf_case, tmp_path):
 
 
 def _random_model(scan_layers=True, **kw):
-  cfg = tfm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+  kw = dict(dict(num_layers=2), **kw)
+  cfg = tfm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
                         num_kv_heads=2, head_dim=8, scan_layers=scan_layers, **kw)
   return cfg, nn.unbox(tfm.init_params(cfg, jax.random.key(0)))
 
@@ -178,6 +182,43 @@ def test_remat_same_gradients(remat):
   tokens, mask = _batch(cfg.vocab_size)
   loss = lambda c: jax.grad(lambda p: tfm.forward_logits(p, c, jnp.asarray(tokens), jnp.asarray(mask)).std())
   g0, g1 = loss(cfg)(params), loss(cfg.replace(remat=remat))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_forward_unroll_is_every_layer_on_cpu_and_one_elsewhere():
+  cfg = tfm.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=5, num_heads=2, num_kv_heads=1,
+                        head_dim=4)
+  assert cfg.scan_unroll == 0
+  assert [tfm.forward_unroll(cfg, p) for p in ("cpu", "tpu", "gpu", "cuda")] == [5, 1, 1, 1]
+  assert [tfm.forward_unroll(cfg.replace(scan_unroll=u), "cpu") for u in (1, 2, 5, 9)] == [1, 2, 5, 5]
+  assert tfm.forward_unroll(cfg.replace(scan_unroll=2), "tpu") == 2
+
+
+def _while_loops(cfg, params, tokens, mask) -> int:
+  """While loops in the lowered gradient of a forward (StableHLO text)."""
+  loss = lambda p: jnp.sum(tfm.forward(p, cfg, tokens, mask) ** 2)
+  return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.while")
+
+
+def test_train_forward_unrolls_the_layer_scan_on_cpu_and_the_sampler_does_not():
+  """model.scan_unroll=0 on the CPU backend: the forward without a cache and its gradient run every layer without a
+  loop (the same parameters, stacked); scan_unroll=1 keeps one loop each way. The decode step keeps its loop."""
+  cfg, params = _random_model()
+  tokens, mask = (jnp.asarray(x) for x in _batch(cfg.vocab_size))
+  assert jax.default_backend() == "cpu" and cfg.scan_unroll == 0
+  assert _while_loops(cfg, params, tokens, mask) == 0
+  assert _while_loops(cfg.replace(scan_unroll=1), params, tokens, mask) == 2  # forward and backward
+  cache = tfm.KVCache.zeros(cfg, tokens.shape[0], 12)
+  decode = jax.jit(lambda p, c: tfm.Decoder(cfg).apply(p, tokens[:, :1], tokens[:, :1], mask[:, :1], c))
+  assert decode.lower(params, cache).as_text().count("stablehlo.while") == 1
+
+
+@pytest.mark.parametrize("unroll", [2, 0])
+def test_unrolled_layers_same_gradients(unroll):
+  cfg, params = _random_model(num_layers=3)
+  tokens, mask = _batch(cfg.vocab_size)
+  loss = lambda c: jax.grad(lambda p: tfm.forward_logits(p, c, jnp.asarray(tokens), jnp.asarray(mask)).std())
+  g0, g1 = loss(cfg.replace(scan_unroll=1))(params), loss(cfg.replace(scan_unroll=unroll))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 

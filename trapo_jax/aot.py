@@ -208,6 +208,14 @@ def model_config(cfg) -> tuple[tfm.ModelConfig, str]:
   return state_lib.model_config(with_sizes), "the config's model sizes"
 
 
+def for_platform(model_cfg: tfm.ModelConfig, platform: str) -> tfm.ModelConfig:
+  """The ModelConfig as a run on `platform` would trace it: model.scan_unroll=0 means one layer per loop iteration
+  off CPU (tfm.forward_unroll), where this process, whose backend is the host's, would unroll every layer."""
+  if model_cfg.scan_unroll or platform == jax.default_backend():
+    return model_cfg
+  return model_cfg.replace(scan_unroll=tfm.forward_unroll(model_cfg, platform))
+
+
 def _per_chip(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard where uneven)."""
   return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
@@ -614,6 +622,7 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   tgt = target(topology)
   cfg = validated(cfg, len(tgt.devices))
   model_cfg, source = model_config(cfg)
+  model_cfg = for_platform(model_cfg, tgt.devices[0].platform)
   depth = max(depth, model_cfg.num_layers)
   mesh = sharding.make_mesh(cfg, devices=list(tgt.devices))
   methods = algorithms.names() if all_methods else (cfg.algo,)

@@ -4,6 +4,9 @@ RMSNorm, rotary embeddings (θ and the frequency scalings of `rope.py`), grouped
 bias and optional per-head RMSNorm of queries and keys (Qwen3), SwiGLU MLP, tied or untied embeddings. Layers are
 one `nn.scan` (one compiled layer, fast compiles for 28-layer models) or a Python loop.
 
+A forward without a KV cache (the train step, log-probs) may run several layers per iteration of that scan
+(`ModelConfig.scan_unroll`, `forward_unroll`); the sampler's prefill and decode keep one.
+
 One call serves training, prefill and decode: keys live in slots, a query at slot s sees the valid keys at slots
 <= s. Without a cache the slots are the input positions; with a `KVCache` the input is written at slot `cache.end`.
 Every weight carries logical axis names; `trapo_jax.sharding` maps them to the device mesh.
@@ -47,6 +50,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
+  # Layers per iteration of the layer scan in a forward without a KV cache (`forward_unroll`); 0: all of them on the
+  # CPU backend, 1 elsewhere. The parameters stay stacked either way.
+  scan_unroll: int = 0
   attention_block: int = 512  # longer inputs (training, prefill) attend one query block at a time
   attention_unroll: bool = False  # blocks unrolled, not looped: for cost estimates (XLA counts a loop body once)
 
@@ -261,6 +267,22 @@ class DecoderLayer(nn.Module):
     return (x, cache), None
 
 
+def forward_unroll(cfg: ModelConfig, platform: str | None = None) -> int:
+  """Layers per iteration of the layer scan in `forward` (no KV cache): cfg.scan_unroll, or where it is 0 every
+  layer on the CPU backend and one elsewhere. platform: the backend the program is compiled for (default: JAX's).
+
+  Why per backend (docs/performance.md, "Against Tunix"): XLA:CPU runs a scanned layer's backward ~15 % slower than
+  the same layers unrolled, since the loop stacks every layer's activations into [layers, ...] buffers that it
+  zero-fills, writes and reads back strided inside the transposes of the MLP's backward. On TPU and GPU one compiled
+  layer keeps a 28-layer 7B step's compile time and memory plan what the AOT check (trapo_jax/aot.py) measured.
+  The sampler keeps one layer per iteration on every backend: with all 8 of tiny10m's unrolled it sampled 1.2x slower
+  on CPU (batch 16, 128 new tokens).
+  """
+  if cfg.scan_unroll:
+    return min(cfg.scan_unroll, cfg.num_layers)
+  return cfg.num_layers if (platform or jax.default_backend()) == "cpu" else 1
+
+
 def _layer_class(cfg: ModelConfig):
   if cfg.remat == "none":
     return DecoderLayer
@@ -269,8 +291,12 @@ def _layer_class(cfg: ModelConfig):
 
 
 class Decoder(nn.Module):
-  """tokens [B, T] -> final hidden states [B, T, D] (`forward_logits` or `losses.token_logprobs` on top)."""
+  """tokens [B, T] -> final hidden states [B, T, D] (`forward_logits` or `losses.token_logprobs` on top).
+
+  unroll: layers per iteration of the layer scan (lax.scan's `unroll`; the same parameters, stacked); `forward`
+  passes `forward_unroll`, the sampler the default one."""
   cfg: ModelConfig
+  unroll: int = 1
 
   def setup(self):
     cfg = self.cfg
@@ -281,7 +307,8 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+                            length=cfg.num_layers, unroll=self.unroll,
+                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="norm")
@@ -350,7 +377,8 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
   """Full-sequence hidden states [B, T, D] for tokens [B, T] with padding mask [B, T]."""
-  hidden, _ = Decoder(cfg).apply(params, tokens, positions_from_mask(mask), mask.astype(bool))
+  hidden, _ = Decoder(cfg, unroll=forward_unroll(cfg)).apply(params, tokens, positions_from_mask(mask),
+                                                             mask.astype(bool))
   return hidden
 
 
