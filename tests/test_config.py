@@ -79,7 +79,6 @@ def _retype(cfg, path: str, value):
      "relift.buffer_batches: must be > 0"),
     (lambda c: c.data.__setitem__("source", "demos"), "data.path: data.source='demos' needs a path"),
     (lambda c: c.model.__setitem__("num_kv_heads", 3), "model.num_kv_heads: must divide num_heads=4"),
-    (lambda c: c.model.__setitem__("scan_unroll", -1), "model.scan_unroll: must be >= 0"),
 ])
 def test_bad_values_name_the_key(mutate, message):
   cfg = config_lib.base_config()

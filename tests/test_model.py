@@ -67,13 +67,11 @@ def hf_case(request, tmp_path_factory):
   return model, path
 
 
-@pytest.mark.parametrize("scan_layers, scan_unroll", [(True, 1), (True, 2), (True, 3), (False, 0)])
-def test_logits_match_transformers(hf_case, scan_layers, scan_unroll):
-  """The 3 layers scanned over stacked weights one per loop iteration, two per iteration (a loop of two, then one
-  after it) or all unrolled, and as separate modules: Hugging Face's logits each time."""
+@pytest.mark.parametrize("scan_layers, platform", [(True, ""), (False, ""), (True, "tpu")])
+def test_logits_match_transformers(hf_case, scan_layers, platform):
+  """Scanned or separate layers, projections of flat rows (CPU) or of [B, T, D] (as traced for TPU)."""
   model, path = hf_case
-  cfg, params = hf.load_hf(path, scan_layers=scan_layers, scan_unroll=scan_unroll)
-  assert tfm.forward_unroll(cfg, "tpu") == (scan_unroll or 1)
+  cfg, params = hf.load_hf(path, scan_layers=scan_layers, platform=platform)
   tokens, mask = _batch(cfg.vocab_size)
   ours = np.asarray(tfm.forward_logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
   ref = _hf_logits(model, tokens, mask)
@@ -104,8 +102,7 @@ def test_sharded_checkpoint_index(hf_case, tmp_path):
 
 
 def _random_model(scan_layers=True, **kw):
-  kw = dict(dict(num_layers=2), **kw)
-  cfg = tfm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
+  cfg = tfm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8, scan_layers=scan_layers, **kw)
   return cfg, nn.unbox(tfm.init_params(cfg, jax.random.key(0)))
 
@@ -185,41 +182,32 @@ def test_remat_same_gradients(remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
-def test_forward_unroll_is_every_layer_on_cpu_and_one_elsewhere():
-  cfg = tfm.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=5, num_heads=2, num_kv_heads=1,
-                        head_dim=4)
-  assert cfg.scan_unroll == 0
-  assert [tfm.forward_unroll(cfg, p) for p in ("cpu", "tpu", "gpu", "cuda")] == [5, 1, 1, 1]
-  assert [tfm.forward_unroll(cfg.replace(scan_unroll=u), "cpu") for u in (1, 2, 5, 9)] == [1, 2, 5, 5]
-  assert tfm.forward_unroll(cfg.replace(scan_unroll=2), "tpu") == 2
-
-
-def _while_loops(cfg, params, tokens, mask) -> int:
-  """While loops in the lowered gradient of a forward (StableHLO text)."""
+def _two_axis_contractions(cfg, params, tokens, mask) -> int:
+  """dot_generals contracting two axes at once (B and T) in the lowered gradient of a forward."""
   loss = lambda p: jnp.sum(tfm.forward(p, cfg, tokens, mask) ** 2)
-  return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.while")
+  return jax.jit(jax.grad(loss)).lower(params).as_text().count("contracting_dims = [0, 1] x [0, 1]")
 
 
-def test_train_forward_unrolls_the_layer_scan_on_cpu_and_the_sampler_does_not():
-  """model.scan_unroll=0 on the CPU backend: the forward without a cache and its gradient run every layer without a
-  loop (the same parameters, stacked); scan_unroll=1 keeps one loop each way. The decode step keeps its loop."""
+def test_projections_multiply_flat_rows_on_cpu_only():
+  """On CPU every projection's weight gradient contracts one axis of rows [B*T] (tfm._project); traced for TPU the
+  layers keep [B, T, D], and each of the scanned layer's 7 weight gradients contracts B and T."""
   cfg, params = _random_model()
   tokens, mask = (jnp.asarray(x) for x in _batch(cfg.vocab_size))
-  assert jax.default_backend() == "cpu" and cfg.scan_unroll == 0
-  assert _while_loops(cfg, params, tokens, mask) == 0
-  assert _while_loops(cfg.replace(scan_unroll=1), params, tokens, mask) == 2  # forward and backward
-  cache = tfm.KVCache.zeros(cfg, tokens.shape[0], 12)
-  decode = jax.jit(lambda p, c: tfm.Decoder(cfg).apply(p, tokens[:, :1], tokens[:, :1], mask[:, :1], c))
-  assert decode.lower(params, cache).as_text().count("stablehlo.while") == 1
+  assert jax.default_backend() == "cpu" and cfg.platform == ""
+  assert _two_axis_contractions(cfg, params, tokens, mask) == 0
+  assert _two_axis_contractions(cfg.replace(platform="tpu"), params, tokens, mask) == 7
 
 
-@pytest.mark.parametrize("unroll", [2, 0])
-def test_unrolled_layers_same_gradients(unroll):
-  cfg, params = _random_model(num_layers=3)
-  tokens, mask = _batch(cfg.vocab_size)
-  loss = lambda c: jax.grad(lambda p: tfm.forward_logits(p, c, jnp.asarray(tokens), jnp.asarray(mask)).std())
-  g0, g1 = loss(cfg.replace(scan_unroll=1))(params), loss(cfg.replace(scan_unroll=unroll))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flat_projections_same_forward_and_gradients(dtype):
+  """The flat rows of the CPU form change no value: logits and every gradient equal those of [B, T, D]."""
+  cfg, params = _random_model(dtype=dtype)
+  tokens, mask = (jnp.asarray(x) for x in _batch(cfg.vocab_size))
+  loss = lambda c: jax.value_and_grad(lambda p: tfm.forward_logits(p, c, tokens, mask).std())(params)
+  (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(platform="tpu"))
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  np.testing.assert_allclose(l0, l1, rtol=tol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), g0, g1)
 
 
 def test_sharded_forward_equals_single_device():

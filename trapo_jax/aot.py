@@ -209,11 +209,9 @@ def model_config(cfg) -> tuple[tfm.ModelConfig, str]:
 
 
 def for_platform(model_cfg: tfm.ModelConfig, platform: str) -> tfm.ModelConfig:
-  """The ModelConfig as a run on `platform` would trace it: model.scan_unroll=0 means one layer per loop iteration
-  off CPU (tfm.forward_unroll), where this process, whose backend is the host's, would unroll every layer."""
-  if model_cfg.scan_unroll or platform == jax.default_backend():
-    return model_cfg
-  return model_cfg.replace(scan_unroll=tfm.forward_unroll(model_cfg, platform))
+  """The ModelConfig traced as a run on `platform` traces it: this process's backend is the host's CPU, whose forms
+  (tfm.on_cpu: layers unrolled, flat projections) a program for TPU must not take."""
+  return model_cfg.replace(platform=platform)
 
 
 def _per_chip(tree) -> int:

@@ -67,9 +67,6 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",  # none | full | dots: activation rematerialisation of each layer
       scan_layers=True,  # lax.scan over layers: one compiled layer, fast compiles for deep models
-      # Layers per iteration of that scan in the train step's forward (the parameters stay stacked): 0 = all of them
-      # on the CPU backend (faster there), 1 on GPU/TPU (compile time, memory at 7B); the sampler keeps 1.
-      scan_unroll=0,
       attention_block=512,  # training attention runs per block of this many queries (memory O(T x block))
   ))
 
@@ -202,7 +199,6 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
   _require(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
   _require(m.remat in REMAT, "model.remat", f"must be one of {REMAT}")
-  _require(m.scan_unroll >= 0, "model.scan_unroll", "must be >= 0 (0: all layers on CPU, 1 elsewhere)")
   _require(m.model_type in MODEL_TYPES, "model.model_type", f"must be one of {MODEL_TYPES}")
   if not m.hf_dir:
     _require(m.qkv_bias == (m.model_type == "qwen2"), "model.qkv_bias",

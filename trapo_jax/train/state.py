@@ -115,7 +115,7 @@ def model_config(cfg) -> tfm.ModelConfig:
   if m.hf_dir:
     overrides = {k: m[k] for k in CHECKPOINT_OVERRIDES if m[k]}
     model_cfg = hf.config_from_hf(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                                  scan_layers=m.scan_layers, scan_unroll=m.scan_unroll, **overrides)
+                                  scan_layers=m.scan_layers, **overrides)
     source = f"{m.hf_dir}/config.json" + (" with the overrides" if overrides else "")
     ignored = ignored_sizes(m, model_cfg)
     if ignored:

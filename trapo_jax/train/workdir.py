@@ -48,11 +48,10 @@ MAY_CHANGE_ON_RESUME = (
     "distributed", "mesh",
     "model.hf_dir", "model.tokenizer_dir",  # paths: the checkpoint holds the weights; the shape is checked below
     "model.remat", "model.attention_block",  # memory knobs: the same math
-    "model.scan_unroll",  # the same layers, in a loop or unrolled
     "rollout.one_pass",  # the same rows, sampled in one pass or stage by stage
 )
 # ModelConfig fields that are not the model's shape (compute options).
-_NOT_SHAPE = ("dtype", "param_dtype", "remat", "attention_block", "scan_unroll")
+_NOT_SHAPE = ("dtype", "param_dtype", "remat", "attention_block", "platform")
 
 
 class WorkdirBusy(errors.UserError):
