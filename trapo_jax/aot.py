@@ -209,8 +209,8 @@ def model_config(cfg) -> tuple[tfm.ModelConfig, str]:
 
 
 def for_platform(model_cfg: tfm.ModelConfig, platform: str) -> tfm.ModelConfig:
-  """The ModelConfig traced as a run on `platform` traces it: this process's backend is the host's CPU, whose forms
-  (tfm.on_cpu: layers unrolled, flat projections) a program for TPU must not take."""
+  """The ModelConfig of a run on `platform`: this process's backend is the host's CPU, whose form of the projections
+  (tfm.on_cpu: flat rows) a program for TPU must not take."""
   return model_cfg.replace(platform=platform)
 
 

@@ -118,7 +118,7 @@ def _project(layer: nn.Dense, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
   Why: the weight's gradient then contracts one axis of rows, not two (B and T). XLA:CPU turns a two-axis contraction
   into a transposed copy of the wide operand and a matmul; for the MLP's gate and up that is a [B*T, F] copy each, and
-  these copies took ~30 % of tiny10m's forward+backward (docs/performance.md, "Against Tunix"). For TPU the flat form
+  these copies took a third of tiny10m's forward+backward (docs/performance.md, "Against Tunix"). For TPU the flat form
   made the 7B config's 2-layer train step plan 0.26 GiB more temporary memory per v5p chip (9.70 GiB, not 9.43), so
   there a layer keeps [B, T, D].
   """
