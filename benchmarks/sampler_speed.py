@@ -110,25 +110,28 @@ def trapo_step_sampling(steps: int = 5, batch_prompts: int = 8) -> dict:
   """
   import dataclasses
   from experiments.configs import default
+  from trapo_jax import algorithms
   from trapo_jax import config as config_lib
   from trapo_jax import losses
+  from trapo_jax import sharding
   from trapo_jax.data import pipeline, synthetic
   from trapo_jax.sampling import microgroup
+  from trapo_jax.sampling import rollouts as rollouts_lib
   from trapo_jax.train import state as state_lib
-  from trapo_jax.train import trainer
   cfg = default.get_config()
   cfg.train.batch_prompts = batch_prompts
   config_lib.validate(cfg, num_devices=jax.device_count())
-  with tempfile.TemporaryDirectory() as workdir:
-    ctx = trainer.build_context(cfg, workdir)
-  params = state_lib.init_params(cfg, ctx.model_cfg, ctx.mesh)
+  model_cfg, mesh = state_lib.model_config(cfg), sharding.make_mesh(cfg)
+  tokenizer = hf.load_tokenizer(state_lib.tokenizer_dir(cfg))
+  rollouts = rollouts_lib.Rollouts.build(cfg, Sampler(model_cfg, mesh=mesh), tokenizer)  # the trainer's rollouts
+  params = state_lib.init_params(cfg, model_cfg, mesh)
   records = synthetic.generate_split("train", steps * batch_prompts, seed=1)
   examples = [pipeline.Example(uid=i, problem=r["problem"], answer=r["answer"], demos=tuple(r["demos"]),
                                level=r["level"]) for i, r in enumerate(records)]
-  loader = pipeline.PromptLoader(examples, ctx.tokenizer, batch_size=batch_prompts,
+  loader = pipeline.PromptLoader(examples, tokenizer, batch_size=batch_prompts,
                                  max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len,
                                  template=cfg.data.template, seed=None)
-  trapo = ctx.method.phase_at(cfg, 0).rows
+  trapo = algorithms.from_config(cfg).phase_at(cfg, 0).rows
   paths = {"one_pass": (trapo, True), "stages": (trapo, False),
            "grpo": (microgroup.Plan(stages=(trapo.n,), guidance=microgroup.Unguided()), False)}
   runs = {k: [] for k in paths}
@@ -140,14 +143,12 @@ def trapo_step_sampling(steps: int = 5, batch_prompts: int = 8) -> dict:
         plan, one_pass = paths[name]
         run_cfg = cfg.copy_and_resolve_references()
         run_cfg.rollout.one_pass = one_pass
-        timings: dict = {}
-        rb = trainer.collect_rollouts(dataclasses.replace(ctx, cfg=run_cfg), plan, batch, params,
-                                      jax.random.key(step), timings)
+        rb, _, m = dataclasses.replace(rollouts, cfg=run_cfg).collect(plan, batch, params, jax.random.key(step))
         if timed:
-          runs[name].append((timings["sampling"], rb.decode_passes, rb.sampled_rows,
+          runs[name].append((m["time/sampling"], rb.decode_passes, rb.sampled_rows,
                              int((rb.kind != losses.ROW_DEMO).sum())))
   out = {"steps": steps, "batch_prompts": batch_prompts, "max_response_len": int(cfg.data.max_response_len),
-         "params_m": ctx.model_cfg.num_params / 1e6, "one_pass_rows_per_prompt": trapo.one_pass_rows}
+         "params_m": model_cfg.num_params / 1e6, "one_pass_rows_per_prompt": trapo.one_pass_rows}
   for name, r in runs.items():
     seconds, passes, sampled, used = (np.asarray(x, np.float64) for x in zip(*r))
     out[name] = {"sampling_s": float(np.median(seconds)), "decode_passes": float(passes.mean()),

@@ -22,9 +22,9 @@ from experiments.configs import default
 from tests import numerics
 from trapo_jax import algorithms
 from trapo_jax import losses
+from trapo_jax.train import programs
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
-from trapo_jax.train import trainer
 
 L, V = 6, 5  # response width (= data.max_response_len, the official L_max), vocabulary
 K, MINI, MB = 2, 2, 4  # micro-batches per mini-batch, mini-batches, rows per micro-batch
@@ -153,7 +153,7 @@ def test_update_sums_micro_batches_and_steps_per_mini_batch_as_the_official_acto
   monkeypatch.setattr(step_lib, "response_logprobs", _toy_logprobs)
   cfg = _config(name)
   phase = algorithms.from_config(cfg).phase_at(cfg, 0)
-  updates = trainer.updates_of(cfg, phase)
+  updates = programs.updates_of(cfg, phase)
   assert (updates.micro_reduce, updates.micro_batches, updates.mini_batches) == ("sum", K, MINI)
   assert step_lib.layout_rows(K * MINI * MB, 8, 1 << 20, 1, updates.mini_batches, updates.micro_batches) == MB
   batch = _rows(name, seed=3)

@@ -22,7 +22,9 @@ from trapo_jax import aot
 from trapo_jax import config as config_lib
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling import rollouts
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, cache_shardings
+from trapo_jax.train import programs
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 
@@ -67,12 +69,13 @@ def test_main_reports_a_bad_topology_without_a_traceback():
 
 def test_rollout_calls_of_each_method():
   cfg = config_lib.base_config()  # 1024-token prompts, 8192-token responses
-  calls = lambda name: aot.rollout_calls(cfg, algorithms.get(name).from_config(cfg).phases(cfg)[0])
-  # One pass (the default): every alternative of TRAPO's 4, 2, 1, 1 stages at once, 11 rows per prompt: 4 + 2 + 1 + 1
+  cfg.rollout.one_pass = True  # the default's choice on GPU/TPU
+  calls = lambda name: programs.rollout_calls(cfg, algorithms.get(name).from_config(cfg).phases(cfg)[0])
+  # One pass: every alternative of TRAPO's 4, 2, 1, 1 stages at once, 11 rows per prompt: 4 + 2 + 1 + 1
   # of its own, 2 + 1 continuing the 25 % and 50 % prefixes (up to (0.5 + 0.3) x 8192 tokens: context bucket 8192).
   (one,) = calls("trapo")
   assert one == (11, 8192, 8192, (0,) * 4 + (0, 0, 1, 1) + (0, 2) + (0,), 2, 1024, 8192)
-  stages = lambda *calls: [aot.RolloutCall(*c) for c in calls]  # calls of Sampler.sample, one per stage
+  stages = lambda *calls: [programs.RolloutCall(*c) for c in calls]  # calls of Sampler.sample, one per stage
   assert calls("grpo") == stages((8, 1024, 8192))
   assert calls("luffy") == [(7, 1024, 8192, (0,) * 7, 0, 1024, 0)]  # the demonstration row is not sampled
   # Prefix-RFT's drawn prefixes sit in the prompt's budget (officially): prompt + prefix fill at most 1024 slots, and
@@ -166,6 +169,7 @@ def test_one_pass_rollout_programs_compile_for_the_larger_batch():
   cfg.model.update(**TINY)
   cfg.data.update(max_prompt_len=8, max_response_len=16)
   cfg.train.batch_prompts = 4
+  cfg.rollout.one_pass = True  # the default's choice on GPU/TPU
   model_cfg = tfm.ModelConfig.from_config(cfg.model)
   rollout = lambda: [p for p in aot.run_programs(cfg, ("trapo",), model_cfg, mesh, log=lambda s: None)
                      if p.kind == "rollout"]
@@ -352,7 +356,8 @@ def test_the_cost_estimate_reads_a_one_pass_rollout_call():
   cfg.model.update(hf_dir="", **TINY)
   cfg.data.update(max_prompt_len=8, max_response_len=8)
   cfg.train.update(batch_prompts=8, logprob_chunk=8)
-  assert cfg.rollout.one_pass and len(aot.rollout_calls(cfg, algorithms.from_config(cfg).phases(cfg)[0])[0]) > 3
+  cfg.rollout.one_pass = True  # what a TPU target resolves the default to
+  assert len(programs.rollout_calls(cfg, algorithms.from_config(cfg).phases(cfg)[0])[0]) > 3
   assert aot.layer_estimates(cfg, tfm.ModelConfig.from_config(cfg.model), mesh, aot.CHIPS["v5p"]) == {}
 
 
@@ -414,3 +419,20 @@ def test_compile_mode_lowers_the_declared_micro_and_mini_batches():
   rep = aot.compile_run(cfg, "cpu:8", programs=("train",), estimate=False, log=lambda s: None)
   (r,) = rep.results
   assert r.program.layout.endswith("4 micro-batches of 16") and not r.error, (r.program.layout, r.error)
+
+
+def test_the_one_pass_default_is_chosen_for_the_compile_target_not_the_host():
+  """rollout.one_pass=None: --mode=compile for a TPU slice lowers the one-pass call a TPU run makes, although the
+  compiling host is a CPU; for cpu:N the stages, as training on CPU runs them."""
+  cfg = config_lib.base_config()
+  assert cfg.rollout.one_pass is None
+  on_tpu = rollouts.resolve_one_pass(cfg, "tpu")
+  assert on_tpu.rollout.one_pass is True and cfg.rollout.one_pass is None  # a copy: the run's config is unchanged
+  assert rollouts.resolve_one_pass(cfg, "cpu").rollout.one_pass is False
+  assert rollouts.resolve_one_pass(cfg, "gpu").rollout.one_pass is True
+  cfg.rollout.one_pass = True  # asked for: kept on any target
+  assert rollouts.resolve_one_pass(cfg, "cpu") is cfg
+  plan = algorithms.from_config(on_tpu).phases(on_tpu)[0]
+  assert len(programs.rollout_calls(on_tpu, plan)) == 1  # one call of every alternative
+  off = rollouts.resolve_one_pass(config_lib.base_config(), "cpu")
+  assert len(programs.rollout_calls(off, algorithms.from_config(off).phases(off)[0])) == len(off.trapo.stages)

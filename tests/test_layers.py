@@ -1,4 +1,4 @@
-"""The import graph goes downward only: models, sharding, losses, sampler -> schedule, rollout, algorithms -> train
+"""The import graph goes downward only: models, sharding, losses, sampler -> schedule, rollout(s), algorithms -> train
 and eval (siblings, never importing each other) -> main and aot (the compile mode). Imports inside functions count
 too."""
 
@@ -11,10 +11,11 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lower numbers are lower layers; a module may import its own layer and below.
 LAYERS = [
-    ("trapo_jax.errors", "trapo_jax.shapes", "trapo_jax.paths"),
+    ("trapo_jax.errors", "trapo_jax.shapes", "trapo_jax.paths", "trapo_jax.reduction"),
     ("trapo_jax.models", "trapo_jax.sharding", "trapo_jax.losses", "trapo_jax.sampling", "trapo_jax.rewards",
      "trapo_jax.data", "trapo_jax.distributed"),
-    ("trapo_jax.sampling.microgroup", "trapo_jax.sampling.rollout", "trapo_jax.algorithms"),
+    ("trapo_jax.sampling.microgroup", "trapo_jax.sampling.rollout", "trapo_jax.sampling.rollouts",
+     "trapo_jax.algorithms"),
     ("trapo_jax.config",),
     ("trapo_jax.train", "trapo_jax.eval"),
     ("trapo_jax.main", "trapo_jax.aot"),

@@ -164,7 +164,7 @@ def test_sft_length_in_epochs_over_the_examples():
   cfg.sft.epochs = 2.5
   assert algorithms.from_config(cfg).length_from_data(cfg, examples) == {"train.steps": 30}
   ctx = trainer.Context(cfg=cfg, workdir="", method=algorithms.from_config(cfg), mesh=None, model_cfg=None,
-                        tokenizer=None, tx=None, sampler=None, eos_ids=(), pad_id=0, split_ids=None,
+                        tokenizer=None, tx=None, sampler=None, pad_id=0,
                         loader=SimpleNamespace(examples=examples))
   ctx = trainer.with_data_length(ctx)
   assert ctx.cfg.train.steps == 30 and cfg.train.steps == 7  # the run's copy changes

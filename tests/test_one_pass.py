@@ -24,6 +24,7 @@ from trapo_jax.data import synthetic
 from trapo_jax.models import transformer as tfm
 from trapo_jax.sampling import microgroup
 from trapo_jax.sampling import rollout
+from trapo_jax.sampling import rollouts
 from trapo_jax.sampling.sampler import Sampler
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
@@ -39,13 +40,14 @@ LOGIT_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  """(context on one device, params, prompt batches by size): the default experiment, shortened responses."""
+  """(context whose rollouts sample on one device, params, prompt batches by size): the default experiment,
+  shortened responses."""
   cfg = default.get_config()
   cfg.data.max_response_len = MAX_LEN
   config_lib.validate(cfg, num_devices=jax.device_count())
   ctx = trainer.build_context(cfg, str(tmp_path_factory.mktemp("one_pass")))
   params = jax.device_get(state_lib.init_params(cfg, ctx.model_cfg, ctx.mesh))
-  ctx = dataclasses.replace(ctx, sampler=Sampler(ctx.model_cfg))
+  ctx = dataclasses.replace(ctx, rollouts=dataclasses.replace(ctx.rollouts, sampler=Sampler(ctx.model_cfg)))
 
   def batch(g: int, levels=LEVELS):
     examples = [pipeline.Example(uid=i, problem=r["problem"], answer=r["answer"], demos=tuple(r["demos"]),
@@ -57,14 +59,20 @@ def world(tmp_path_factory):
 
 
 def _with(ctx, **rollout):
+  """The context with those rollout.* settings, its rollouts too."""
   cfg = ctx.cfg.copy_and_resolve_references()
   cfg.rollout.update(rollout)
-  return dataclasses.replace(ctx, cfg=cfg)
+  return dataclasses.replace(ctx, cfg=cfg, rollouts=dataclasses.replace(ctx.rollouts, cfg=cfg))
+
+
+def _collect(ctx, batch, params, seed: int, one_pass: bool, plan=None, **kw) -> rollouts.Collected:
+  """The trainer's rollouts of the plan (the method's first phase's by default) for `batch`."""
+  plan = plan or ctx.method.phase_at(ctx.cfg, 0).rows
+  return _with(ctx, one_pass=one_pass).rollouts.collect(plan, batch, params, jax.random.key(seed), **kw)
 
 
 def _rollouts(ctx, batch, params, seed: int, one_pass: bool) -> rollout.RolloutBatch:
-  plan = ctx.method.phase_at(ctx.cfg, 0).rows
-  return trainer.collect_rollouts(_with(ctx, one_pass=one_pass), plan, batch, params, jax.random.key(seed), {})
+  return _collect(ctx, batch, params, seed, one_pass).rows
 
 
 def _loss(ctx, params, rb) -> float:
@@ -95,8 +103,7 @@ def test_greedy_one_pass_gives_the_rows_levels_and_loss_of_the_stages(world):
   base, params, batch = world
   ctx = _with(base, temperature=0.0)  # greedy sampling; the update keeps the run's temperature (base's)
   prompts = batch(8)
-  seq = _rollouts(ctx, prompts, params, 0, one_pass=False)
-  one = _rollouts(ctx, prompts, params, 0, one_pass=True)
+  (seq, _, seq_metrics), (one, _, one_metrics) = (_collect(ctx, prompts, params, 0, one_pass=p) for p in (False, True))
   # A prompt's rows can only differ after a greedy step where two logits of the reference tie within the rounding
   # of the two computations. Every other prompt must match in every field.
   generated = seq.response_mask & ~seq.prefix_mask
@@ -111,7 +118,7 @@ def test_greedy_one_pass_gives_the_rows_levels_and_loss_of_the_stages(world):
   assert one.decode_passes == 1 and seq.decode_passes in (3, 4)  # 4 when a prompt solved 7 of 7 (an 8th rollout)
   assert one.sampled_rows == 8 * 11 and seq.sampled_rows == (seq.kind != losses.ROW_DEMO).sum()
   # The step's metrics show the trade: one pass, 11 rows sampled per prompt; stage by stage, every row sampled used.
-  metrics = {k: trainer.rollout_metrics(rb, 4) for k, rb in (("one", one), ("seq", seq))}
+  metrics = {"one": one_metrics, "seq": seq_metrics}
   assert metrics["one"]["rollout/decode_passes"] == 1 and metrics["seq"]["rollout/decode_passes"] == seq.decode_passes
   assert metrics["one"]["rollout/rows_sampled"] == 88 and metrics["seq"]["rollout/rows_sampled"] == seq.sampled_rows
   assert metrics["one"]["rollout/rows_used"] == (one.kind != losses.ROW_DEMO).sum() < 88
@@ -130,8 +137,8 @@ def test_greedy_one_pass_gives_prefix_rfts_rows_of_the_stages(world):
   plan = algorithms.get("prefix_rft").from_config(ctx.cfg).phase_at(ctx.cfg, 0).rows
   assert microgroup.one_pass_applies(plan) and isinstance(plan.guidance, prefix_rft.DrawnRatio)
   prompts = batch(8)
-  out = {one_pass: trainer.collect_rollouts(_with(ctx, one_pass=one_pass), plan, prompts, params, jax.random.key(0),
-                                            {}, draws=np.random.default_rng(5)) for one_pass in (False, True)}
+  out = {one_pass: _collect(ctx, prompts, params, 0, one_pass, plan=plan, draws=np.random.default_rng(5)).rows
+         for one_pass in (False, True)}
   seq, one = out[False], out[True]
   assert (one.decode_passes, seq.decode_passes) == (1, 2) and one.sampled_rows == seq.sampled_rows == 8 * plan.n
   for f in ("prefix_mask", "ratio", "stage", "kind", "levels", "off_loss_mask"):
@@ -198,11 +205,12 @@ def test_sampled_one_pass_has_the_distribution_of_the_stages(world, monkeypatch)
   # Level 4, the hardest whose solution fits MAX_LEN: the shipped policy fails all four unguided rollouts of most of
   # its prompts (70 % here), which go on to stage 2's 25 % prefixes, the rows the wrong selection below changes.
   prompts = batch(g, levels=(4,))
-  _, grade_fn = trainer.make_rollout_fns(ctx, params, jax.random.key(0), {})
   # Each step's sampler call is made once and kept: the wrong selection below sees the very same samples.
-  samples = [_once(trainer.make_shared_sample_fn(ctx, params, jax.random.key(100 + k), {})) for k in range(STEPS)]
-  one_pass = lambda: _pooled([rollout.collect_one_pass(microgroup.Plan(), prompts, f, grade_fn, ctx.split_ids,
-                                                       pad_id=ctx.pad_id) for f in samples], g)
+  kept = [_with(ctx, one_pass=True) for _ in range(STEPS)]
+  kept = [dataclasses.replace(c, rollouts=dataclasses.replace(c.rollouts, sampler=_Kept(c.rollouts.sampler)))
+          for c in kept]
+  one_pass = lambda: _pooled([c.rollouts.collect(microgroup.Plan(), prompts, params, jax.random.key(100 + k)).rows
+                              for k, c in enumerate(kept)], g)
   seq = _pooled([_rollouts(ctx, prompts, params, k, one_pass=False) for k in range(STEPS)], g)
   one = one_pass()
   assert not _different(one, seq), _different(one, seq)
@@ -217,10 +225,16 @@ def test_sampled_one_pass_has_the_distribution_of_the_stages(world, monkeypatch)
   assert _different(swapped, seq)
 
 
-def _once(f):
-  """f, called once: later calls return the first call's result."""
-  out = []
-  return lambda *args: out[0] if out else out.append(f(*args)) or out[0]
+class _Kept:
+  """A sampler whose later one-pass calls return its first one's rows."""
+
+  def __init__(self, sampler):
+    self.sampler, self.rows = sampler, None
+
+  def sample_shared(self, *args, **kwargs):
+    if self.rows is None:
+      self.rows = self.sampler.sample_shared(*args, **kwargs)
+    return self.rows
 
 
 def _pooled(batches, g: int) -> dict[str, np.ndarray]:

@@ -35,6 +35,8 @@ from trapo_jax.models import hf
 from trapo_jax.models import transformer as tfm
 from trapo_jax.sampling import microgroup
 from trapo_jax.sampling import rollout
+from trapo_jax.sampling import rollouts
+from trapo_jax.train import programs
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 from trapo_jax.train import trainer
@@ -89,7 +91,7 @@ def _state(params, tx):
 def test_official_objective_is_bit_identical_with_every_option_off():
   """The objective the registry builds from the default config, value and gradient, against the frozen copy."""
   cfg, phase = _official()
-  assert trainer.updates_of(cfg, phase) == step_lib.Updates()
+  assert programs.updates_of(cfg, phase) == step_lib.Updates()
   rng = np.random.default_rng(1)
   rows = _rows(1)
   logp = rng.uniform(-6.0, -0.01, (N, LB)).astype(np.float32)
@@ -127,7 +129,7 @@ def test_official_step_is_bit_identical_with_every_option_off():
 
   @functools.partial(jax.jit, static_argnums=0)
   def gradient_and_step(lib, state, batch):  # one program each: the gradient alone, and the whole step
-    extra = dict(updates=trainer.updates_of(cfg, phase)) if lib is step_lib else {}
+    extra = dict(updates=programs.updates_of(cfg, phase)) if lib is step_lib else {}
     return (lib.accumulate_gradients(state.params, batch, weights, **kw)[0],
             lib.train_step(state, batch, weights, tx=tx, **extra, **kw))
 
@@ -325,7 +327,7 @@ def test_overlong_penalty_and_filter():
     cfg.rollout.overlong_buffer = 4
   rb = dataclasses.replace(rb, response_mask=np.arange(16)[None] < np.array([14] * 8)[:, None],
                            kind=np.array([losses.ROW_OWN] * 7 + [losses.ROW_DEMO], np.int32))
-  rewards, m = trainer.shaped_rewards(cfg, rb)
+  rewards, m = rollouts.shaped_rewards(cfg, rb)
   np.testing.assert_allclose(rewards, rb.rewards + np.array([-0.5] * 7 + [0.0]))
   assert m["overlong/penalty_mean"] == pytest.approx(-3.5 / 8)
 

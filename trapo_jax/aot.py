@@ -4,7 +4,8 @@ r"""--mode=compile: the configured run's programs compiled for a device topology
 
 The topology is a Cloud TPU accelerator type (v4-*, v5e-*/v5litepod-*, v5p-*, v6e-*: libtpu's compile-only devices of
 that slice, on any machine where libtpu is installed), `cpu:N` (N simulated host devices), or empty (this machine's
-devices, e.g. its GPUs). For the config's real shapes it compiles
+devices, e.g. its GPUs). For the config's real shapes it compiles what train/programs.py says a run runs, the
+programs the trainer builds from the same functions:
 
   - the train step of every phase of the method (or of every registered method), with the state's and the packed
     batch's shardings (TrainState.shardings, step.packed_sharding);
@@ -31,7 +32,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,11 @@ from trapo_jax import sharding
 from trapo_jax.errors import ConfigError
 from trapo_jax.models import transformer as tfm
 from trapo_jax.sampling import microgroup
+from trapo_jax.sampling import rollouts as rollouts_lib
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, cache_shardings
+from trapo_jax.train import programs as programs_lib
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
-from trapo_jax.train import trainer
 
 GiB = 2 ** 30
 
@@ -220,84 +222,24 @@ def _per_chip(tree) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-class RolloutCall(NamedTuple):
-  """One sampler call of a step: `rows` per prompt, context bucket `width`, decode `budget`; a one-pass call
-  (Sampler.sample_shared) also names its prefixes per prompt, each row's context and the prefill's two widths."""
-  rows: int
-  width: int
-  budget: int
-  branches: tuple[int, ...] = ()  # one-pass: each row's context (0: the bare prompt, b: prefix b - 1)
-  prefixes: int = 0
-  prompt_width: int = 0
-  prefix_width: int = 0
-
-
-def rollout_calls(cfg, phase: algorithms.Phase) -> list[RolloutCall]:
-  """Each sampler call a phase's rows can make, at the largest buckets: a stage after the first may continue an
-  expert prefix of up to (ratio + window) of a demonstration while another prompt of the batch is unguided. With
-  rollout.one_pass, a plan whose stages are chosen by rewards makes one call of all its alternatives (11 rows per
-  prompt for TRAPO's 4, 2, 1, 1; docs/algorithm.md#one-pass)."""
-  d = cfg.data
-  plan = phase.rows
-  stages = plan.stages if phase.samples else (plan.n,)
-  # The longest prefix a generated row continues (Guidance.longest_prefix); demonstrations alone continue none.
-  longest = plan.guidance.longest_prefix(d.max_response_len) if phase.samples else 0
-  room = getattr(plan, "prompt_budget", 0)
-  # Context widths: the prompt and the longest prefix; a prefix in the prompt's budget fills at most the larger of
-  # the budget and the prompt, and every continuation has its whole budget (microgroup.response_width).
-  context = lambda prefix: (max(room, d.max_prompt_len) if room > 0 and prefix else d.max_prompt_len + prefix)
-  if room > 0:
-    longest = min(longest, room)
-  width, continuation = microgroup.response_width(plan, d.max_response_len)
-  budget = bucket(min(width, continuation or width), cap=continuation or width)
-  if cfg.rollout.one_pass and phase.samples and microgroup.one_pass_applies(plan):
-    prefixes, branches = microgroup.one_pass_contexts(plan)
-    prompt_width = bucket(d.max_prompt_len)
-    prefix_width = bucket(longest) if prefixes else 0
-    width = min(bucket(context(longest if prefixes else 0)), prompt_width + prefix_width)
-    return [RolloutCall(len(branches), width, budget, branches, len(prefixes), prompt_width, prefix_width)]
-  # A stage may continue a prefix where the guidance guides it (after the first; UFT's hints from the first on).
-  guided = lambda s: phase.samples and plan.guidance.guides(s)
-  return [RolloutCall(size, bucket(context(longest if guided(s) else 0)), budget)
-          for s, size in enumerate(stages)]
-
-
 def train_program(cfg, phase: algorithms.Phase, model_cfg: tfm.ModelConfig, mesh, tx, state, state_tx=None) -> Program:
-  """The phase's jitted train step (step.jit_train_step, as the trainer builds it) for its packed batch at the
-  longest sequences. tx: the phase's optimizer; state_tx: the state's whole optimizer when the method has several."""
-  rows = cfg.train.batch_prompts * phase.rows_per_prompt
-  t = trainer.longest_sequence(cfg, phase) or cfg.data.max_prompt_len + cfg.data.max_response_len
-  lb, _ = microgroup.response_width(phase.rows, cfg.data.max_response_len)  # a prefix in the prompt widens it
-  shards = sharding.local_batch_shards(mesh)
-  updates = trainer.updates_of(cfg, phase)  # the trainer's layout: its mini-batches and declared micro-batches
-  mb = step_lib.layout_rows(rows, t, cfg.train.micro_batch_tokens, shards, updates.mini_batches,
-                            updates.micro_batches)
-  m = rows // mb
-  shapes = dict(seq_tokens=((m, mb, t), jnp.int32), seq_mask=((m, mb, t), jnp.bool_), resp_start=((m, mb), jnp.int32),
-                resp_tokens=((m, mb, lb), jnp.int32), prefix_mask=((m, mb, lb), jnp.bool_),
-                off_loss_mask=((m, mb, lb), jnp.bool_), response_mask=((m, mb, lb), jnp.bool_),
-                advantages=((m, mb), jnp.float32), rewards=((m, mb), jnp.float32), kind=((m, mb), jnp.int32))
-  if phase.prefix_advantages:
-    shapes["prefix_advantages"] = ((m, mb), jnp.float32)
-  packed = step_lib.packed_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=packed) for k, (s, dt) in shapes.items()}
-  weights = jax.ShapeDtypeStruct((phase.objective.num_weights,), jnp.float32, sharding=sharding.replicated(mesh))
-  reference = trainer.uses_reference(phase)
-  fn = step_lib.jit_train_step(tx, model_cfg, mesh, objective=phase.objective, chunk_size=cfg.train.logprob_chunk,
-                               temperature=phase.temperature, updates=updates, state_tx=state_tx,
-                               reference=reference)
+  """The phase's jitted train step (programs.train_step, the trainer's) for its packed batch at the longest
+  sequences. tx: the phase's optimizer; state_tx: the state's whole optimizer when the method has several."""
+  fn = programs_lib.train_step(cfg, phase, model_cfg, mesh, tx, state_tx)
+  args, lay = programs_lib.train_args(cfg, phase, mesh, state)
 
   def lower():
     with sharding.activate(mesh):
-      return fn.lower(state, batch, weights, *((state.params,) if reference else ()))
+      return fn.lower(*args)
 
-  fixes = []
-  if mb > shards and not updates.micro_batches:  # a declared count fixes the layout
+  fixes = []  # a count of micro-batches the phase declares fixes its layout
+  if lay.micro_rows > sharding.local_batch_shards(mesh) and not programs_lib.updates_of(cfg, phase).micro_batches:
     fixes.append(f"--config.train.micro_batch_tokens={max(1, cfg.train.micro_batch_tokens // 2)}")
   if cfg.model.remat != "full":
     fixes.append("--config.model.remat=full")
   fixes += _tensor_fix(cfg, model_cfg, mesh)
-  return Program("train", f"train step ({phase.name})", f"{rows} sequences of {t} tokens, {m} micro-batches of {mb}",
+  return Program("train", f"train step ({phase.name})",
+                 f"{lay.rows} sequences of {lay.seq} tokens, {lay.micro_batches} micro-batches of {lay.micro_rows}",
                  lower, fixes=tuple(fixes), opt_state=_per_chip(state.opt_state))
 
 
@@ -315,10 +257,12 @@ def _abstract_cache(model_cfg: tfm.ModelConfig, rows: int, slots: int, mesh) -> 
                       cache_shardings(model_cfg, mesh))
 
 
-def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: int, width: int, budget: int,
+def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, call: programs_lib.RolloutCall,
                      max_len: int, prompt_len: int, sp: SamplingParams, mesh, resident: int,
-                     fixes: tuple[str, ...], call: RolloutCall | None = None) -> list[Program]:
-  """The prefill and decode of one sampler call; `call` with branches: a one-pass call (Sampler.sample_shared)."""
+                     fixes: tuple[str, ...]) -> list[Program]:
+  """The prefill and decode of one sampler call of `prompts` prompts; a call with branches: a one-pass call
+  (Sampler.sample_shared)."""
+  n, width, budget = call.rows, call.width, call.budget
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   prompts = -(-prompts // shards) * shards  # the sampler pads rows to split over the batch shards
   kv = _abstract_cache(sampler.cfg, prompts * n, width + budget, mesh)
@@ -326,7 +270,7 @@ def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: i
 
   def part(i):
     def lower():
-      if not lowered and call is not None and call.branches:
+      if not lowered and call.branches:
         lowered["both"] = sampler.lower_shared(
             params, prompts=prompts, prompt_len=prompt_len, max_len=max_len, prefixes=call.prefixes,
             branches=call.branches, prompt_width=call.prompt_width, prefix_width=call.prefix_width, width=width,
@@ -337,7 +281,7 @@ def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: i
       return lowered["both"][i]
     return lower
 
-  rows = f"{n} rows in one pass ({call.prefixes} prefixes)" if call is not None and call.branches else f"{n} samples"
+  rows = f"{n} rows in one pass ({call.prefixes} prefixes)" if call.branches else f"{n} samples"
   layout = f"{prompts} prompts x {rows}, cache {width} + {budget} slots"
   return [Program(label, f"{label} prefill", layout, part(0), kv_bytes=_per_chip(kv), resident=resident, fixes=fixes,
                   opt_state=resident),
@@ -348,14 +292,12 @@ def sampler_programs(label: str, sampler: Sampler, params, *, prompts: int, n: i
 def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh,
                  log: Callable[[str], None] = print) -> list[Program]:
   """Every program of the run for each method in `methods` (one the config cannot run is skipped, saying why), each
-  distinct program once."""
+  distinct program once: what train/programs.py says each phase and the evaluation run."""
   tx = state_lib.make_optimizer(cfg.optim)
   state = state_lib.TrainState.abstract(model_cfg, mesh, tx)
-  opt_bytes = _per_chip(state.opt_state)
   sampler = Sampler(model_cfg, mesh=mesh)
-  d, r, e = cfg.data, cfg.rollout, cfg.eval
   programs: dict[tuple, Program] = {}
-  eval_resident = opt_bytes  # the evaluation runs beside the largest optimizer state of the methods
+  eval_resident = _per_chip(state.opt_state)  # the evaluation runs beside the largest optimizer state of the methods
   for name in methods:
     mcfg = copy.deepcopy(cfg)
     mcfg.algo = name
@@ -365,40 +307,46 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
       log(f"skipped {name}: {err}")
       continue
     method = algorithms.from_config(mcfg)
-    txs = trainer.make_optimizers(mcfg, method)  # a second optimizer (ReLIFT's) adds its moments to the state
-    state_tx = trainer.state_optimizer(mcfg, txs)
+    txs = programs_lib.make_optimizers(mcfg, method)  # a second optimizer (ReLIFT's) adds its moments to the state
+    state_tx = programs_lib.state_optimizer(mcfg, txs)
     mstate = state if txs is None else state_lib.TrainState.abstract(model_cfg, mesh, state_tx)
     resident = _per_chip(mstate.opt_state)
     eval_resident = max(eval_resident, resident)
     for phase in method.phases(mcfg):
       key = ("train", name, phase.name)
-      programs[key] = train_program(mcfg, phase, model_cfg, mesh, trainer.phase_optimizer(txs, state_tx, phase),
+      programs[key] = train_program(mcfg, phase, model_cfg, mesh, programs_lib.phase_optimizer(txs, state_tx, phase),
                                     mstate, state_tx)
       if len(methods) > 1:
         programs[key].name = f"train step ({name}/{phase.name})"
-      if not phase.samples:
-        continue
-      # The call with the most cache slots of the phase (rows x slots: its KV cache).
-      call = max(rollout_calls(mcfg, phase), key=lambda c: (c.rows * (c.width + c.budget), c.rows))
-      max_len, _ = microgroup.response_width(phase.rows, d.max_response_len)
-      key = ("rollout",) + tuple(call) + (max_len, phase.temperature)
-      if key not in programs:
-        sp = SamplingParams(phase.temperature, r.top_p, r.top_k, (0,), 0)
-        for p in sampler_programs("rollout", sampler, state.params, prompts=cfg.train.batch_prompts, n=call.rows,
-                                  width=call.width, budget=call.budget, max_len=max_len,
-                                  prompt_len=d.max_prompt_len, sp=sp, mesh=mesh, resident=resident, call=call,
-                                  fixes=tuple(_tensor_fix(cfg, model_cfg, mesh)) + ("a larger slice",)
-                                  + (("--config.rollout.one_pass=False",) if call.branches else ())):
-          programs[key + (p.name,)] = p
-  n = max(e.samples[b] for b in e.benchmarks)
-  sp = SamplingParams(e.temperature, e.top_p, -1, (0,), 0)
-  fixes = (f"--config.eval.batch_size={e.batch_size // 2}",) if e.batch_size > 1 else ()
-  for p in sampler_programs("eval", sampler, state.params, prompts=e.batch_size, n=n,
-                            width=bucket(d.max_prompt_len), budget=bucket(e.max_new_tokens, cap=e.max_new_tokens),
-                            max_len=e.max_new_tokens, prompt_len=d.max_prompt_len, sp=sp, mesh=mesh,
-                            resident=eval_resident, fixes=fixes + tuple(_tensor_fix(cfg, model_cfg, mesh))):
+      if phase.samples:
+        call, max_len, sp = _rollout_call(mcfg, phase)
+        key = ("rollout",) + tuple(call) + (max_len, sp)
+        if key not in programs:
+          for p in _rollout_programs(mcfg, call, max_len, sp, model_cfg, mesh, sampler, state.params, resident):
+            programs[key + (p.name,)] = p
+  e = programs_lib.eval_call(cfg)
+  fixes = (f"--config.eval.batch_size={e.prompts // 2}",) if e.prompts > 1 else ()
+  for p in sampler_programs("eval", sampler, state.params, prompts=e.prompts, call=e.call, max_len=e.max_len,
+                            prompt_len=cfg.data.max_prompt_len, sp=e.sp, mesh=mesh, resident=eval_resident,
+                            fixes=fixes + tuple(_tensor_fix(cfg, model_cfg, mesh))):
     programs[("eval", p.name)] = p
   return list(programs.values())
+
+
+def _rollout_call(cfg, phase: algorithms.Phase) -> tuple[programs_lib.RolloutCall, int, SamplingParams]:
+  """(call, row width, sampling) of the phase's sampler call with the most cache slots (rows x slots: its KV
+  cache)."""
+  max_len, _ = microgroup.response_width(phase.rows, cfg.data.max_response_len)
+  return programs_lib.largest_rollout_call(cfg, phase), max_len, programs_lib.rollout_sampling(cfg)
+
+
+def _rollout_programs(cfg, call: programs_lib.RolloutCall, max_len: int, sp: SamplingParams, model_cfg, mesh,
+                      sampler, params, resident: int) -> list[Program]:
+  """The prefill and decode of a rollout call of train.batch_prompts prompts, with the fixes to try."""
+  fixes = (tuple(_tensor_fix(cfg, model_cfg, mesh)) + ("a larger slice",)
+           + (("--config.rollout.one_pass=False",) if call.branches else ()))
+  return sampler_programs("rollout", sampler, params, prompts=cfg.train.batch_prompts, call=call, max_len=max_len,
+                          prompt_len=cfg.data.max_prompt_len, sp=sp, mesh=mesh, resident=resident, fixes=fixes)
 
 
 _OOM = (re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm"),
@@ -466,9 +414,8 @@ def layer_estimates(cfg, model_cfg: tfm.ModelConfig, mesh, chip: Chip) -> dict[s
   with sharding.activate(mesh):
     train = jax.jit(jax.grad(train_loss), out_shardings=param_sh).lower(params, tokens).compile()
   # A RolloutCall has more fields than these three (a one-pass call's contexts): name them, do not unpack it.
-  call = max(rollout_calls(cfg, phase), key=lambda c: (c.rows * (c.width + c.budget), c.rows)) if phase.samples \
-      else RolloutCall(1, bucket(cfg.data.max_prompt_len), bucket(cfg.data.max_response_len,
-                                                                  cap=cfg.data.max_response_len))
+  call = programs_lib.largest_rollout_call(cfg, phase) if phase.samples else programs_lib.RolloutCall(
+      1, bucket(cfg.data.max_prompt_len), bucket(cfg.data.max_response_len, cap=cfg.data.max_response_len))
   n, width, budget = call.rows, call.width, call.budget
   b = -(-cfg.train.batch_prompts // shards) * shards * n  # the sampler's rows: prompts padded to the shards, x n
   cache = _abstract_cache(one, b, width + budget, mesh)
@@ -618,7 +565,7 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   estimates; judges nothing. depth: the model's number of layers where the config asks for fewer (0: the
   config's): each program is then compiled at two depths and its memory extrapolated to `depth`."""
   tgt = target(topology)
-  cfg = validated(cfg, len(tgt.devices))
+  cfg = validated(rollouts_lib.resolve_one_pass(cfg, tgt.devices[0].platform), len(tgt.devices))
   model_cfg, source = model_config(cfg)
   model_cfg = for_platform(model_cfg, tgt.devices[0].platform)
   depth = max(depth, model_cfg.num_layers)

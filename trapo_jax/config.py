@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
       top_k=-1,
       # Sample every stage's alternatives in one decode pass and keep, after grading, the rows the stages would have
       # chosen (docs/algorithm.md#one-pass); False runs the stages one after the other. The same rows either way.
-      one_pass=True,
+      # None (default): by backend, one pass on GPU/TPU, the stages on CPU (rollouts.one_pass_default).
+      one_pass=ml_collections.config_dict.placeholder(bool),
       # DAPO's overlong handling (docs/algorithm.md#rl-options): off by default.
       overlong_buffer=0,  # soft overlong punishment over the last this many tokens of data.max_response_len; 0 = off
       overlong_penalty=1.0,  # the punishment at data.max_response_len tokens
@@ -179,7 +180,9 @@ def _check_same_schema(cfg, schema, prefix: str) -> None:
         raise ConfigError(f"{path}: expected a group of keys, got {type(value).__name__}")
       _check_same_schema(value, ref, path + ".")
       continue
-    if isinstance(ref, bool) or isinstance(value, bool):
+    if ref is None:  # a placeholder (None: chosen at run time), or a value of its declared type
+      ok = value is None or isinstance(value, schema.get_type(key))
+    elif isinstance(ref, bool) or isinstance(value, bool):
       ok = isinstance(value, bool) and isinstance(ref, bool)
     elif isinstance(ref, float):
       ok = isinstance(value, (int, float))

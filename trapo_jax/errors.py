@@ -21,6 +21,11 @@ class ConfigError(UserError, ValueError):
   """A config key has a value that cannot work; the message starts with the key."""
 
 
+class TrainingError(RuntimeError):
+  """A run that cannot go on as configured (updates non-finite train.max_bad_steps times in a row, a method asking
+  for what the run lacks); main prints it as one line too. Raised by the trainer and the layers it builds on."""
+
+
 def require(cond: bool, key: str, msg: str) -> None:
   """Raises ConfigError("<key>: <msg>") unless `cond`."""
   if not cond:

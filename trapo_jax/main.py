@@ -280,7 +280,7 @@ def main(argv: list[str]) -> None:
     fail(f"config error: {_reason(str(e))}")
   except errors.UserError as e:
     fail(f"error: {_reason(str(e))}")
-  except trainer.TrainingError as e:
+  except errors.TrainingError as e:
     fail(f"training error: {_reason(str(e))}")
   except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, compiling, evaluating): nothing to save
     print("interrupted", file=sys.stderr, flush=True)

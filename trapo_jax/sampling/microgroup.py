@@ -11,7 +11,7 @@ follows the grading. How the stages continue expert prefixes is its `guidance`, 
 none (`Unguided`), TRAPO's adaptive levels (`AdaptiveLevels`), one fixed ratio (`FixedRatio`: TRAPO's ablation,
 LUFFY's and SRFT's demonstration row), and in the methods' own modules Prefix-RFT's drawn ratio
 (`algorithms.prefix_rft.DrawnRatio`) and UFT's hints (`algorithms.uft.Hints`), both drawn at random (`Drawn`). The
-stages (`rollout.collect`), one decode pass (`rollout.collect_one_pass`) and the compile mode (`aot.rollout_calls`)
+stages (`rollout.collect`), one decode pass (`rollout.collect_one_pass`) and the compile mode (`programs.rollout_calls`)
 ask the guidance and never its kind: a new rollout shape is one class.
 
 All functions here are pure and host-side (numpy); the trainer calls them between sampler and grader calls.

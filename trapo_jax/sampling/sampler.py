@@ -42,7 +42,7 @@ _DECODE_SEGMENTS = 4  # more segments read less cache but compile one more loop 
 
 
 @flax.struct.dataclass
-class Rollouts:
+class SampledRows:
   """Sampler output; rows are prompt-major (the n samples of prompt i are rows i*n .. i*n+n-1)."""
   tokens: jax.Array  # [B*n, L] prefix + continuation, pad_id after the end
   prefix_mask: jax.Array  # [B*n, L] bool: forced expert tokens
@@ -276,7 +276,7 @@ class Sampler:
       s = jax.lax.while_loop(lambda s, stop=stop: (s.step < stop) & ~jnp.all(s.done),
                              functools.partial(body, attend=width + stop), s)
     pos = jnp.arange(resp_len)[None]
-    out = Rollouts(tokens=s.tokens, prefix_mask=pos < state.lengths[:, None], response_mask=pos < s.lengths[:, None],
+    out = SampledRows(tokens=s.tokens, prefix_mask=pos < state.lengths[:, None], response_mask=pos < s.lengths[:, None],
                    logprobs=s.logprobs, lengths=s.lengths, eos=s.eos)
     # Returning the final state lets the donated input buffers hold the loop state in place (no cache copy).
     return out, s
@@ -333,10 +333,10 @@ class Sampler:
              prefix_lens: np.ndarray | None = None, *, max_len: int, rng: jax.Array, n: int = 1,
              active: np.ndarray | None = None, row_ids: np.ndarray | None = None,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, eos_ids: Sequence[int] = (),
-             pad_id: int = 0, continuation: int = 0) -> Rollouts:
+             pad_id: int = 0, continuation: int = 0) -> SampledRows:
     """prompts [B, P] right-padded + lengths [B]; prefixes [B, K] right-padded + lengths [B] (None: no prefix).
 
-    Returns Rollouts with B*n rows of width `max_len` (= L: prefix + continuation). Greedy when temperature == 0.
+    Returns SampledRows with B*n rows of width `max_len` (= L: prefix + continuation). Greedy when temperature == 0.
     continuation > 0: no row generates more than this many tokens (its prefix does not count).
     Rows with active [B] False are not generated: their response is the prefix alone (the full expert sample).
     row_ids [B] (default 0..B-1) key each row's randomness: sample j of row r draws from fold_in(rng, r, j), so
@@ -379,7 +379,7 @@ class Sampler:
   def sample_shared(self, params, prompts: np.ndarray, prompt_lens: np.ndarray, prefixes: np.ndarray,
                     prefix_lens: np.ndarray, *, branches: Sequence[int], row_ids: np.ndarray, sample_ids: np.ndarray,
                     max_len: int, rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
-                    eos_ids: Sequence[int] = (), pad_id: int = 0, continuation: int = 0) -> Rollouts:
+                    eos_ids: Sequence[int] = (), pad_id: int = 0, continuation: int = 0) -> SampledRows:
     """Rows of several contexts per prompt in one decode pass, each prompt prefilled once (docs/algorithm.md#one-pass).
 
     prompts [G, P] right-padded + lengths [G]; prefixes [G, X, K] right-padded + lengths [G, X]: a prompt's X

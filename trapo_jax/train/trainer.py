@@ -1,9 +1,11 @@
 """The one training loop: every registered method (trapo_jax/algorithms/) differs only by the rows and objective of
 its phases.
 
-A step: the phase's rows (stages of rollouts with the grader between them, or demonstrations) -> group advantages
--> jitted, sharded objective + AdamW update -> metrics. Checkpoints (orbax) hold the train state and the data position; a run started on a workdir with
-a checkpoint resumes from it exactly; SIGTERM and Ctrl-C save and exit.
+A step: the phase's rows (Rollouts.collect, trapo_jax/sampling/rollouts.py: stages of rollouts with the grader between
+them, or demonstrations) -> group advantages -> the phase's jitted, sharded objective + AdamW update (train/programs.py
+says which) -> metrics. The trainer holds the loop, the state and the checkpoints: orbax checkpoints hold the train
+state and the data position; a run started on a workdir with a checkpoint resumes from it exactly; SIGTERM and Ctrl-C
+save and exit.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import signal
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -28,24 +28,22 @@ from trapo_jax import errors
 from trapo_jax import losses
 from trapo_jax import paths
 from trapo_jax import sharding
+from trapo_jax.errors import TrainingError
 from trapo_jax.models import hf
-from trapo_jax.sampling import microgroup
+from trapo_jax.sampling import rollout as rollout_lib
+from trapo_jax.sampling import rollouts as rollouts_lib
 from trapo_jax.sampling.sampler import Sampler
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
-from trapo_jax.sampling import rollout as rollout_lib
+from trapo_jax.train import programs
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 from trapo_jax.train import workdir as workdir_lib
 
 
-class TrainingError(RuntimeError):
-  pass
-
-
 @dataclasses.dataclass
 class Context:
-  """Everything a run builds once: mesh, model, tokenizer, method, sampler."""
+  """Everything a run builds once: mesh, model, tokenizer, method, sampler and the rollouts over it."""
   cfg: Any
   workdir: str
   method: algorithms.Method
@@ -54,9 +52,8 @@ class Context:
   tokenizer: Any
   tx: Any
   sampler: Sampler
-  eos_ids: tuple[int, ...]
   pad_id: int
-  split_ids: np.ndarray
+  rollouts: rollouts_lib.Rollouts | None = None  # the phases' rows (sampling/rollouts.py), over `sampler`
   reference: Any = None  # the frozen reference policy of the KL options, built on first use (reference_policy)
   # Optimizers by name ("" the run's), when the method has more than one: their states share the train state.
   txs: dict[str, Any] | None = None
@@ -69,32 +66,7 @@ class Context:
     return sharding.local_batch_shards(self.mesh)
 
   def tx_of(self, phase: algorithms.Phase):
-    return phase_optimizer(self.txs, self.tx, phase)
-
-
-def make_optimizers(cfg, method: algorithms.Method) -> dict[str, Any] | None:
-  """The method's optimizers by name when it declares any besides the run's (cfg.optim), else None."""
-  extra = method.optimizers(cfg)
-  if not extra:
-    return None
-  txs = {"": state_lib.make_optimizer(cfg.optim)}
-  for name, changes in sorted(extra.items()):
-    txs[name] = state_lib.make_optimizer(ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **changes)))
-  return txs
-
-
-def state_optimizer(cfg, txs: dict[str, Any] | None):
-  """The state's whole optimizer: the run's, or all of the method's in one state (state.slot, the first updating)."""
-  return state_lib.make_optimizer(cfg.optim) if txs is None else state_lib.slot(tuple(txs.values()), 0)
-
-
-def phase_optimizer(txs: dict[str, Any] | None, tx, phase: algorithms.Phase):
-  """The optimizer a phase updates with: the run's (`tx`), or its slot of the shared state."""
-  if txs is None:
-    if phase.optimizer:
-      raise TrainingError(f"phase {phase.name}: optimizer {phase.optimizer!r} is not one of the method's")
-    return tx
-  return state_lib.slot(tuple(txs.values()), list(txs).index(phase.optimizer))
+    return programs.phase_optimizer(self.txs, self.tx, phase)
 
 
 def build_context(cfg, workdir: str) -> Context:
@@ -110,13 +82,12 @@ def build_context(cfg, workdir: str) -> Context:
   if len(tokenizer) > model_cfg.vocab_size:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
   method = algorithms.from_config(cfg)
-  txs = make_optimizers(cfg, method)
-  return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg,
-                 tokenizer=tokenizer,
-                 tx=state_optimizer(cfg, txs),
-                 sampler=Sampler(model_cfg, mesh=mesh),
-                 eos_ids=(int(tokenizer.eos_token_id),), pad_id=pipeline.pad_id(tokenizer),
-                 split_ids=microgroup.split_token_ids(tokenizer), txs=txs, algo_state=method.initial_state(cfg))
+  txs = programs.make_optimizers(cfg, method)
+  sampler = Sampler(model_cfg, mesh=mesh)
+  return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
+                 tx=programs.state_optimizer(cfg, txs), sampler=sampler, pad_id=pipeline.pad_id(tokenizer),
+                 rollouts=rollouts_lib.Rollouts.build(cfg, sampler, tokenizer), txs=txs,
+                 algo_state=method.initial_state(cfg))
 
 
 def with_data_length(ctx: Context) -> Context:
@@ -132,137 +103,10 @@ def with_data_length(ctx: Context) -> Context:
   logging.info("%s: %s, from %d training examples", cfg.algo, ", ".join(f"{k}={v}" for k, v in changes.items()),
                len(ctx.loader.examples))
   method = algorithms.from_config(cfg)
-  txs = make_optimizers(cfg, method)
-  return dataclasses.replace(ctx, cfg=cfg, method=method, txs=txs, tx=state_optimizer(cfg, txs))
-
-
-def make_rollout_fns(ctx: Context, params, rng: jax.Array, timings: dict[str, float], plan=None):
-  """sample_fn / grade_fn closures for rollout.collect, timing each part; rows as wide as the plan's
-  (microgroup.response_width: a prefix in the prompt's budget widens them)."""
-  r = ctx.cfg.rollout
-  width, continuation = microgroup.response_width(plan, ctx.cfg.data.max_response_len)
-
-  def sample_fn(prompt_ids, prompt_lens, prefix_ids, prefix_lens, active, n, row_ids):
-    t = time.perf_counter()
-    # Rows are keyed by (prompt's position in the global batch, stage, alternative) through row_ids, and every call
-    # of the step shares `rng`: the same samples however the batch is split, and whichever path asks for them.
-    out = ctx.sampler.sample(params, prompt_ids, prompt_lens, prefix_ids, prefix_lens, active=active, row_ids=row_ids,
-                             max_len=width, rng=rng, n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                             eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, continuation=continuation)
-    out = _host_rows(out)  # waits for the decode
-    timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
-    return out
-
-  def grade_fn(tokens, response_mask, answers):
-    from trapo_jax import rewards
-    t = time.perf_counter()
-    from trapo_jax.data import pipeline
-    texts = pipeline.decode_responses(ctx.tokenizer, tokens, response_mask)
-    # The official training reward is math-verify alone (no boxed fallback, which only the evaluation uses).
-    scores = rewards.grade_batch(texts, answers, timeout_s=ctx.cfg.eval.grader_timeout_s,
-                                 workers=ctx.cfg.eval.grader_workers, fallback=False)
-    stats = rewards.last_stats()
-    timings["grader_timeouts"] = timings.get("grader_timeouts", 0) + stats.timeouts
-    timings["grader_restarts"] = timings.get("grader_restarts", 0) + stats.restarts
-    timings["grading"] = timings.get("grading", 0.0) + time.perf_counter() - t
-    return np.asarray(scores, np.float32)
-
-  return sample_fn, grade_fn
-
-
-def _host_rows(out) -> tuple[np.ndarray, ...]:
-  """The sampler's rows as rollout.collect takes them: tokens, prefix_mask, response_mask, logprobs, eos."""
-  return (np.asarray(out.tokens), np.asarray(out.prefix_mask), np.asarray(out.response_mask),
-          np.asarray(out.logprobs), np.asarray(out.eos))
-
-
-def make_shared_sample_fn(ctx: Context, params, rng: jax.Array, timings: dict[str, float], plan=None):
-  """The sampler closure of rollout.collect_one_pass (Sampler.sample_shared), keyed, timed and as wide as
-  make_rollout_fns'."""
-  r = ctx.cfg.rollout
-  width, continuation = microgroup.response_width(plan, ctx.cfg.data.max_response_len)
-
-  def sample_fn(prompt_ids, prompt_lens, prefixes, prefix_lens, branches, row_ids, sample_ids):
-    t = time.perf_counter()
-    out = ctx.sampler.sample_shared(params, prompt_ids, prompt_lens, prefixes, prefix_lens, branches=branches,
-                                    row_ids=row_ids, sample_ids=sample_ids, max_len=width, rng=rng,
-                                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_ids=ctx.eos_ids,
-                                    pad_id=ctx.pad_id, continuation=continuation)
-    out = _host_rows(out)
-    timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t
-    return out
-
-  return sample_fn
-
-
-def collect_rollouts(ctx: Context, plan: microgroup.Plan, local, params, rng: jax.Array, timings: dict[str, float],
-                     draws: np.random.Generator | None = None) -> rollout_lib.RolloutBatch:
-  """This process's share of a prompt batch's rows: in one decode pass if rollout.one_pass and the plan's stages
-  are chosen by rewards (microgroup.one_pass_applies), else stage by stage. draws: the plan's host draws."""
-  sample_fn, grade_fn = make_rollout_fns(ctx, params, rng, timings, plan)
-  first = jax.process_index() * local.prompt_ids.shape[0]
-  if ctx.cfg.rollout.one_pass and microgroup.one_pass_applies(plan):
-    return rollout_lib.collect_one_pass(plan, local, make_shared_sample_fn(ctx, params, rng, timings, plan),
-                                        grade_fn, ctx.split_ids, first, pad_id=ctx.pad_id, rng=draws)
-  return rollout_lib.collect(plan, local, sample_fn, grade_fn, ctx.split_ids, rng=draws, first_prompt=first)
-
-
-def global_rollouts(rb: rollout_lib.RolloutBatch) -> rollout_lib.RolloutBatch:
-  """Every process's rows (for metrics): on several processes, the small per-row fields gathered."""
-  if jax.process_count() == 1:
-    return rb
-  from jax.experimental import multihost_utils
-  fields = dict(rewards=rb.rewards, stage=rb.stage, ratio=rb.ratio, levels=rb.levels, group_ids=rb.group_ids,
-                prefix_mask=rb.prefix_mask, response_mask=rb.response_mask)
-  if rb.truncated is not None:
-    fields["truncated"] = rb.truncated
-  if rb.in_group is not None:
-    fields["in_group"] = rb.in_group
-  gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()}
-  counts = np.asarray(multihost_utils.process_allgather(np.asarray([rb.sampled_rows, rb.decode_passes])))
-  return dataclasses.replace(rb, **gathered, kind=np.asarray(multihost_utils.process_allgather(rb.kind, tiled=True)),
-                             sampled_rows=int(counts[:, 0].sum()), decode_passes=int(counts[:, 1].max()))
-
-
-def rollout_metrics(rb: rollout_lib.RolloutBatch, num_stages: int) -> dict[str, float]:
-  """Rewards per stage, hint-level fractions, own vs expert lengths, solve-all/none (docs/algorithm.md#evaluation).
-
-  Rewards are those of the graded rows in their prompt's group (demonstration rows a plan adds are not graded);
-  lengths those of rows that kept their tokens."""
-  rb = global_rollouts(rb)
-  graded = np.ones(rb.rewards.shape, bool) if rb.in_group is None else rb.in_group
-  kept = rb.lengths > 0
-  m: dict[str, float] = {"reward/mean": float(rb.rewards[graded].mean())}
-  for s in range(num_stages):
-    sel = (rb.stage == s) & graded
-    if sel.any():
-      m[f"reward/stage_{s + 1}"] = float(rb.rewards[sel].mean())
-  own = (rb.ratio == 0) & graded
-  if own.any():
-    m["reward/own"] = float(rb.rewards[own].mean())
-  if (own & kept).any():
-    m["length/own"] = float(rb.lengths[own & kept].mean())
-  expert = rb.ratio >= 1
-  if expert.any():
-    m["length/expert"] = float(rb.lengths[expert].mean())
-  guided = (rb.ratio > 0) & (rb.ratio < 1) & graded
-  if guided.any():
-    m["reward/guided"] = float(rb.rewards[guided].mean())
-  top = rb.levels.max(axis=1)
-  for level in range(num_stages):
-    m[f"hint_level_{level}"] = float((top == level).mean())
-  per_prompt = np.where(graded, rb.rewards, np.nan).reshape(rb.levels.shape[0], -1)
-  m["solve_all"] = float((np.nanmin(per_prompt, 1) == 1).mean())
-  m["solve_none"] = float((np.nanmax(per_prompt, 1) == 0).mean())
-  m["prefix_tokens"] = float(rb.prefix_mask.sum())
-  if rb.truncated is not None:
-    m["overlong/truncated_frac"] = float(rb.truncated.mean())
-  m["response_tokens"] = float(rb.response_mask.sum())
-  # What one-pass sampling trades: one decode pass for more rows generated than used (docs/algorithm.md#one-pass).
-  m["rollout/decode_passes"] = float(rb.decode_passes)
-  m["rollout/rows_sampled"] = float(rb.sampled_rows)
-  m["rollout/rows_used"] = float(((rb.kind != losses.ROW_DEMO) & kept).sum())  # generated rows the batch keeps
-  return m
+  txs = programs.make_optimizers(cfg, method)
+  rollouts = None if ctx.rollouts is None else dataclasses.replace(ctx.rollouts, cfg=cfg)
+  return dataclasses.replace(ctx, cfg=cfg, method=method, txs=txs, tx=programs.state_optimizer(cfg, txs),
+                             rollouts=rollouts)
 
 
 class _Preemption:
@@ -310,35 +154,7 @@ class _Preemption:
 def jit_step(ctx: Context, phase: algorithms.Phase):
   """The phase's train step, compiled on first use: (state, packed batch, term weights[, reference params]) ->
   (state, metrics), every sharding stated (step.jit_train_step)."""
-  return step_lib.jit_train_step(ctx.tx_of(phase), ctx.model_cfg, ctx.mesh, objective=phase.objective,
-                                 chunk_size=ctx.cfg.train.logprob_chunk, temperature=phase.temperature,
-                                 updates=updates_of(ctx.cfg, phase), state_tx=ctx.tx,
-                                 reference=uses_reference(phase))
-
-
-def updates_of(cfg, phase: algorithms.Phase) -> step_lib.Updates:
-  """The phase's PPO epochs, mini-batches and micro-batch accumulation (the phase's own where it declares them); a
-  phase of demonstrations alone (SFT) makes one update, as the official SFT step does, and has no sampler log-probs."""
-  t = cfg.train
-  accumulate = dict(micro_reduce=phase.micro_reduce, micro_batches=phase.micro_batches)
-  if not phase.samples:
-    return step_lib.Updates(epochs=1, mini_batches=1, old_logp="recompute", **accumulate)
-  return step_lib.Updates(epochs=t.ppo_epochs, mini_batches=phase.mini_batches or t.mini_batches, old_logp=t.old_logp,
-                          **accumulate)
-
-
-def longest_sequence(cfg, phase: algorithms.Phase) -> int | None:
-  """The longest prompt + response of a phase whose prefixes sit in the prompt's budget (Plan.prompt_budget): a
-  prompt (at most data.max_prompt_len) and its prefix fill at most the larger of the two, the continuation at most
-  data.max_response_len. None for the others (the prompt and response widths bound it)."""
-  budget = getattr(phase.rows, "prompt_budget", 0)
-  if budget <= 0:
-    return None
-  return max(budget, cfg.data.max_prompt_len) + cfg.data.max_response_len
-
-
-def uses_reference(phase: algorithms.Phase) -> bool:
-  return any(t.loss == "reference_kl" for t in phase.objective.terms)
+  return programs.train_step(ctx.cfg, phase, ctx.model_cfg, ctx.mesh, ctx.tx_of(phase), state_tx=ctx.tx)
 
 
 def reference_policy(ctx: Context):
@@ -426,29 +242,11 @@ def kl_reward_penalty(ctx: Context, params, placed: dict, packed, phase: algorit
   rows (its old log-probs) and the reference policy: the KL as a reward penalty (docs/algorithm.md#rl-options)."""
   cfg = ctx.cfg
   ref = _packed_logprobs(ctx, reference_policy(ctx), placed, phase, step_fns)
-  old = (packed.sampler_logp if updates_of(cfg, phase).old_logp == "sampler"
+  old = (packed.sampler_logp if programs.updates_of(cfg, phase).old_logp == "sampler"
          else _packed_logprobs(ctx, params, placed, phase, step_fns))
   kl = np.asarray(losses.kl_estimate(jnp.asarray(old), jnp.asarray(ref), cfg.loss.kl_estimator))
   own = packed.response_mask & ~packed.prefix_mask
   return cfg.loss.kl_coef * np.where(own, kl, 0.0).sum(-1).reshape(-1)
-
-
-def refill(ctx: Context, rb: rollout_lib.RolloutBatch, collect, more_prompts) -> tuple[Any, dict]:
-  """DAPO's dynamic sampling over the prompts `more_prompts` yields after this step's (train.dynamic_sampling)."""
-  if more_prompts is None:
-    raise TrainingError("train.dynamic_sampling: this step was given no further prompts to draw refills from")
-  more = lambda: collect(local_share(next(more_prompts), jax.process_index(), jax.process_count()))
-  # Every process must make the same rounds: it goes on while any process lacks informative groups.
-  all_done = lambda done: sharding.agree_max(int(not done))[0] == 0
-  rb, stats = rollout_lib.dynamic_sampling(rb, more, groups=rb.levels.shape[0],
-                                           max_rounds=ctx.cfg.train.max_refill_rounds, all_done=all_done)
-  counts = np.asarray([stats[k] for k in ("informative_groups", "filtered_groups", "kept_uninformative")])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
-  return rb, {"dynamic_sampling/rounds": float(stats["rounds"]),
-              **{f"dynamic_sampling/{k}": float(v)
-                 for k, v in zip(("informative_groups", "filtered_groups", "kept_uninformative"), counts)}}
 
 
 def row_advantages(ctx: Context, rb: rollout_lib.RolloutBatch, rewards: np.ndarray):
@@ -463,16 +261,6 @@ def row_advantages(ctx: Context, rb: rollout_lib.RolloutBatch, rewards: np.ndarr
                                       use_std=ctx.method.advantage_std(cfg), member=member)), None
 
 
-def shaped_rewards(cfg, rb: rollout_lib.RolloutBatch) -> tuple[np.ndarray, dict]:
-  """The graded rewards plus DAPO's soft overlong punishment of generated rows (rollout.overlong_buffer > 0)."""
-  if cfg.rollout.overlong_buffer <= 0:
-    return rb.rewards, {}
-  penalty = rollout_lib.overlong_penalty(rb.lengths, cfg.data.max_response_len, cfg.rollout.overlong_buffer,
-                                         cfg.rollout.overlong_penalty)
-  penalty = np.where(rb.kind == losses.ROW_DEMO, 0.0, penalty).astype(np.float32)
-  return rb.rewards + penalty, {"overlong/penalty_mean": float(penalty.mean())}
-
-
 def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict,
                    more_prompts=None) -> tuple[Any, dict]:
   """Rollouts, advantages and the update for one PromptBatch; returns the new state and the step's metrics.
@@ -483,32 +271,21 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
   cfg = ctx.cfg
   step = int(state.step)
   phase = ctx.method.phase_at(cfg, step)
-  timings: dict[str, float] = {}
-  option_metrics: dict[str, float] = {}
   t0 = time.perf_counter()
-  local = local_share(batch, jax.process_index(), jax.process_count())
-  if phase.samples:
-    rng = jax.random.fold_in(state.rng, step)
-    # Host draws of the plan (random prefixes, hints): seeded by the run's key, the step and the process.
-    draws = np.random.default_rng([*np.asarray(jax.device_get(state.rng)).tolist(), step, jax.process_index()])
-    rounds = itertools.count()  # dynamic sampling's rounds sample other prompts at the same positions: new keys
-    collect = lambda prompts: collect_rollouts(ctx, phase.rows, prompts, state.params,
-                                               jax.random.fold_in(rng, next(rounds)), timings, draws)
-    rb = collect(local)
-    if cfg.train.dynamic_sampling:
-      rb, option_metrics = refill(ctx, rb, collect, more_prompts)
-  else:
-    rb = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=cfg.data.max_response_len)
-  rewards, shaping = shaped_rewards(cfg, rb) if phase.samples else (rb.rewards, {})
-  option_metrics.update(shaping)
+  share = lambda prompts: local_share(prompts, jax.process_index(), jax.process_count())
+  # Host draws of the plan (random prefixes, hints): seeded by the run's key, the step and the process.
+  draws = np.random.default_rng([*np.asarray(jax.device_get(state.rng)).tolist(), step, jax.process_index()])
+  more = None if more_prompts is None else map(share, more_prompts)  # drawn lazily: only the refills advance it
+  # The phase's rows, the rewards their advantages start from, and the step's rollout metrics (sampling/rollouts.py).
+  rb, rewards, m = ctx.rollouts.collect(phase.rows, share(batch), state.params, jax.random.fold_in(state.rng, step),
+                                        draws=draws, more_prompts=more)
+  option_metrics: dict[str, float] = {}
   train_rb = rb
   if cfg.rollout.overlong_filter and rb.truncated is not None:
     train_rb = rollout_lib.without_rows(rb, rb.truncated)  # DAPO's overlong filtering
     option_metrics["overlong/filtered_rows"] = float(rb.truncated.sum())
-  updates = updates_of(cfg, phase)
-  packed = step_lib.pack(train_rb, np.zeros_like(rewards), token_budget=cfg.train.micro_batch_tokens,
-                         shards=ctx.shards, pad_id=ctx.pad_id, mini_batches=updates.mini_batches,
-                         micro_batches=updates.micro_batches, max_seq=longest_sequence(cfg, phase))
+  packed = step_lib.pack(train_rb, np.zeros_like(rewards), shards=ctx.shards, pad_id=ctx.pad_id,
+                         **programs.pack_options(cfg, phase))
   if phase.name not in step_fns:
     step_fns[phase.name] = jit_step(ctx, phase)
   with sharding.activate(ctx.mesh):
@@ -526,25 +303,18 @@ def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: d
     placed = step_lib.put_packed(ctx.mesh, packed)
     if cfg.train.dump_token_probs:
       dump_token_probs(ctx, state.params, placed, packed, phase, step + 1, step_fns)
-    reference = (reference_policy(ctx),) if uses_reference(phase) else ()
+    reference = (reference_policy(ctx),) if programs.uses_reference(phase) else ()
     state, step_metrics = step_fns[phase.name](state, placed, phase.objective.weights_at(step), *reference)
   step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   t2 = time.perf_counter()
-  m = rollout_metrics(rb, len(phase.rows.stages)) if phase.samples else {}
   m.update(option_metrics)
   m.update(step_metrics)
   if phase.samples:
     state, after = _after_update(ctx, state, batch, rb, step, step_fns)
     m.update(after)
   # At the step's first update, by the phase's optimizer (a method's own where the phase names one).
-  optim = cfg.optim
-  if phase.optimizer:
-    optim = ml_collections.ConfigDict(dict(cfg.optim.to_dict(), **ctx.method.optimizers(cfg)[phase.optimizer]))
-  m["lr"] = state_lib.learning_rate(optim, step * updates_of(cfg, phase).count)
-  m["time/sampling"] = timings.get("sampling", 0.0)
-  m["time/grading"] = timings.get("grading", 0.0)
-  m["grader/timeouts"] = timings.get("grader_timeouts", 0)
-  m["grader/restarts"] = timings.get("grader_restarts", 0)
+  optim = programs.optim_config(cfg, ctx.method, phase.optimizer)
+  m["lr"] = state_lib.learning_rate(optim, step * programs.updates_of(cfg, phase).count)
   m["time/update"] = t2 - t1
   m["time/step"] = t2 - t0
   m["tokens_per_s"] = float(packed.seq_mask.sum()) / max(t2 - t0, 1e-9)
@@ -571,8 +341,7 @@ def _after_update(ctx: Context, state, batch, rb: rollout_lib.RolloutBatch, step
     local = local_share(ctx.loader.prompts(uids), jax.process_index(), jax.process_count())
     rows = rollout_lib.demo_batch(local, which=phase.rows.which, max_len=ctx.cfg.data.max_response_len)
     packed = step_lib.pack(rows, np.zeros(rows.rewards.shape, np.float32), shards=ctx.shards, pad_id=ctx.pad_id,
-                           token_budget=ctx.cfg.train.micro_batch_tokens,
-                           micro_batches=updates_of(ctx.cfg, phase).micro_batches)
+                           **programs.pack_options(ctx.cfg, phase))
     if phase.name not in step_fns:
       step_fns[phase.name] = jit_step(ctx, phase)
     with sharding.activate(ctx.mesh):
