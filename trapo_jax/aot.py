@@ -210,12 +210,6 @@ def model_config(cfg) -> tuple[tfm.ModelConfig, str]:
   return state_lib.model_config(with_sizes), "the config's model sizes"
 
 
-def for_platform(model_cfg: tfm.ModelConfig, platform: str) -> tfm.ModelConfig:
-  """The ModelConfig of a run on `platform`: this process's backend is the host's CPU, whose form of the projections
-  (tfm.on_cpu: flat rows) a program for TPU must not take."""
-  return model_cfg.replace(platform=platform)
-
-
 def _per_chip(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard where uneven)."""
   return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
@@ -565,9 +559,12 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   estimates; judges nothing. depth: the model's number of layers where the config asks for fewer (0: the
   config's): each program is then compiled at two depths and its memory extrapolated to `depth`."""
   tgt = target(topology)
-  cfg = validated(rollouts_lib.resolve_one_pass(cfg, tgt.devices[0].platform), len(tgt.devices))
+  # The target's platform decides what a run there would choose by backend (rollout.one_pass=None, the projections'
+  # form: tfm.on_cpu); this process's backend is the compiling host's CPU.
+  platform = tgt.devices[0].platform
+  cfg = validated(rollouts_lib.resolve_one_pass(cfg, platform), len(tgt.devices))
   model_cfg, source = model_config(cfg)
-  model_cfg = for_platform(model_cfg, tgt.devices[0].platform)
+  model_cfg = model_cfg.replace(platform=platform)
   depth = max(depth, model_cfg.num_layers)
   mesh = sharding.make_mesh(cfg, devices=list(tgt.devices))
   methods = algorithms.names() if all_methods else (cfg.algo,)
