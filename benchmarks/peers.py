@@ -311,6 +311,8 @@ def train_runs(cfg, params, model, batch: dict, chunk_size: int = 1024):
     (loss, metrics), grads = jax.block_until_ready(grad_ours(params, mb, weights))
     return float(loss), grads, metrics
 
+  ours.lower = lambda: grad_ours.lower(params, mb, weights)  # the program (benchmarks/step_profile.py reads its HLO)
+
   algo = grpo_learner.GRPOConfig(num_generations=2, beta=0.0, epsilon=0.2, loss_agg_mode="token-mean")
   algo.temperature = 1.0  # what grpo_learner sets from the rollout config
   example = grpo_learner.TrainExample(
@@ -327,6 +329,8 @@ def train_runs(cfg, params, model, batch: dict, chunk_size: int = 1024):
   def theirs():
     loss, grads, aux = jax.block_until_ready(grad_theirs(model, example))
     return float(loss), grads, aux
+
+  theirs.lower = lambda: grad_theirs.lower(model, example)
 
   def logps():
     ours_logp = jax.jit(lambda prm: step_lib.response_logprobs(prm, cfg, mb, chunk_size)[0])(params)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-
+from tests import helpers
 from trapo_jax import algorithms
 from trapo_jax import aot
 from trapo_jax import config as config_lib
@@ -214,6 +214,35 @@ def test_compile_mode_judges_the_fit_on_cpu_devices(monkeypatch):
   monkeypatch.setattr(aot, "compile_run", lambda *a, **k: rep)
   with pytest.raises(aot.CompileError, match=r"^train step \(rl\) needs .* per chip, cpu:8 has 0\.25 GiB: try"):
     aot.run(_big_vocab_config(), "cpu:8", log=lambda s: None)
+
+
+def test_a_tpu_target_is_traced_as_on_a_tpu(monkeypatch, tmp_path):
+  """What a run chooses by backend (rollout.one_pass=None; the projections' form, tfm.on_cpu) is chosen for the
+  compile target's platform, not for the CPU that compiles: a program for TPU is traced as a TPU run traces it (as the
+  7B memory plans were measured), one for CPU devices as on CPU."""
+  cfg = tfm.ModelConfig(**TINY)
+  assert jax.default_backend() == "cpu" and tfm.on_cpu(cfg)
+  assert not tfm.on_cpu(cfg.replace(platform="tpu")) and tfm.on_cpu(cfg.replace(platform="cpu"))
+
+  seen = {}
+
+  def compile_all(run_cfg, methods, model_cfg, mesh, progs, log):
+    seen[model_cfg.platform] = (run_cfg.rollout.one_pass, tfm.on_cpu(model_cfg))
+    return []
+
+  class FakeTpu:  # what libtpu's compile-only devices report; the mesh itself is laid over this host's CPUs
+    platform, device_kind = "tpu", "TPU v5p"
+
+  monkeypatch.setattr(aot, "_compile_all", compile_all)
+  real_mesh = sharding.make_mesh
+  monkeypatch.setattr(aot.sharding, "make_mesh", lambda c, devices: real_mesh(c, devices=jax.devices()[:len(devices)]))
+  run_cfg = helpers.tiny(helpers.config_of(), str(tmp_path))
+  run_cfg.rollout.one_pass = None  # the default: chosen by backend
+  monkeypatch.setattr(aot, "target", lambda t: aot.Target(t, (FakeTpu(),) * 8, None))
+  aot.compile_run(run_cfg, "v5p-16", estimate=False, log=lambda s: None)
+  monkeypatch.setattr(aot, "target", lambda t: aot.Target(t, tuple(jax.devices()[:8]), None))
+  aot.compile_run(run_cfg, "cpu:8", estimate=False, log=lambda s: None)
+  assert seen == {"tpu": (True, False), "cpu": (False, True)}
 
 
 def test_a_second_optimizer_counts_in_the_state_of_every_phase():

@@ -67,10 +67,11 @@ def hf_case(request, tmp_path_factory):
   return model, path
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_logits_match_transformers(hf_case, scan_layers):
+@pytest.mark.parametrize("scan_layers, platform", [(True, ""), (False, ""), (True, "tpu")])
+def test_logits_match_transformers(hf_case, scan_layers, platform):
+  """Scanned or separate layers, projections of flat rows (CPU) or of [B, T, D] (as traced for TPU)."""
   model, path = hf_case
-  cfg, params = hf.load_hf(path, scan_layers=scan_layers)
+  cfg, params = hf.load_hf(path, scan_layers=scan_layers, platform=platform)
   tokens, mask = _batch(cfg.vocab_size)
   ours = np.asarray(tfm.forward_logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
   ref = _hf_logits(model, tokens, mask)
@@ -179,6 +180,34 @@ def test_remat_same_gradients(remat):
   loss = lambda c: jax.grad(lambda p: tfm.forward_logits(p, c, jnp.asarray(tokens), jnp.asarray(mask)).std())
   g0, g1 = loss(cfg)(params), loss(cfg.replace(remat=remat))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def _two_axis_contractions(cfg, params, tokens, mask) -> int:
+  """dot_generals contracting two axes at once (B and T) in the lowered gradient of a forward."""
+  loss = lambda p: jnp.sum(tfm.forward(p, cfg, tokens, mask) ** 2)
+  return jax.jit(jax.grad(loss)).lower(params).as_text().count("contracting_dims = [0, 1] x [0, 1]")
+
+
+def test_projections_multiply_flat_rows_on_cpu_only():
+  """On CPU every projection's weight gradient contracts one axis of rows [B*T] (tfm._project); traced for TPU the
+  layers keep [B, T, D], and each of the scanned layer's 7 weight gradients contracts B and T."""
+  cfg, params = _random_model()
+  tokens, mask = (jnp.asarray(x) for x in _batch(cfg.vocab_size))
+  assert jax.default_backend() == "cpu" and cfg.platform == ""
+  assert _two_axis_contractions(cfg, params, tokens, mask) == 0
+  assert _two_axis_contractions(cfg.replace(platform="tpu"), params, tokens, mask) == 7
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flat_projections_same_forward_and_gradients(dtype):
+  """The flat rows of the CPU form change no value: logits and every gradient equal those of [B, T, D]."""
+  cfg, params = _random_model(dtype=dtype)
+  tokens, mask = (jnp.asarray(x) for x in _batch(cfg.vocab_size))
+  loss = lambda c: jax.value_and_grad(lambda p: tfm.forward_logits(p, c, tokens, mask).std())(params)
+  (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(platform="tpu"))
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  np.testing.assert_allclose(l0, l1, rtol=tol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), g0, g1)
 
 
 def test_sharded_forward_equals_single_device():

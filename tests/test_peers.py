@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import peers
+from benchmarks import step_profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,3 +131,22 @@ def test_greedy_check_accepts_only_an_argmax_tie():
     peers.check_greedy(cfg, params, prompts, ours, theirs, logit_tol=gap / 2)
   tie = peers.check_greedy(cfg, params, prompts, ours, theirs, logit_tol=gap * 2)
   assert tie["rows_equal"] == 1 and tie["ties"][0]["row"] == 1 and tie["ties"][0]["step"] == 1
+
+
+def test_step_profile_sorts_each_op_by_pass_part_and_kind():
+  """XLA:CPU thunks are joined by name to the compiled HLO's op_name, which says the pass, the part and the kind."""
+  hlo = ("\n  %copy_bitcast_fusion.9 = f32[1024,2560]{1,0} fusion(%a, %b), kind=kLoop, calls=%c, metadata={op_name="
+         "\"jit(loss_fn)/transpose(jvp(Decoder))/while/body/closed_call/layers/mlp/jit(silu)\" stack_frame_id=297}"
+         "\n  ROOT %ynn_fusion.185 = f32[2560,8192]{1,0} fusion(%d), kind=kCustom, metadata={op_name="
+         "\"jit(grad_theirs)/jvp(jit(compute_per_token_logps))/einsum/BTD,DV->BTV/dot_general\"}"
+         "\n  %add.1 = f32[] add(%e, %f)")
+  ops = step_profile.hlo_ops(hlo)
+  assert set(ops) == {"copy_bitcast_fusion.9", "ynn_fusion.185"}
+  assert ops["copy_bitcast_fusion.9"][0] == "f32[1024,2560]{1,0}"
+  assert step_profile.category("copy_bitcast_fusion.9", ops["copy_bitcast_fusion.9"][1]) == "bwd mlp elementwise/copy"
+  assert step_profile.category("ynn_fusion.185", ops["ynn_fusion.185"][1]) == "fwd head"
+  assert step_profile.category("ynn_fusion.3", "jit(grad_theirs)/jvp(x)/feed_forward/dot_general") == "fwd mlp matmul"
+  assert step_profile.category("dot.7", "jit(loss_fn)/transpose(jvp(Decoder))/layers/self_attn/o_proj/transpose") \
+      == "bwd attention matmul"
+  assert step_profile.category("while.4", "jit(loss_fn)/transpose(jvp(Decoder))/while") == "loops"
+  assert step_profile.category("wrapped_broadcast.6", "?") == "fwd other"

@@ -559,8 +559,12 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   estimates; judges nothing. depth: the model's number of layers where the config asks for fewer (0: the
   config's): each program is then compiled at two depths and its memory extrapolated to `depth`."""
   tgt = target(topology)
-  cfg = validated(rollouts_lib.resolve_one_pass(cfg, tgt.devices[0].platform), len(tgt.devices))
+  # The target's platform decides what a run there would choose by backend (rollout.one_pass=None, the projections'
+  # form: tfm.on_cpu); this process's backend is the compiling host's CPU.
+  platform = tgt.devices[0].platform
+  cfg = validated(rollouts_lib.resolve_one_pass(cfg, platform), len(tgt.devices))
   model_cfg, source = model_config(cfg)
+  model_cfg = model_cfg.replace(platform=platform)
   depth = max(depth, model_cfg.num_layers)
   mesh = sharding.make_mesh(cfg, devices=list(tgt.devices))
   methods = algorithms.names() if all_methods else (cfg.algo,)

@@ -4,6 +4,9 @@ RMSNorm, rotary embeddings (θ and the frequency scalings of `rope.py`), grouped
 bias and optional per-head RMSNorm of queries and keys (Qwen3), SwiGLU MLP, tied or untied embeddings. Layers are
 one `nn.scan` (one compiled layer, fast compiles for 28-layer models) or a Python loop.
 
+Compiled for CPU (`on_cpu`), every projection multiplies the rows of its input flattened to [B*T, D] (`_project`),
+which XLA:CPU differentiates without transposing the activations; on GPU and TPU a layer works on [B, T, D].
+
 One call serves training, prefill and decode: keys live in slots, a query at slot s sees the valid keys at slots
 <= s. Without a cache the slots are the input positions; with a `KVCache` the input is written at slot `cache.end`.
 Every weight carries logical axis names; `trapo_jax.sharding` maps them to the device mesh.
@@ -47,6 +50,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
+  platform: str = ""  # the backend the programs are compiled for; "" is JAX's default (--mode=compile: its target's)
   attention_block: int = 512  # longer inputs (training, prefill) attend one query block at a time
   attention_unroll: bool = False  # blocks unrolled, not looped: for cost estimates (XLA counts a loop body once)
 
@@ -102,6 +106,25 @@ def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, us
       features, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def on_cpu(cfg: ModelConfig) -> bool:
+  """Whether the programs are compiled for the CPU backend: cfg.platform, or JAX's default backend."""
+  return (cfg.platform or jax.default_backend()) == "cpu"
+
+
+def _project(layer: nn.Dense, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """layer(x) for x [B, T, D]; on CPU (`on_cpu`) as one matmul of the rows [B*T, D].
+
+  Why: the weight's gradient then contracts one axis of rows, not two (B and T). XLA:CPU turns a two-axis contraction
+  into a transposed copy of the wide operand and a matmul; for the MLP's gate and up that is a [B*T, F] copy each, and
+  these copies took a third of tiny10m's forward+backward (docs/performance.md, "Against Tunix"). For TPU the flat form
+  made the 7B config's 2-layer train step plan 0.26 GiB more temporary memory per v5p chip (9.70 GiB, not 9.43), so
+  there a layer keeps [B, T, D].
+  """
+  if not on_cpu(cfg):
+    return layer(x)
+  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.features)
 
 
 class RMSNorm(nn.Module):
@@ -194,9 +217,9 @@ class Attention(nn.Module):
     """
     cfg = self.cfg
     b, t, _ = x.shape
-    q = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", cfg.qkv_bias)(x)
-    k = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", cfg.qkv_bias)(x)
-    v = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", cfg.qkv_bias)(x)
+    q = _project(_dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", cfg.qkv_bias), x, cfg)
+    k = _project(_dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", cfg.qkv_bias), x, cfg)
+    v = _project(_dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", cfg.qkv_bias), x, cfg)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
@@ -227,7 +250,7 @@ class Attention(nn.Module):
       else:
         out = cached_attention(q, k_seen, v_seen, mask)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-    return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), cache
+    return _project(_dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj"), out, cfg), cache
 
 
 class MLP(nn.Module):
@@ -236,12 +259,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
-    up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
+    gate = _project(_dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj"), x, cfg)
+    up = _project(_dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj"), x, cfg)
     # Keep the wide activation split over the batch (FSDP) so that weight gradients are reduced, not the
     # activations gathered.
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(h)
+    return _project(_dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj"), h, cfg)
 
 
 class DecoderLayer(nn.Module):

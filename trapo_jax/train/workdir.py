@@ -51,7 +51,7 @@ MAY_CHANGE_ON_RESUME = (
     "rollout.one_pass",  # the same rows, sampled in one pass or stage by stage
 )
 # ModelConfig fields that are not the model's shape (compute options).
-_NOT_SHAPE = ("dtype", "param_dtype", "remat", "attention_block")
+_NOT_SHAPE = ("dtype", "param_dtype", "remat", "attention_block", "platform")
 
 
 class WorkdirBusy(errors.UserError):
