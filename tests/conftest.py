@@ -7,7 +7,16 @@ tests build the same tiny model many times, and compiling dominates their run ti
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's backend at optimization level 0 for every program the tests compile, here and in the processes they start
+# (tests/helpers.py cpu_env): the programs are tiny and compiling them is most of the suite's time (a tiny run's 81
+# programs: 32 s at level 0, 44 s at the default); XLA's HLO passes are a run's, and the tiny run's metrics came out
+# bit-identical. A developer's own XLA_FLAGS are kept.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in _flags:
+  _flags += " --xla_force_host_platform_device_count=8"
+if "--xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -23,7 +23,17 @@ from trapo_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "trapo_layout.jsonl")
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+
+def cpu_env(devices: int = 8) -> dict[str, str]:
+  """The environment of a process a test starts: JAX on the CPU with `devices` devices, and this session's other XLA
+  flags (tests/conftest.py)."""
+  count = "--xla_force_host_platform_device_count"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"{count}={devices}", *flags]))
+
+
+ENV = cpu_env(8)
 # The command line equivalent of `tiny(default config)`: same identity, same mesh (so compiled programs are shared).
 TINY_FLAGS = [
     "--config.model.hf_dir=", f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}",

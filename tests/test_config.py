@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 
 from experiments.configs import default
+from tests import helpers
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 
@@ -90,7 +91,7 @@ def test_bad_values_name_the_key(mutate, message):
 
 
 def _main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = helpers.cpu_env(8)
   return subprocess.run([sys.executable, "-m", "trapo_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
 

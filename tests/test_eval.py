@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import helpers
 from trapo_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,7 @@ BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench")
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = helpers.cpu_env(1)
   return subprocess.run([sys.executable, "-m", "trapo_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=900)
 

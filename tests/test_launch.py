@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import sweep  # noqa: E402
@@ -283,7 +285,7 @@ def test_header_command_leaves_out_the_flags_of_one_sitting(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_two_point_sweep_runs_end_to_end(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = helpers.cpu_env(1)
   out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"),
                         "--sweep=experiments/sweeps/example_two_points.py", f"--root={tmp_path}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

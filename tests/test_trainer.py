@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests import numerics
-from tests.helpers import FIXTURE, ROOT, config_of, restored_state, tiny
+from tests.helpers import ROOT, config_of, restored_state, tiny
 from trapo_jax import errors
 from trapo_jax import reduction
-from trapo_jax.data import synthetic
 from trapo_jax.train import checkpoint as ckpt_lib
 from trapo_jax.train import metrics as metrics_lib
 from trapo_jax.train import state as state_lib
@@ -90,15 +90,11 @@ def test_exact_resume(tmp_path):
                                                     (signal.SIGINT, True, errors.EXIT_INTERRUPTED)])
 def test_sigterm_and_ctrl_c_save_and_resume(tmp_path, signum, to_group, code):
   workdir = str(tmp_path)
-  args = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}", "--config.model.hf_dir=",
-          f"--config.model.tokenizer_dir={synthetic.TOKENIZER_DIR}", "--config.model.vocab_size=384",
-          "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=1",
-          "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
-          "--config.data.source=demos", f"--config.data.path={FIXTURE}", "--config.data.max_prompt_len=128",
-          "--config.data.max_response_len=24", "--config.data.levels=()", "--config.train.batch_prompts=2",
-          "--config.train.ckpt_every=1000", "--config.train.micro_batch_tokens=256", "--config.train.logprob_chunk=8",
-          "--config.eval.at_start=False", "--config.eval.at_end=False"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  # The tiny command line the other tests start (its programs compiled once for all of them), checkpointing only
+  # when stopped.
+  args = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}", *helpers.TINY_FLAGS,
+          "--config.train.ckpt_every=1000"]
+  env = helpers.cpu_env(8)
   proc = subprocess.Popen(args + ["--config.train.steps=1000"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
