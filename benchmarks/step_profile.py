@@ -3,6 +3,7 @@ compiled on this backend, and in the [B, T, D] form of the projections that GPU 
 
   python -m benchmarks.step_profile                        # in the Tunix venv (benchmarks/requirements-peers.txt)
   python -m benchmarks.step_profile --row=train_b64 --rounds=3 --top=12
+  python -m benchmarks.step_profile --row=sample_b64 --rounds=3 --top=12   # the samplers' decode
 
 Each side is compiled once; then, for --rounds rounds, one call of each side is traced in turn (jax.profiler, a
 Perfetto trace), so that the machine's load hits the sides alike. XLA:CPU names each executed op (a thunk: a fusion, a
@@ -67,7 +68,7 @@ def profile(sides: dict, rounds: int) -> dict:
   """{name: (run, lower)} -> {"seconds": {name: [per round]}, "ms": {name: {category: ms per call}},
   "top": {name: Counter((thunk, shape, op_name) -> ms per call)}}."""
   import jax  # pylint: disable=import-outside-toplevel
-  ops = {name: hlo_ops(lower().compile().as_text()) for name, (_, lower) in sides.items()}
+  ops = {name: hlo_ops(lower().compile().as_text()) if lower else {} for name, (_, lower) in sides.items()}
   seconds = collections.defaultdict(list)
   ms = collections.defaultdict(collections.Counter)
   top = collections.defaultdict(collections.Counter)
@@ -104,6 +105,20 @@ def report(result: dict, top: int = 0) -> str:
   return "\n".join(lines)
 
 
+def _sample_sides(cfg, params, model, row) -> dict:
+  """benchmarks.peers' sampling row, each side compiled: {name: (run, lower)}. trapo_jax's decode program names its
+  thunks (its prefill's are few and short); Tunix's are not looked up (lower None), so its ops show as "other"."""
+  from trapo_jax.sampling import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
+  prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (row.batch, row.prompt_len)).astype(np.int32)
+  ours, theirs = peers.sample_runs(cfg, params, model, prompts, row.new_tokens)
+  ours(), theirs()  # compiles
+  sp = sampler_lib.SamplingParams(0.0, 1.0, -1, (), 0)
+  lower = lambda: sampler_lib.Sampler(cfg).lower(
+      params, prompts=row.batch, prompt_len=row.prompt_len, max_len=row.new_tokens, sp=sp, n=1,
+      width=sampler_lib.bucket(row.prompt_len), budget=sampler_lib.decode_budget(row.new_tokens, 0))[1]
+  return {"tunix": (theirs, None), "trapo_jax": (ours, lower)}
+
+
 def main(argv) -> int:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -115,7 +130,11 @@ def main(argv) -> int:
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   cfg, params = sampler_speed.model(f.preset, "float32")
   model = peers.tunix_model(cfg, params)
-  batch = peers.train_batch(cfg, peers.ROWS[f.row])
+  row = peers.ROWS[f.row]
+  if row.kind == "sample":
+    print(report(profile(_sample_sides(cfg, params, model, row), f.rounds), f.top))
+    return 0
+  batch = peers.train_batch(cfg, row)
   ours, theirs, _ = peers.train_runs(cfg, params, model, batch)
   # The same model traced for an accelerator ("gpu"): projections over [B, T, D] (trapo_jax/models/transformer.py,
   # _project), the program every backend ran before the CPU form.
@@ -130,7 +149,7 @@ def main(argv) -> int:
 def define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from benchmarks import sampler_speed  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_enum("row", "train_b16", [n for n, r in peers.ROWS.items() if r.kind == "train"], "Shapes.")
+  flags.DEFINE_enum("row", "train_b16", list(peers.ROWS), "Shapes (a sampling row profiles the two samplers).")
   flags.DEFINE_integer("rounds", 5, "Traced calls of each side, interleaved.")
   flags.DEFINE_integer("top", 0, "Also list each side's longest ops.")
   flags.DEFINE_enum("preset", "tiny10m", list(sampler_speed.PRESETS), "Model shapes (random-init weights).")
