@@ -39,7 +39,10 @@ ARGS = [f"--config.train.steps={STEPS}", "--config.train.ckpt_every=1", f"--conf
         # the parameters stay as close as the gradients are; at the default eps a near-zero gradient's last bits
         # become an update anywhere between 0 and lr, and no parameter tolerance could tell a right sum from a
         # machine's order.
-        "--config.optim.eps=1.0"]
+        "--config.optim.eps=1.0",
+        # A pod's backend (TPU) samples a step's stages in one pass (rollout.one_pass=None's choice there): so do these
+        # processes, whose every decode step is a collective between them.
+        "--config.rollout.one_pass=True"]
 LOST_WITHIN_S = 60
 
 
