@@ -223,23 +223,34 @@ class _IdTokenizer:
 
 
 # -- sampling -------------------------------------------------------------------------------------------------------
+def sample_prompts(cfg, row: Row) -> np.ndarray:
+  """A sampling row's prompts [batch, prompt_len]: random ids of the vocabulary, the same in every run."""
+  return np.random.default_rng(0).integers(1, cfg.vocab_size, (row.batch, row.prompt_len)).astype(np.int32)
+
+
 def sample_runs(cfg, params, model, prompts: np.ndarray, new_tokens: int):
   """(ours, theirs): functions that run each sampler once on `prompts` [B, P] (greedy, exactly new_tokens each) and
   return the generated ids [B, new_tokens] on the host."""
   import jax  # pylint: disable=import-outside-toplevel
   from tunix.generate import sampler as tunix_sampler  # pylint: disable=import-outside-toplevel
-  from trapo_jax.sampling.sampler import Sampler  # pylint: disable=import-outside-toplevel
+  from trapo_jax.sampling import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
   b, p = prompts.shape
-  ours_sampler = Sampler(cfg)
+  ours_sampler = sampler_lib.Sampler(cfg)
   lens = np.full((b,), p, np.int32)
   ours = lambda: np.asarray(ours_sampler.sample(params, prompts, lens, max_len=new_tokens, rng=jax.random.key(0),
                                                 temperature=0.0).tokens)
+  # The decode program `ours` runs, at the shapes and sampling parameters `Sampler.sample` derives for these rows
+  # (benchmarks/step_profile.py reads its HLO).
+  ours.lower = lambda: ours_sampler.lower(
+      params, prompts=b, prompt_len=p, max_len=new_tokens, width=sampler_lib.bucket(p),
+      budget=sampler_lib.decode_budget(new_tokens, 0), n=1, sp=sampler_lib.SamplingParams(0.0, 1.0, -1, (), 0))[1]
   cache = tunix_sampler.CacheConfig(cache_size=p + new_tokens, num_layers=cfg.num_layers,
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
   theirs_sampler = tunix_sampler.Sampler(model, _IdTokenizer(), cache)
   texts = [_IdTokenizer().decode(row) for row in prompts]
   theirs = lambda: np.stack(theirs_sampler(texts, max_generation_steps=new_tokens, max_prompt_length=p,
                                            eos_tokens=[_NO_EOS], temperature=0.0).tokens)
+  theirs.lower = None  # Tunix's sampler jits inside; its ops are profiled without names
   return ours, theirs
 
 
@@ -373,7 +384,7 @@ def measure_row(cfg, params, model, row: Row, repeats: int, logit_tol: float, rt
   out = {"row": row.name, "label": row.label(), **dataclasses.asdict(row), "repeats": repeats}
   try:
     if row.kind == "sample":
-      prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (row.batch, row.prompt_len)).astype(np.int32)
+      prompts = sample_prompts(cfg, row)
       ours, theirs = sample_runs(cfg, params, model, prompts, row.new_tokens)
       out["check"] = check_greedy(cfg, params, prompts, ours(), theirs(), logit_tol)
     else:

@@ -105,20 +105,6 @@ def report(result: dict, top: int = 0) -> str:
   return "\n".join(lines)
 
 
-def _sample_sides(cfg, params, model, row) -> dict:
-  """benchmarks.peers' sampling row, each side compiled: {name: (run, lower)}. trapo_jax's decode program names its
-  thunks (its prefill's are few and short); Tunix's are not looked up (lower None), so its ops show as "other"."""
-  from trapo_jax.sampling import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
-  prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (row.batch, row.prompt_len)).astype(np.int32)
-  ours, theirs = peers.sample_runs(cfg, params, model, prompts, row.new_tokens)
-  ours(), theirs()  # compiles
-  sp = sampler_lib.SamplingParams(0.0, 1.0, -1, (), 0)
-  lower = lambda: sampler_lib.Sampler(cfg).lower(
-      params, prompts=row.batch, prompt_len=row.prompt_len, max_len=row.new_tokens, sp=sp, n=1,
-      width=sampler_lib.bucket(row.prompt_len), budget=sampler_lib.decode_budget(row.new_tokens, 0))[1]
-  return {"tunix": (theirs, None), "trapo_jax": (ours, lower)}
-
-
 def main(argv) -> int:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -131,15 +117,16 @@ def main(argv) -> int:
   cfg, params = sampler_speed.model(f.preset, "float32")
   model = peers.tunix_model(cfg, params)
   row = peers.ROWS[f.row]
-  if row.kind == "sample":
-    print(report(profile(_sample_sides(cfg, params, model, row), f.rounds), f.top))
-    return 0
-  batch = peers.train_batch(cfg, row)
-  ours, theirs, _ = peers.train_runs(cfg, params, model, batch)
-  # The same model traced for an accelerator ("gpu"): projections over [B, T, D] (trapo_jax/models/transformer.py,
-  # _project), the program every backend ran before the CPU form.
-  ours_btd, _, _ = peers.train_runs(cfg.replace(platform="gpu"), params, model, batch)
-  sides = {"tunix": theirs, "trapo_jax": ours, "trapo_jax [B,T,D]": ours_btd}
+  if row.kind == "sample":  # the samplers: trapo_jax's decode program names its ops, Tunix's show as "other"
+    ours, theirs = peers.sample_runs(cfg, params, model, peers.sample_prompts(cfg, row), row.new_tokens)
+    sides = {"tunix": theirs, "trapo_jax": ours}
+  else:
+    batch = peers.train_batch(cfg, row)
+    ours, theirs, _ = peers.train_runs(cfg, params, model, batch)
+    # The same model traced for an accelerator ("gpu"): projections over [B, T, D] (trapo_jax/models/transformer.py,
+    # _project), the program every backend ran before the CPU form.
+    ours_btd, _, _ = peers.train_runs(cfg.replace(platform="gpu"), params, model, batch)
+    sides = {"tunix": theirs, "trapo_jax": ours, "trapo_jax [B,T,D]": ours_btd}
   for run in sides.values():
     run()  # compiles
   print(report(profile({n: (r, r.lower) for n, r in sides.items()}, f.rounds), f.top))
