@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -320,12 +321,13 @@ def test_a_tuple_of_names_on_the_command_line_parses_back_to_the_tuple():
   """ml_collections reads a tuple flag as a Python literal: unquoted names made the whole text one string."""
   run = sweep.Run(point="p", seed=0, workdir="runs/p", config="experiments/configs/default.py",
                   overrides=(("eval.benchmarks", ("synthetic", "math500")), ("algo", "grpo")))
-  assert _parsed_flags(run)["eval.benchmarks"] == ("synthetic", "math500")
-  assert _parsed_flags(run)["algo"] == "grpo"
+  parsed = _parsed_flags(run)
+  assert parsed["eval.benchmarks"] == ("synthetic", "math500") and parsed["algo"] == "grpo"
 
 
 def _parsed_flags(run) -> dict:
-  """The config the run's command line gives trapo_jax.main, as ml_collections parses its --config flags."""
+  """{key: value} of the run's overrides in the config its command line gives trapo_jax.main, as ml_collections
+  parses its --config flags."""
   from absl import flags
   from ml_collections import config_flags
   args = sweep.command(run)[2:]  # [program name, --config=<file relative to the root>, ...]
@@ -334,17 +336,7 @@ def _parsed_flags(run) -> dict:
   config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)  # it reads its overrides from argv
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
   fv(argv)
-  return _flatten(fv.config.to_dict())
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+  return {key: functools.reduce(getattr, key.split("."), fv.config) for key, _ in run.overrides}
 
 
 def test_sweep_check_catches_a_mistyped_key():
