@@ -5,7 +5,9 @@ own heartbeat cannot do that: its service aborts every process with a C++ stack 
 callback that could replace the abort is not reachable from `jax.distributed.initialize`. So each process runs a
 watchdog thread that beats a counter in the coordination service's key-value store and reads everyone's; a peer
 whose counter stops moving (kill -9, a lost host) or that says it failed ends this process with one line and
-EXIT_PROCESS_LOST. JAX's heartbeat stays as the backstop at twice the timeout.
+EXIT_PROCESS_LOST. JAX's heartbeat stays as the backstop, at four times the timeout: its clients beat every half
+of its timeout, so the service may find a peer dead as early as half its timeout after the peer died, and at twice
+ours it raced the watchdog (a peer lost 10 s in, the survivor aborted at 12.5 s before the watchdog's line).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def initialize(dist_cfg) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeout = dist_cfg.heartbeat_timeout_s
   errors.require(timeout >= 1, "distributed.heartbeat_timeout_s", "must be >= 1")
-  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=2 * timeout)
+  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=4 * timeout)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   if jax.process_count() > 1:
