@@ -11,6 +11,7 @@ import pytest
 from tests import numerics
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
+from trapo_jax.sampling import sampler as sampler_lib
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, sample_logits
 
 CFG = tfm.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -65,7 +66,22 @@ def _teacher_forced_logits(params, prompts, prompt_lens, responses):
   return np.stack([logits[i, prompt_lens[i] - 1:prompt_lens[i] - 1 + width] for i in range(b)])
 
 
-def test_greedy_equals_stepwise_argmax_with_forced_prefixes(params):
+# The decode loop in one segment (these tests' budgets, as short as a test run's) and in 4 (segments of 1 step at
+# least: a 10-step budget ends its segments at steps 3, 5, 8 and 10, each attending to fewer slots than the next).
+SEGMENTS = pytest.mark.parametrize("segment_steps", [sampler_lib._SEGMENT_MIN_STEPS, 1])  # pylint: disable=protected-access
+
+
+def test_a_budget_splits_into_segments_of_the_minimum_length_or_more(monkeypatch):
+  monkeypatch.setattr(sampler_lib, "_SEGMENT_MIN_STEPS", 16)
+  assert [sampler_lib.segment_stops(b) for b in (1, 24, 32, 48, 96, 8192)] == [
+      [1], [24], [16, 32], [16, 32, 48], [24, 48, 72, 96], [2048, 4096, 6144, 8192]]
+  monkeypatch.setattr(sampler_lib, "_SEGMENT_MIN_STEPS", 1)
+  assert sampler_lib.segment_stops(10) == [3, 5, 8, 10]
+
+
+@SEGMENTS
+def test_greedy_equals_stepwise_argmax_with_forced_prefixes(params, segment_steps, monkeypatch):
+  monkeypatch.setattr(sampler_lib, "_SEGMENT_MIN_STEPS", segment_steps)
   out = Sampler(CFG).sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=10, rng=jax.random.key(0),
                             temperature=0.0)
   refs = [_greedy_reference(params, PROMPTS[i, :PROMPT_LENS[i]], PREFIXES[i, :PREFIX_LENS[i]], 10) for i in range(4)]
@@ -219,8 +235,10 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
   assert (greedy == 1).all()
 
 
-def test_logprobs_equal_trainer_recomputation(params):
+@SEGMENTS
+def test_logprobs_equal_trainer_recomputation(params, segment_steps, monkeypatch):
   from trapo_jax.train import step as step_lib
+  monkeypatch.setattr(sampler_lib, "_SEGMENT_MIN_STEPS", segment_steps)
   out = Sampler(CFG).sample(params, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS, max_len=10, rng=jax.random.key(4),
                             n=2, temperature=1.0)
   rows = np.repeat(np.arange(4), 2)
