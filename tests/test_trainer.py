@@ -84,33 +84,39 @@ def test_exact_resume(tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
-# SIGTERM as a scheduler sends it, to the run's process; Ctrl-C as a terminal sends it, to the whole process group
-# (the grader's workers included, which must let the step finish).
-@pytest.mark.parametrize("signum, to_group, code", [(signal.SIGTERM, False, errors.EXIT_PREEMPTED),
-                                                    (signal.SIGINT, True, errors.EXIT_INTERRUPTED)])
-def test_sigterm_and_ctrl_c_save_and_resume(tmp_path, signum, to_group, code):
+def test_sigterm_and_ctrl_c_save_and_resume(tmp_path):
+  """SIGTERM as a scheduler sends it, to the run's process; then, on the resumed run, Ctrl-C as a terminal sends it,
+  to the whole process group (the grader's workers included, which must let the step finish). Each stop saves and
+  exits with its own code, and the next run resumes where it stopped."""
   workdir = str(tmp_path)
   # The tiny command line the other tests start (its programs compiled once for all of them), checkpointing only
   # when stopped.
   args = [sys.executable, "-m", "trapo_jax.main", f"--workdir={workdir}", *helpers.TINY_FLAGS,
           "--config.train.ckpt_every=1000"]
   env = helpers.cpu_env(8)
-  proc = subprocess.Popen(args + ["--config.train.steps=1000"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 240
-  while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    time.sleep(0.5)
-  if to_group:
-    os.killpg(proc.pid, signum)
-  else:
-    proc.send_signal(signum)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == code == 128 + signum, err[-3000:]  # a scheduler tells it from a finished run
-  assert "Traceback" not in err, err[-3000:]
-  saved = ckpt_lib.Checkpointer(workdir, keep=10, every=1000).latest_step()
-  assert saved is not None and saved >= 2  # saved although ckpt_every=1000
+  saved = 0
+  for signum, to_group, code in [(signal.SIGTERM, False, errors.EXIT_PREEMPTED),
+                                 (signal.SIGINT, True, errors.EXIT_INTERRUPTED)]:
+    proc = subprocess.Popen(args + ["--config.train.steps=1000"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    # Two steps past the last stop (the first run: two steps), so that the stop saves a step of this run.
+    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= saved + 2):
+      assert proc.poll() is None, proc.stderr.read()[-3000:]
+      time.sleep(0.5)
+    if to_group:
+      os.killpg(proc.pid, signum)
+    else:
+      proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code == 128 + signum, err[-3000:]  # a scheduler tells it from a finished run
+    assert "Traceback" not in err, err[-3000:]
+    if saved:
+      assert f"restored checkpoint of step {saved}" in err, err[-3000:]
+    last = ckpt_lib.Checkpointer(workdir, keep=10, every=1000).latest_step()
+    assert last is not None and last >= saved + 2, (last, saved)  # saved although ckpt_every=1000
+    saved = last
   done = subprocess.run(args + [f"--config.train.steps={saved + 1}"], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=240)
   assert done.returncode == 0, done.stderr[-3000:]
