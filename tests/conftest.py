@@ -28,6 +28,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+  """The modules with an end-to-end test (marked slow) first, then the others, each group in collection order.
+
+  pytest.ini's `--dist loadfile --no-loadscope-reorder` hands modules to the workers in this order: the runs of
+  minutes start early and the short modules fill in behind them. xdist's own order (most tests first) left the
+  2-process test, a module of 2 tests, to start last and run alone for 4 minutes while the other worker idled.
+  """
+  del config
+  slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: collection order within each group
+
+
 @pytest.fixture(scope="module")
 def gcs_env():
   """A local GCS API server (tests/gcs.py) for a test module (a fresh bucket: one module's leftovers, such as the

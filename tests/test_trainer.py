@@ -30,6 +30,7 @@ ALGORITHM_CONFIGS = ("default", "grpo", "luffy", "sft", "sft_then_rl", "trapo_sf
                      "hpt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALGORITHM_CONFIGS)
 def test_every_algorithm_runs_three_steps(name, tmp_path):
   workdir = str(tmp_path)
@@ -70,6 +71,7 @@ def test_every_algorithm_runs_three_steps(name, tmp_path):
     assert os.path.exists(os.path.join(workdir, "token_probs.png"))
 
 
+@pytest.mark.slow
 def test_exact_resume(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   cfg = tiny(config_of("default"), straight, steps=4)
@@ -84,6 +86,7 @@ def test_exact_resume(tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sigterm_and_ctrl_c_save_and_resume(tmp_path):
   """SIGTERM as a scheduler sends it, to the run's process; then, on the resumed run, Ctrl-C as a terminal sends it,
   to the whole process group (the grader's workers included, which must let the step finish). Each stop saves and
