@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(config, items):
   2-process test, a module of 2 tests, to start last and run alone for 4 minutes while the other worker idled.
   """
   del config
-  slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: collection order within each group
+  slow = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow)  # stable: collection order within each group
 
 
 @pytest.fixture(scope="module")

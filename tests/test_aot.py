@@ -28,7 +28,7 @@ from trapo_jax.train import programs
 from trapo_jax.train import state as state_lib
 from trapo_jax.train import step as step_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=4)
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

@@ -14,7 +14,7 @@ from tests import helpers
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
                  if f.endswith(".py") and not f.startswith("_"))
 # Every config file, and every registered method as it runs from the default one (--config.algo=NAME alone).

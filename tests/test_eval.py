@@ -13,7 +13,7 @@ import pytest
 from tests import helpers
 from trapo_jax.data import synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench")
 
 

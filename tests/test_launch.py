@@ -17,7 +17,7 @@ import pytest
 
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import sweep  # noqa: E402
 
