@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import math_verify
 import numpy as np
@@ -12,8 +15,10 @@ import pytest
 import tensorflow_datasets as tfds
 import transformers
 
+from tests import helpers
 from trapo_jax.data import synthetic
 from trapo_jax.data.templates import TEMPLATES, format_prompt
+from trapo_jax.models import hf
 from trapo_jax.sampling import microgroup
 
 PROBLEM = re.compile(r"Start with (\d+)\. (.*)\. What is the result\?")
@@ -125,6 +130,34 @@ def test_tokenizer_special_tokens(tokenizer):
       assert len(ids) == 1 and tok.convert_ids_to_tokens(ids) == [special]
     assert tok.encode("a", add_special_tokens=True) == tok.encode("a", add_special_tokens=False)  # no BOS
     assert len(tok) <= 512
+
+
+def test_the_run_loads_the_shipped_tokenizer_as_auto_tokenizer_does_without_torch(tokenizer, examples):
+  """hf.load_tokenizer takes the generic class the directory names directly (AutoTokenizer's config machinery
+  imports torch, seconds of every run's start): the same class, special tokens and encodings, and no torch."""
+  code = ("import sys; from trapo_jax.models import hf; from trapo_jax.data import synthetic; "
+          "tok = hf.load_tokenizer(synthetic.TOKENIZER_DIR); print(type(tok).__name__, 'torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == [type(tokenizer).__name__, "False"]
+  ours = hf.load_tokenizer(synthetic.TOKENIZER_DIR)
+  assert type(ours) is type(tokenizer)
+  assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id, len(ours)) == (
+      tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id, len(tokenizer))
+  for ex in examples[:50]:
+    text = format_prompt(ex["problem"], "train") + ex["demos"][0] + "<|im_end|>"
+    assert ours.encode(text) == tokenizer.encode(text)
+
+
+def test_a_tokenizer_of_another_class_still_loads_through_auto_tokenizer(tokenizer, tmp_path):
+  config = json.load(open(os.path.join(synthetic.TOKENIZER_DIR, "tokenizer_config.json")))
+  for name in os.listdir(synthetic.TOKENIZER_DIR):
+    if name != "tokenizer_config.json":
+      shutil.copy(os.path.join(synthetic.TOKENIZER_DIR, name), tmp_path / name)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="Qwen2Tokenizer")))
+  qwen = hf.load_tokenizer(str(tmp_path))
+  assert type(qwen) is transformers.Qwen2Tokenizer
+  assert qwen.encode("Start with 12. Add 3.") == tokenizer.encode("Start with 12. Add 3.")
 
 
 def test_tokenizer_steps_digits_and_round_trip(tokenizer, examples):

@@ -344,4 +344,18 @@ def load_tokenizer(path: str):
     raise CheckpointError(f"{path}: tokenizer directory not found")
   if paths.is_remote(path):
     path = paths.local_dir(path, [n for n in paths.listdir(path) if not n.endswith(_WEIGHT_SUFFIXES)])
+  if _tokenizer_class(path) == transformers.TokenizersBackend.__name__:
+    # The class AutoTokenizer would pick, without its model-config machinery: that imports torch when it is installed
+    # (3-4 s of every run's start, for a tokenizer that never needs it).
+    return transformers.TokenizersBackend.from_pretrained(path, local_files_only=True)
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _tokenizer_class(path: str) -> str | None:
+  """The class a local tokenizer directory names in its tokenizer_config.json; None where it names none or the file
+  does not read (AutoTokenizer then decides, and reports a broken file)."""
+  config = paths.join(path, "tokenizer_config.json")
+  try:
+    return json.loads(paths.read_text(config)).get("tokenizer_class") if paths.exists(config) else None
+  except (ValueError, AttributeError):
+    return None
