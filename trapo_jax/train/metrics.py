@@ -10,6 +10,7 @@ import io
 import json
 import os
 import struct
+import sys
 import time
 from typing import Iterable, Iterator
 
@@ -30,7 +31,7 @@ class MetricWriter:
       return
     paths.makedirs(workdir)
     cut_back(workdir, initial_step)  # a resumed run redoes the steps after its checkpoint
-    from tensorboardX import SummaryWriter
+    SummaryWriter = _summary_writer_class()
     # The default file name has whole seconds only: a run restarted within the second would overwrite the last one's.
     # On gs:// tensorboardX uploads the whole events file at each flush (google-cloud-storage).
     self.tb = SummaryWriter(paths.join(workdir, "tb"), filename_suffix=f".{os.getpid()}.{time.time_ns() % 10**9:09d}")
@@ -53,6 +54,20 @@ class MetricWriter:
     if self.enabled:
       self.tb.close()
       self.bar.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported with torch hidden unless torch is loaded already: tensorboardX tries
+  `import torch` only to name torch tensors in its type hints, and where torch is installed that import is about
+  2 s of every run's start. This writer is only given floats."""
+  if "torch" not in sys.modules:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as tensorboardX expects where torch is absent
+    try:
+      from tensorboardX import SummaryWriter
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+  return SummaryWriter
 
 
 def cut_back(workdir: str, step: int) -> None:
