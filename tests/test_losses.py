@@ -43,8 +43,10 @@ def test_token_logprobs_equal_naive(t, chunk, temperature, v):
   unembed = jnp.asarray(RNG.normal(size=(d, v)) * 0.5, jnp.float32)
   targets = jnp.asarray(RNG.integers(0, v, (b, t)))
   mask = jnp.asarray(np.arange(t)[None] < np.array([[t], [t - 3], [1]]))  # padded tokens
-  logp, ent = losses.token_logprobs(hidden, unembed, targets, chunk_size=chunk, temperature=temperature)
-  ref_logp, ref_ent = _naive(hidden, unembed, targets, temperature)
+  # Jitted, as the trainer runs them: one program each rather than one per operation.
+  logp, ent = jax.jit(lambda h, w: losses.token_logprobs(h, w, targets, chunk_size=chunk,
+                                                         temperature=temperature))(hidden, unembed)
+  ref_logp, ref_ent = jax.jit(lambda h, w: _naive(h, w, targets, temperature))(hidden, unembed)
   np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
   np.testing.assert_allclose(ent, ref_ent, atol=1e-5)
   # float64 numpy reference of the same quantities.
@@ -57,7 +59,7 @@ def test_token_logprobs_equal_naive(t, chunk, temperature, v):
     def loss(h, w):
       lp, en = fn(h, w)
       return jnp.sum(jnp.where(mask, lp * 1.3 + en * 0.7, 0.0))
-    return jax.grad(loss, argnums=(0, 1))(hidden, unembed)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, unembed)
 
   g = f(lambda h, w: losses.token_logprobs(h, w, targets, chunk_size=chunk, temperature=temperature))
   g_ref = f(lambda h, w: _naive(h, w, targets, temperature))

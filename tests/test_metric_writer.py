@@ -43,7 +43,8 @@ def test_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
 def test_the_writer_does_not_import_torch_and_leaves_it_importable(tmp_path):
   """tensorboardX imports torch where it is installed (about 2 s of a run's start) only for its type hints."""
   code = ("import sys; from trapo_jax.train import metrics; w = metrics.MetricWriter(sys.argv[1], total_steps=1); "
-          "w.write(1, {'loss': 0.5}); w.close(); print('torch' in sys.modules); import torch; print(torch.ones(2).sum())")
+          "w.write(1, {'loss': 0.5}); w.close(); print('torch' in sys.modules); "
+          "import torch; print(torch.ones(2).sum())")
   out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=helpers.ROOT, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -73,7 +73,7 @@ def test_logits_match_transformers(hf_case, scan_layers, platform):
   model, path = hf_case
   cfg, params = hf.load_hf(path, scan_layers=scan_layers, platform=platform)
   tokens, mask = _batch(cfg.vocab_size)
-  ours = np.asarray(tfm.forward_logits(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
+  ours = np.asarray(jax.jit(lambda p: tfm.forward_logits(p, cfg, jnp.asarray(tokens), jnp.asarray(mask)))(params))
   ref = _hf_logits(model, tokens, mask)
   np.testing.assert_allclose(ours[mask], ref[mask], atol=1e-4, rtol=0)
   np.testing.assert_array_equal(ours[mask].argmax(-1), ref[mask].argmax(-1))
@@ -116,10 +116,11 @@ def test_kv_cache_decode_matches_full_forward(scan_layers):
   positions = tfm.positions_from_mask(mask)
   # Prefill the first 4 slots at once, then one token at a time.
   cache = tfm.KVCache.zeros(cfg, tokens.shape[0], 12)
-  hidden, cache = tfm.Decoder(cfg).apply(params, tokens[:, :4], positions[:, :4], mask[:, :4], cache)
+  apply = jax.jit(tfm.Decoder(cfg).apply)  # as the sampler runs it: one program per width, not one per operation
+  hidden, cache = apply(params, tokens[:, :4], positions[:, :4], mask[:, :4], cache)
   steps = [hidden]
   for t in range(4, tokens.shape[1]):
-    hidden, cache = tfm.Decoder(cfg).apply(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+    hidden, cache = apply(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
     steps.append(hidden)
   logits = jnp.einsum("btd,dv->btv", jnp.concatenate(steps, 1), tfm.unembed(params, cfg))
   m = np.asarray(mask)
@@ -133,9 +134,9 @@ def test_blockwise_attention_equals_dense():
   tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
   blocked = cfg.replace(attention_block=4)  # 11 tokens: blocks of 4, the last one padded
   f = lambda c: lambda p: tfm.forward_logits(p, c, tokens, mask)
-  np.testing.assert_allclose(np.asarray(f(blocked)(params))[np.asarray(mask)],
-                             np.asarray(f(cfg)(params))[np.asarray(mask)], atol=1e-5)
-  loss = lambda c: jax.grad(lambda p: jnp.sum(jnp.where(mask[..., None], f(c)(p), 0.0) ** 2))(params)
+  np.testing.assert_allclose(np.asarray(jax.jit(f(blocked))(params))[np.asarray(mask)],
+                             np.asarray(jax.jit(f(cfg))(params))[np.asarray(mask)], atol=1e-5)
+  loss = lambda c: jax.jit(jax.grad(lambda p: jnp.sum(jnp.where(mask[..., None], f(c)(p), 0.0) ** 2)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), loss(blocked), loss(cfg))
 
 
@@ -177,7 +178,7 @@ def test_bf16_compute_close_to_fp32():
 def test_remat_same_gradients(remat):
   cfg, params = _random_model()
   tokens, mask = _batch(cfg.vocab_size)
-  loss = lambda c: jax.grad(lambda p: tfm.forward_logits(p, c, jnp.asarray(tokens), jnp.asarray(mask)).std())
+  loss = lambda c: jax.jit(jax.grad(lambda p: tfm.forward_logits(p, c, jnp.asarray(tokens), jnp.asarray(mask)).std()))
   g0, g1 = loss(cfg)(params), loss(cfg.replace(remat=remat))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
@@ -203,7 +204,7 @@ def test_flat_projections_same_forward_and_gradients(dtype):
   """The flat rows of the CPU form change no value: logits and every gradient equal those of [B, T, D]."""
   cfg, params = _random_model(dtype=dtype)
   tokens, mask = (jnp.asarray(x) for x in _batch(cfg.vocab_size))
-  loss = lambda c: jax.value_and_grad(lambda p: tfm.forward_logits(p, c, tokens, mask).std())(params)
+  loss = lambda c: jax.jit(jax.value_and_grad(lambda p: tfm.forward_logits(p, c, tokens, mask).std()))(params)
   (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(platform="tpu"))
   tol = 1e-6 if dtype == "float32" else 1e-2
   np.testing.assert_allclose(l0, l1, rtol=tol)
