@@ -354,8 +354,7 @@ def load_tokenizer(path: str):
 def _tokenizer_class(path: str) -> str | None:
   """The class a local tokenizer directory names in its tokenizer_config.json; None where it names none or the file
   does not read (AutoTokenizer then decides, and reports a broken file)."""
-  config = paths.join(path, "tokenizer_config.json")
   try:
-    return json.loads(paths.read_text(config)).get("tokenizer_class") if paths.exists(config) else None
-  except (ValueError, AttributeError):
+    return _read_json(paths.join(path, "tokenizer_config.json")).get("tokenizer_class")
+  except (CheckpointError, ValueError, AttributeError):
     return None
