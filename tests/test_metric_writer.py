@@ -39,7 +39,6 @@ def test_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
   assert [(r["step"], r["loss"]) for r in _strict_rows(w.path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
-
 def test_the_writer_does_not_import_torch_and_leaves_it_importable(tmp_path):
   """tensorboardX imports torch where it is installed (about 2 s of a run's start) only for its type hints."""
   code = ("import sys; from trapo_jax.train import metrics; w = metrics.MetricWriter(sys.argv[1], total_steps=1); "

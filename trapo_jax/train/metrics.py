@@ -60,13 +60,14 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported with torch hidden unless torch is loaded already: tensorboardX tries
   `import torch` only to name torch tensors in its type hints, and where torch is installed that import is about
   2 s of every run's start. This writer is only given floats."""
-  if "torch" not in sys.modules:
+  hide = "torch" not in sys.modules
+  if hide:
     sys.modules["torch"] = None  # `import torch` raises ImportError, as tensorboardX expects where torch is absent
-    try:
-      from tensorboardX import SummaryWriter
-    finally:
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
       del sys.modules["torch"]
-  from tensorboardX import SummaryWriter
   return SummaryWriter
 
 
