@@ -217,9 +217,9 @@ def test_compile_mode_judges_the_fit_on_cpu_devices(monkeypatch):
 
 
 def test_a_tpu_target_is_traced_as_on_a_tpu(monkeypatch, tmp_path):
-  """What a run chooses by backend (rollout.one_pass=None; the projections' form, tfm.on_cpu) is chosen for the
-  compile target's platform, not for the CPU that compiles: a program for TPU is traced as a TPU run traces it (as the
-  7B memory plans were measured), one for CPU devices as on CPU."""
+  """What a run chooses by backend (rollout.one_pass and gather_weights=None; the projections' form, tfm.on_cpu) is
+  chosen for the compile target's platform, not for the CPU that compiles: a program for TPU is traced as a TPU run
+  traces it (as the 7B memory plans were measured), one for CPU devices as on CPU."""
   cfg = tfm.ModelConfig(**TINY)
   assert jax.default_backend() == "cpu" and tfm.on_cpu(cfg)
   assert not tfm.on_cpu(cfg.replace(platform="tpu")) and tfm.on_cpu(cfg.replace(platform="cpu"))
@@ -227,7 +227,7 @@ def test_a_tpu_target_is_traced_as_on_a_tpu(monkeypatch, tmp_path):
   seen = {}
 
   def compile_all(run_cfg, methods, model_cfg, mesh, progs, log):
-    seen[model_cfg.platform] = (run_cfg.rollout.one_pass, tfm.on_cpu(model_cfg))
+    seen[model_cfg.platform] = (run_cfg.rollout.one_pass, run_cfg.rollout.gather_weights, tfm.on_cpu(model_cfg))
     return []
 
   class FakeTpu:  # what libtpu's compile-only devices report; the mesh itself is laid over this host's CPUs
@@ -238,11 +238,12 @@ def test_a_tpu_target_is_traced_as_on_a_tpu(monkeypatch, tmp_path):
   monkeypatch.setattr(aot.sharding, "make_mesh", lambda c, devices: real_mesh(c, devices=jax.devices()[:len(devices)]))
   run_cfg = helpers.tiny(helpers.config_of(), str(tmp_path))
   run_cfg.rollout.one_pass = None  # the default: chosen by backend
+  assert run_cfg.rollout.gather_weights is None
   monkeypatch.setattr(aot, "target", lambda t: aot.Target(t, (FakeTpu(),) * 8, None))
   aot.compile_run(run_cfg, "v5p-16", estimate=False, log=lambda s: None)
   monkeypatch.setattr(aot, "target", lambda t: aot.Target(t, tuple(jax.devices()[:8]), None))
   aot.compile_run(run_cfg, "cpu:8", estimate=False, log=lambda s: None)
-  assert seen == {"tpu": (True, False), "cpu": (False, True)}
+  assert seen == {"tpu": (True, False, False), "cpu": (False, True, True)}
 
 
 def test_a_second_optimizer_counts_in_the_state_of_every_phase():
@@ -440,18 +441,25 @@ def test_compile_mode_lowers_the_declared_micro_and_mini_batches():
   assert r.program.layout.endswith("4 micro-batches of 16") and not r.error, (r.program.layout, r.error)
 
 
-def test_the_one_pass_default_is_chosen_for_the_compile_target_not_the_host():
+def test_the_backend_defaults_are_chosen_for_the_compile_target_not_the_host():
   """rollout.one_pass=None: --mode=compile for a TPU slice lowers the one-pass call a TPU run makes, although the
-  compiling host is a CPU; for cpu:N the stages, as training on CPU runs them."""
+  compiling host is a CPU; for cpu:N the stages, as training on CPU runs them. rollout.gather_weights=None alike:
+  a TPU slice's decode keeps its weights sharded, a CPU run's gathers them."""
   cfg = config_lib.base_config()
-  assert cfg.rollout.one_pass is None
-  on_tpu = rollouts.resolve_one_pass(cfg, "tpu")
+  assert cfg.rollout.one_pass is None and cfg.rollout.gather_weights is None
+  on_tpu = rollouts.resolve_by_backend(cfg, "tpu")
   assert on_tpu.rollout.one_pass is True and cfg.rollout.one_pass is None  # a copy: the run's config is unchanged
-  assert rollouts.resolve_one_pass(cfg, "cpu").rollout.one_pass is False
-  assert rollouts.resolve_one_pass(cfg, "gpu").rollout.one_pass is True
+  assert on_tpu.rollout.gather_weights is False and cfg.rollout.gather_weights is None
+  on_cpu, on_gpu = rollouts.resolve_by_backend(cfg, "cpu"), rollouts.resolve_by_backend(cfg, "gpu")
+  assert on_cpu.rollout.one_pass is False and on_cpu.rollout.gather_weights is True
+  assert on_gpu.rollout.one_pass is True and on_gpu.rollout.gather_weights is False
+  assert rollouts.gathers_weights(on_tpu) is False and rollouts.gathers_weights(on_cpu) is True
+  assert rollouts.gathers_weights(cfg) is (jax.default_backend() == "cpu")
   cfg.rollout.one_pass = True  # asked for: kept on any target
-  assert rollouts.resolve_one_pass(cfg, "cpu") is cfg
+  assert rollouts.resolve_by_backend(cfg, "cpu").rollout.one_pass is True
+  cfg.rollout.gather_weights = True
+  assert rollouts.resolve_by_backend(cfg, "tpu") is cfg
   plan = algorithms.from_config(on_tpu).phases(on_tpu)[0]
   assert len(programs.rollout_calls(on_tpu, plan)) == 1  # one call of every alternative
-  off = rollouts.resolve_one_pass(config_lib.base_config(), "cpu")
+  off = rollouts.resolve_by_backend(config_lib.base_config(), "cpu")
   assert len(programs.rollout_calls(off, algorithms.from_config(off).phases(off)[0])) == len(off.trapo.stages)

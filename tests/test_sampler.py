@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -312,6 +314,56 @@ def test_sharded_greedy_equals_single_device(params):
   same = np.cumprod(np.asarray(sharded.tokens) == tokens, axis=1).astype(bool)
   np.testing.assert_allclose(np.asarray(sharded.logprobs)[same], np.asarray(single.logprobs)[same], rtol=0,
                              atol=2 * LOGIT_TOL)
+
+
+def _loop_collectives(hlo: str) -> list[tuple[str, str, str]]:
+  """(op, result type, op_name) of each collective in compiled HLO text that sits in a while loop's body or
+  condition."""
+  names = {n for pair in re.findall(r"condition=%([\w.\-]+), body=%([\w.\-]+)", hlo) for n in pair}
+  found = []
+  for block in re.split(r"\n(?=\S)", hlo):  # a computation starts at column 0
+    head = re.match(r"%([\w.\-]+) ", block)
+    if head and head.group(1) in names:
+      found += re.findall(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)[\w-]*\("
+                          r".*?op_name=\"([^\"]*)\"", block)
+  return [(op, shape, name) for shape, op, name in found]
+
+
+@pytest.mark.parametrize("gather_weights", [False, True])
+def test_a_sharded_decode_step_exchanges_no_rows_and_gathers_weights_once_if_asked(gather_weights):
+  """On a mesh the rows of a decode are split over the batch shards and each is decoded on its device: inside the
+  decode loop the sampler's own work moves no rows between devices (24 here, 3 a device: an axis no weight has);
+  the collectives are the condition's all-reduce of `every row is done` and, unless the weights were gathered once
+  before the loop, what XLA makes of the model's layers over fsdp-sharded weights: their gathers, and for the
+  embedding lookup in a table split along its width, a gather of the rows' token ids."""
+  mesh = sharding.make_mesh(shape=(1, 8, 1))
+  boxed = jax.eval_shape(lambda: tfm.init_params(CFG, jax.random.key(3)))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                          sharding.logical_shardings(boxed, mesh))
+  sampler = Sampler(CFG, mesh=mesh, gather_weights=gather_weights)
+  _, decode = sampler.lower(abstract, prompts=24, prompt_len=8, max_len=40, width=16, budget=40, n=1,
+                            sp=SamplingParams(eos_ids=(2,)))
+  hlo = decode.compile().as_text()
+  inside = _loop_collectives(hlo)
+  condition = [c for c in inside if c[:2] == ("all-reduce", "pred[]") and "/while/cond/" in c[2]]
+  assert condition  # the pattern sees into the loop
+  rows = [c for c in inside if re.search(r"[\[,]24\b", c[1])]
+  assert not [c for c in rows if "/Decoder/" not in c[2]], rows  # the sampler's own steps: none
+  if gather_weights:
+    assert inside == condition, inside
+    assert "all-gather" in hlo  # once, before the loop
+  else:
+    assert [c for c in inside if c[0] == "all-gather" and c[1].startswith("f32[")]  # the layers' weights
+
+
+def test_gathered_weights_sample_what_sharded_weights_sample(params):
+  mesh = sharding.make_mesh(shape=(2, 2, 2))
+  boxed = jax.eval_shape(lambda: tfm.init_params(CFG, jax.random.key(3)))
+  placed = sharding.put_global(params, sharding.logical_shardings(boxed, mesh))
+  outs = [Sampler(CFG, mesh=mesh, gather_weights=g).sample(placed, PROMPTS, PROMPT_LENS, PREFIXES, PREFIX_LENS,
+                                                           max_len=10, rng=jax.random.key(5), n=2, temperature=1.0)
+          for g in (False, True)]
+  jax.tree.map(np.testing.assert_array_equal, *outs)  # the same weights, gathered earlier: the same computation
 
 
 # Shared prefill (one pass over several contexts of a prompt): two prefixes per prompt, of other lengths than the

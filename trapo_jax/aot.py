@@ -289,7 +289,7 @@ def run_programs(cfg, methods: tuple[str, ...], model_cfg: tfm.ModelConfig, mesh
   distinct program once: what train/programs.py says each phase and the evaluation run."""
   tx = state_lib.make_optimizer(cfg.optim)
   state = state_lib.TrainState.abstract(model_cfg, mesh, tx)
-  sampler = Sampler(model_cfg, mesh=mesh)
+  sampler = Sampler(model_cfg, mesh=mesh, gather_weights=rollouts_lib.gathers_weights(cfg))
   programs: dict[tuple, Program] = {}
   eval_resident = _per_chip(state.opt_state)  # the evaluation runs beside the largest optimizer state of the methods
   for name in methods:
@@ -559,10 +559,10 @@ def compile_run(cfg, topology: str, *, all_methods: bool = False, programs: tupl
   estimates; judges nothing. depth: the model's number of layers where the config asks for fewer (0: the
   config's): each program is then compiled at two depths and its memory extrapolated to `depth`."""
   tgt = target(topology)
-  # The target's platform decides what a run there would choose by backend (rollout.one_pass=None, the projections'
-  # form: tfm.on_cpu); this process's backend is the compiling host's CPU.
+  # The target's platform decides what a run there would choose by backend (rollout.one_pass and gather_weights=None,
+  # the projections' form: tfm.on_cpu); this process's backend is the compiling host's CPU.
   platform = tgt.devices[0].platform
-  cfg = validated(rollouts_lib.resolve_one_pass(cfg, platform), len(tgt.devices))
+  cfg = validated(rollouts_lib.resolve_by_backend(cfg, platform), len(tgt.devices))
   model_cfg, source = model_config(cfg)
   model_cfg = model_cfg.replace(platform=platform)
   depth = max(depth, model_cfg.num_layers)

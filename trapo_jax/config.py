@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
       # chosen (docs/algorithm.md#one-pass); False runs the stages one after the other. The same rows either way.
       # None (default): by backend, one pass on GPU/TPU, the stages on CPU (rollouts.one_pass_default).
       one_pass=ml_collections.config_dict.placeholder(bool),
+      # The sampler (rollouts and evaluation) gathers the FSDP-sharded weights once per decode, in the compute dtype,
+      # instead of in every decode step: a full copy of the weights per tensor shard for the decode's duration.
+      # None (default): by backend, on CPU yes, on GPU/TPU no (rollouts.gather_weights_default); check a slice's
+      # memory with --mode=compile before asking for it there.
+      gather_weights=ml_collections.config_dict.placeholder(bool),
       # DAPO's overlong handling (docs/algorithm.md#rl-options): off by default.
       overlong_buffer=0,  # soft overlong punishment over the last this many tokens of data.max_response_len; 0 = off
       overlong_penalty=1.0,  # the punishment at data.max_response_len tokens

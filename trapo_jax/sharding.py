@@ -103,6 +103,16 @@ def dividing(s: NamedSharding, shape: tuple[int | None, ...]) -> NamedSharding:
   return NamedSharding(s.mesh, P(*spec))
 
 
+def without_axis(s: NamedSharding, axis: str) -> NamedSharding:
+  """`s` with mesh axis `axis` dropped from every dimension (those dimensions whole along it)."""
+  def drop(entry):
+    if entry is None or isinstance(entry, str):
+      return None if entry == axis else entry
+    kept = tuple(a for a in entry if a != axis)
+    return kept or None
+  return NamedSharding(s.mesh, P(*map(drop, s.spec)))
+
+
 def put_global(tree: Any, shardings: Any) -> Any:
   """Host arrays identical on every process -> global arrays with `shardings` (each device reads its slice)."""
   def put(x, s):

@@ -41,7 +41,7 @@ def in_one_pass(cfg, rows) -> bool:
   """Whether a phase's rows are sampled in one decode pass: rollout.one_pass asks for it (None: `one_pass_default`
   of the backend the run is on) and they are a plan whose stages are chosen by rewards
   (microgroup.one_pass_applies). The trainer's rollouts and --mode=compile both ask this, so that compile mode lowers
-  the sampler calls training makes (it resolves None for its target first: `resolve_one_pass`)."""
+  the sampler calls training makes (it resolves None for its target first: `resolve_by_backend`)."""
   asked = cfg.rollout.one_pass
   if asked is None:
     asked = one_pass_default(jax.default_backend())
@@ -56,13 +56,33 @@ def one_pass_default(platform: str) -> bool:
   return platform != "cpu"
 
 
-def resolve_one_pass(cfg, platform: str):
-  """cfg, with rollout.one_pass set where it is None: the choice for `platform` (a compile target's)."""
-  if cfg.rollout.one_pass is not None:
+def gathers_weights(cfg) -> bool:
+  """Whether the sampler gathers the FSDP-sharded weights once per decode (Sampler's gather_weights):
+  rollout.gather_weights, or where None `gather_weights_default` of the backend the run is on."""
+  asked = cfg.rollout.gather_weights
+  return gather_weights_default(jax.default_backend()) if asked is None else bool(asked)
+
+
+def gather_weights_default(platform: str) -> bool:
+  """rollout.gather_weights=None's choice on `platform`: on CPU, whose devices share the host's memory, a copy of the
+  weights per device is cheap and each decode step's gathers are not (across processes, a message per layer and
+  step); on accelerators the copy takes HBM the configs' slices were sized without (15 GB for a 7B model in
+  bfloat16 per tensor shard), so the weights stay sharded unless asked."""
+  return platform == "cpu"
+
+
+def resolve_by_backend(cfg, platform: str):
+  """cfg, with the choices left to the backend (rollout.one_pass, rollout.gather_weights: None) made for `platform`
+  (a compile target's)."""
+  r = cfg.rollout
+  if r.one_pass is not None and r.gather_weights is not None:
     return cfg
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
-    cfg.rollout.one_pass = one_pass_default(platform)
+    if r.one_pass is None:
+      cfg.rollout.one_pass = one_pass_default(platform)
+    if r.gather_weights is None:
+      cfg.rollout.gather_weights = gather_weights_default(platform)
   return cfg
 
 

@@ -138,10 +138,13 @@ class SamplingParams:
 class Sampler:
   """Jitted prefill and decode for one model config (and optionally a mesh); compiled once per shape bucket."""
 
-  def __init__(self, cfg: tfm.ModelConfig, *, mesh=None, rules=sharding.DEFAULT_RULES):
+  def __init__(self, cfg: tfm.ModelConfig, *, mesh=None, rules=sharding.DEFAULT_RULES, gather_weights: bool = False):
+    """gather_weights (with a mesh): the decode gathers the fsdp-sharded weights once, before its loop, in the compute
+    dtype, rather than XLA gathering each layer's weights in every decode step (rollouts.gather_weights_default)."""
     self.cfg = cfg
     self.mesh = mesh
     self.rules = rules
+    self._gathered = None
     self.traces: dict[str, int] = {"prefill": 0, "decode": 0}
     prefill, decode = {}, {}
     if mesh is not None:
@@ -153,6 +156,8 @@ class Sampler:
                      logprobs=rows, lengths=rows, done=rows, eos=rows, keys=rows)
       prefill = dict(in_shardings=(params,) + (rows,) * 6 + (rep,), out_shardings=state)
       decode = dict(in_shardings=(params, state), out_shardings=(rows, state))
+      if gather_weights:
+        self._gathered = jax.tree.map(lambda s: sharding.without_axis(s, "fsdp"), params)
     # Static arguments are positional: jit takes no keyword arguments once shardings are stated.
     self._prefill = jax.jit(self._prefill_fn, static_argnums=(8, 9, 10, 11), **prefill)
     self._decode = jax.jit(self._decode_fn, static_argnums=(2, 3), donate_argnums=(1,), **decode)
@@ -256,8 +261,9 @@ class Sampler:
   def _decode_fn(self, params, state: _State, budget, sp):
     self.traces["decode"] += 1
     cfg = self.cfg
+    if self._gathered is not None:  # the model casts every weight to the compute dtype where it uses it: same values
+      params = jax.lax.with_sharding_constraint(jax.tree.map(lambda p: p.astype(cfg.dtype), params), self._gathered)
     resp_len = state.tokens.shape[1]
-    rows = jnp.arange(state.tokens.shape[0])
     eos_ids = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
 
     def body(s: _State, attend: int):
@@ -266,9 +272,11 @@ class Sampler:
       logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits / (sp.temperature or 1.0)), tok[:, None], 1)[:, 0]
       live = ~s.done
       tok = jnp.where(live, tok, sp.pad_id)
-      at = jnp.where(live, s.lengths, resp_len)  # out of range for finished rows: dropped
-      tokens = s.tokens.at[rows, at].set(tok, mode="drop")
-      logprobs = s.logprobs.at[rows, at].set(logp, mode="drop")
+      # Each row writes its own slot (none once finished): a compare, not a scatter, keeps the write on the row's
+      # device; a scatter at [arange(B), at] has XLA gather its indices and values across the batch shards.
+      at = (jnp.arange(resp_len)[None] == s.lengths[:, None]) & live[:, None]  # [B, L]
+      tokens = jnp.where(at, tok[:, None], s.tokens)
+      logprobs = jnp.where(at, logp[:, None], s.logprobs)
       lengths = s.lengths + live
       hit_eos = live & jnp.isin(tok, eos_ids)
       done = s.done | hit_eos | (lengths >= resp_len)

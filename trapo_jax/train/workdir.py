@@ -49,6 +49,7 @@ MAY_CHANGE_ON_RESUME = (
     "model.hf_dir", "model.tokenizer_dir",  # paths: the checkpoint holds the weights; the shape is checked below
     "model.remat", "model.attention_block",  # memory knobs: the same math
     "rollout.one_pass",  # the same rows, sampled in one pass or stage by stage
+    "rollout.gather_weights",  # the same weights, gathered once per decode or in every step
 )
 # ModelConfig fields that are not the model's shape (compute options).
 _NOT_SHAPE = ("dtype", "param_dtype", "remat", "attention_block", "platform")
