@@ -304,6 +304,43 @@ def test_crashed_and_hung_workers_are_replaced(workers):
     pool.close()
 
 
+def main_reimported(response: str, answer: str, **options) -> float:
+  """1.0 in a worker that re-imported the `__main__` module of _SCRIPT's process (multiprocessing runs it as
+  `__mp_main__` and makes it the worker's `__main__`)."""
+  del response, answer, options
+  return float(hasattr(sys.modules["__main__"], "own_grade"))
+
+
+_SCRIPT = """
+import sys
+from tests import test_grader
+from trapo_jax.rewards import grader
+
+def own_grade(response, answer, **options):  # lives in __main__: its workers must import the script
+  return 7.0
+
+if __name__ == "__main__":
+  for fn in (test_grader.main_reimported, own_grade):
+    pool = grader.GraderPool(workers=1, grade_fn=fn)
+    print(pool.map(["x"], ["x"], 30.0)[0][0])
+    pool.close()
+  print("__spec__" in vars(sys.modules["__main__"]), sys.modules["__main__"].__file__ == sys.argv[0])
+"""
+
+
+def test_workers_do_not_import_the_callers_main_module_unless_grade_fn_lives_there(tmp_path):
+  """A `python -m trapo_jax.main` run's workers would otherwise import JAX, Flax and the trainer again, a second of
+  CPU and 200 MB each; a grade_fn defined in the script itself still reaches its workers; the caller's __main__ is
+  left as it was."""
+  script = tmp_path / "script.py"
+  script.write_text(_SCRIPT)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["0.0", "7.0", "True", "True"], out.stdout
+
+
 # --- reliability: bounded off the main thread, symbolic equivalence in the fallback -----------------------------
 
 
