@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests import numerics
 from trapo_jax import sharding
 from trapo_jax.models import transformer as tfm
 from trapo_jax.sampling import sampler as sampler_lib
 from trapo_jax.sampling.sampler import Sampler, SamplingParams, bucket, sample_logits
+from trapo_jax.train import trainer
 
 CFG = tfm.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, rope_theta=1000.0)
@@ -354,6 +356,23 @@ def test_a_sharded_decode_step_exchanges_no_rows_and_gathers_weights_once_if_ask
     assert "all-gather" in hlo  # once, before the loop
   else:
     assert [c for c in inside if c[0] == "all-gather" and c[1].startswith("f32[")]  # the layers' weights
+
+
+def test_runs_in_one_process_share_the_sampler_of_their_arguments(params, tmp_path):
+  """trainer.build_context takes Sampler.shared: a second run of the same model reuses the programs the first traced
+  (no new trace for the same shapes); another mesh or gather setting gets a sampler of its own."""
+  mesh = sharding.make_mesh(shape=(1, 8, 1))
+  first = Sampler.shared(CFG)
+  assert Sampler.shared(CFG) is first and Sampler.shared(CFG, mesh=mesh) is not first
+  assert Sampler.shared(CFG, mesh=mesh, gather_weights=True) is not Sampler.shared(CFG, mesh=mesh)
+  args = (params, PROMPTS, PROMPT_LENS)
+  first.sample(*args, max_len=10, rng=jax.random.key(0), temperature=0.0)
+  traced = dict(first.traces)
+  Sampler.shared(CFG).sample(*args, max_len=10, rng=jax.random.key(1), temperature=0.0)
+  assert first.traces == traced
+  a, b = (trainer.build_context(helpers.tiny(helpers.config_of(), str(tmp_path / d)), str(tmp_path / d)).sampler
+          for d in ("a", "b"))
+  assert a is b
 
 
 def test_gathered_weights_sample_what_sharded_weights_sample(params):

@@ -164,6 +164,13 @@ class Sampler:
     # The shared prefill takes the same inputs, shaped per prompt ([G], [G, X, L], [G, R]), split over prompts.
     self._prefill_shared = jax.jit(self._prefill_shared_fn, static_argnums=(8, 9, 10, 11, 12, 13), **prefill)
 
+  @staticmethod
+  @functools.lru_cache(maxsize=4)
+  def shared(cfg: tfm.ModelConfig, *, mesh=None, rules=sharding.DEFAULT_RULES, gather_weights: bool = False):
+    """The Sampler of these arguments, one per process: runs in one process (an evaluation after training, a
+    notebook's runs, a test session's) reuse its traced and compiled programs instead of tracing them again."""
+    return Sampler(cfg, mesh=mesh, rules=rules, gather_weights=gather_weights)
+
   # -- in-graph parts ---------------------------------------------------------------------------------------------
   def _prefill_fn(self, params, prompts, prompt_lens, prefixes, prefix_lens, active, row_ids, rng, width,
                   cache_size, n, sp):

@@ -83,7 +83,7 @@ def build_context(cfg, workdir: str) -> Context:
     raise TrainingError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens, model.vocab_size is {model_cfg.vocab_size}")
   method = algorithms.from_config(cfg)
   txs = programs.make_optimizers(cfg, method)
-  sampler = Sampler(model_cfg, mesh=mesh, gather_weights=rollouts_lib.gathers_weights(cfg))
+  sampler = Sampler.shared(model_cfg, mesh=mesh, gather_weights=rollouts_lib.gathers_weights(cfg))
   return Context(cfg=cfg, workdir=workdir, method=method, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                  tx=programs.state_optimizer(cfg, txs), sampler=sampler, pad_id=pipeline.pad_id(tokenizer),
                  rollouts=rollouts_lib.Rollouts.build(cfg, sampler, tokenizer), txs=txs,
