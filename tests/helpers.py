@@ -26,11 +26,13 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "trapo_layout.jsonl")
 
 
 def cpu_env(devices: int = 8) -> dict[str, str]:
-  """The environment of a process a test starts: JAX on the CPU with `devices` devices, and this session's other XLA
-  flags (tests/conftest.py)."""
+  """The environment of a process a test starts: JAX on the CPU with `devices` devices, this session's other XLA
+  flags (tests/conftest.py), and no torch (tests/without_torch/sitecustomize.py), as a run installed from
+  requirements.txt has none."""
   count = "--xla_force_host_platform_device_count"
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"{count}={devices}", *flags]))
+  path = os.pathsep.join(p for p in (os.path.join(ROOT, "tests", "without_torch"), os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"{count}={devices}", *flags]), PYTHONPATH=path)
 
 
 ENV = cpu_env(8)

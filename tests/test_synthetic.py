@@ -132,6 +132,18 @@ def test_tokenizer_special_tokens(tokenizer):
     assert len(tok) <= 512
 
 
+def test_the_processes_tests_start_read_the_shipped_model_config_without_torch():
+  """helpers.cpu_env hides torch from the runs the tests start, as a run installed from requirements.txt has none:
+  transformers then reads the base policy's config.json without importing it (about 3 s of CPU a process)."""
+  code = ("import sys, importlib.util; from trapo_jax.models import hf; from trapo_jax.data import synthetic; "
+          "print(hf.config_from_hf(synthetic.BASE_POLICY_DIR).hidden_size, importlib.util.find_spec('torch'), "
+          "sys.modules['torch'])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT, env=helpers.cpu_env(1), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == [str(hf.config_from_hf(synthetic.BASE_POLICY_DIR).hidden_size), "None", "None"]
+
+
 def test_the_run_loads_the_shipped_tokenizer_as_auto_tokenizer_does_without_torch(tokenizer, examples):
   """hf.load_tokenizer takes the generic class the directory names directly (AutoTokenizer's config machinery
   imports torch, seconds of every run's start): the same class, special tokens and encodings, and no torch."""
