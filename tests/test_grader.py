@@ -334,8 +334,7 @@ def test_workers_do_not_import_the_callers_main_module_unless_grade_fn_lives_the
   left as it was."""
   script = tmp_path / "script.py"
   script.write_text(_SCRIPT)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": root},
+  out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split() == ["0.0", "7.0", "True", "True"], out.stdout
