@@ -6,6 +6,8 @@ COMMON = {
     "eval.max_problems": 8,
     "eval.samples.synthetic": 1,
     "eval.at_start": False,
+    # A step's stages sampled in one decode pass, as GPU/TPU runs sample them: fewer programs to compile on a CPU.
+    "rollout.one_pass": True,
 }
 
 
