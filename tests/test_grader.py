@@ -88,6 +88,31 @@ def test_grade_rejects_wrong_answers(response, answer):
   assert grade(response, answer) == 0.0
 
 
+def test_a_reference_answer_is_parsed_once_per_process_and_a_failed_parse_is_not_kept(monkeypatch):
+  calls = []
+  real = math_verify.parse
+
+  def counted(text, **kwargs):
+    if "extraction_config" not in kwargs:  # math-verify's own step, not the boxed fallback's LaTeX-only parse
+      calls.append(text)
+    if text == "$\\frac{5}{7}$" and calls.count(text) == 1:
+      raise TimeoutError("a parse cut short")
+    return real(text, **kwargs)
+
+  monkeypatch.setattr(math_verify, "parse", counted)
+  grader._parsed_answer.cache_clear()
+  rollouts = [boxed("\\frac{3}{4}"), boxed("0.75"), boxed("\\frac{6}{8}"), boxed("7")]
+  assert [grade(r, "\\frac{3}{4}") for r in rollouts] == [1.0, 1.0, 1.0, 0.0]
+  assert calls.count("$\\frac{3}{4}$") == 1  # the group's responses were each parsed, the answer once
+  assert all(calls.count("Putting it together, the answer is $\\boxed{" + a + "}$.") == 1
+             for a in ("\\frac{3}{4}", "0.75", "\\frac{6}{8}", "7"))
+  # A parse that raised scores that rollout by the fallback alone and is tried again for the next one.
+  assert grade(boxed("\\frac{5}{7}"), "\\frac{5}{7}", fallback=False) == 0.0
+  assert grade(boxed("\\frac{5}{7}"), "\\frac{5}{7}", fallback=False) == 1.0
+  assert calls.count("$\\frac{5}{7}$") == 2
+  grader._parsed_answer.cache_clear()
+
+
 def test_grade_falls_back_to_boxed_string_match():
   # A reference with a stray `$ $` (minerva-0072): math-verify alone rejects its own answer.
   answer = "x_{0} \\cos (\\omega t)+$ $\\dot{x}_{0} \\sin (\\omega t) / \\omega"

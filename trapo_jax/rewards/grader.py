@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import fractions
+import functools
 import logging
 import math
 import multiprocessing
@@ -75,11 +76,20 @@ def _on_main_thread() -> bool:
 
 def _math_verify_correct(response: str, answer: str, timeout_s: int) -> bool:
   try:
-    gold = math_verify.parse("$" + answer + "$", parsing_timeout=timeout_s)
+    gold = _parsed_answer(answer, timeout_s)
     pred = math_verify.parse(response[-MAX_PARSE_CHARS:], parsing_timeout=timeout_s)
     return bool(math_verify.verify(gold, pred, timeout_seconds=timeout_s))
   except (Exception, TimeoutException):  # math-verify's TimeoutException is a BaseException
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_answer(answer: str, timeout_s: int) -> list:
+  """math-verify's parse of a reference answer, kept per process: a step grades each prompt's answer against all of
+  its rollouts (8 in the official run) in the same few workers, and parsing the answer costs more than parsing a
+  short response (all six benchmarks' answers: 8.1 s against 4.1 s for their boxed responses). A parse that raises
+  or times out is not kept."""
+  return math_verify.parse("$" + answer + "$", parsing_timeout=timeout_s)
 
 
 # --- boxed fallback ---------------------------------------------------------------------------------------------
