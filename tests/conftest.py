@@ -7,15 +7,21 @@ tests build the same tiny model many times, and compiling dominates their run ti
 import os
 import tempfile
 
-# XLA:CPU's backend at optimization level 0 for every program the tests compile, here and in the processes they start
-# (tests/helpers.py cpu_env): the programs are tiny and compiling them is most of the suite's time (a tiny run's 81
-# programs: 32 s at level 0, 44 s at the default); XLA's HLO passes are a run's, and the tiny run's metrics came out
-# bit-identical. A developer's own XLA_FLAGS are kept.
+# Compiling is most of the suite's time, so XLA:CPU compiles cheaply every program the tests compile, here and in the
+# processes they start (tests/helpers.py cpu_env); XLA's HLO passes are a run's. A developer's own XLA_FLAGS are kept.
+# - The backend at optimization level 0: a tiny run's 81 programs compile in 32 s instead of 44, metrics bit-identical.
+# - Its elemental emitters instead of the fusion emitters: a tiny GRPO run's programs compile in 3.5 s instead of 8.0.
+#   Values differ in their last bits: a fused loop's rounding then depends on what it is fused with, so the same math
+#   in two programs may disagree in the last bit. The one test that holds two programs to the same bits runs under
+#   the default emitters (helpers.rerun_with_fusion_emitters). The flag is the pinned jaxlib's (requirements.txt): a
+#   jaxlib without it refuses to start, and then it goes from here.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
+if "--xla_cpu_use_fusion_emitters" not in _flags:
+  _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

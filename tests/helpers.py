@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,25 @@ def cpu_env(devices: int = 8) -> dict[str, str]:
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
   path = os.pathsep.join(p for p in (os.path.join(ROOT, "tests", "without_torch"), os.environ.get("PYTHONPATH")) if p)
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"{count}={devices}", *flags]), PYTHONPATH=path)
+
+
+def rerun_with_fusion_emitters(test_file: str, name: str) -> bool:
+  """If this session compiles with XLA:CPU's elemental emitters (tests/conftest.py), runs the test `name` of
+  `test_file` again in a child pytest under the default fusion emitters, failing here if it fails there, and returns
+  True; False if the session already compiles with the fusion emitters (the caller then makes its checks itself).
+
+  For a test that holds two different programs to the same bits: the elemental emitters round a fused loop by what
+  it is fused with, so the same gradient in two programs may differ in its last bit (XLA's choice, not the code's)."""
+  flag = "--xla_cpu_use_fusion_emitters="
+  if f"{flag}false" not in os.environ.get("XLA_FLAGS", "").split():
+    return False
+  env = cpu_env(8)
+  env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(f"{flag}false", f"{flag}true")
+  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                        f"{os.path.relpath(test_file, ROOT)}::{name}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
+  return True
 
 
 ENV = cpu_env(8)

@@ -23,6 +23,7 @@ import pytest
 
 from experiments.configs import default
 from tests import frozen_trapo
+from tests import helpers
 from tests.helpers import SPLIT, config_of, fake_batch, fake_sampler, restored_state, tiny
 from trapo_jax import algorithms
 from trapo_jax import config as config_lib
@@ -118,6 +119,8 @@ def test_official_objective_is_bit_identical_with_every_option_off():
 def test_official_step_is_bit_identical_with_every_option_off():
   """ppo_epochs=1, mini_batches=1, every option off: the train step (gradient, AdamW update, metrics) is the
   frozen one's, bit for bit; the batch carries the sampler's log-probs, as a run's does, and they change nothing."""
+  if helpers.rerun_with_fusion_emitters(__file__, "test_official_step_is_bit_identical_with_every_option_off"):
+    return
   cfg, phase = _official()
   tx = state_lib.make_optimizer(cfg.optim)
   state = _state(_params(), tx)
