@@ -250,7 +250,7 @@ def kl_reward_penalty(ctx: Context, params, placed: dict, packed, phase: algorit
 
 
 # One program a batch shape, not the dozen single-op programs the estimator's ops would each compile eagerly.
-_group_advantages = jax.jit(losses.advantages, static_argnames=("estimator", "use_std"))
+_jitted_advantages = jax.jit(losses.advantages, static_argnames=("estimator", "use_std"))
 
 
 def row_advantages(ctx: Context, rb: rollout_lib.RolloutBatch, rewards: np.ndarray):
@@ -261,8 +261,8 @@ def row_advantages(ctx: Context, rb: rollout_lib.RolloutBatch, rewards: np.ndarr
   if own is not None:
     return np.asarray(own[0]), None if own[1] is None else np.asarray(own[1])
   member = None if rb.in_group is None else jnp.asarray(rb.in_group)
-  return np.asarray(_group_advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
-                                     use_std=ctx.method.advantage_std(cfg), member=member)), None
+  return np.asarray(_jitted_advantages(cfg.loss.advantage, jnp.asarray(rewards), jnp.asarray(rb.group_ids),
+                                      use_std=ctx.method.advantage_std(cfg), member=member)), None
 
 
 def train_one_step(ctx: Context, state: state_lib.TrainState, batch, step_fns: dict,
